@@ -1,0 +1,17 @@
+"""Applying compression plans to models, and storing the result."""
+from compress.apply import (
+    MatrixLayout,
+    StoredMatrix,
+    apply_plan_,
+    layer_layout,
+    layer_nbytes,
+    plan_bits_per_weight,
+    plan_nbytes,
+)
+from compress.calibration import input_norms
+from compress.checkpoint import load_compressed, save_compressed
+
+__all__ = [
+    "MatrixLayout", "StoredMatrix", "apply_plan_", "input_norms", "layer_layout", "layer_nbytes",
+    "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed",
+]

@@ -1,0 +1,249 @@
+"""`compsearch`: submit, resume, status, leaderboard and export compression searches."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+
+from search.errors import UserError
+from search.spec import DEFAULT_MODEL, OBJECTIVES, SAMPLERS, JobSpec
+from spaces.layers import GRANULARITIES
+from spaces.space import SPACES
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        return args.handler(args)
+    except UserError as err:
+        print(f"compsearch: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; trials in flight were re-queued. Continue with "
+              f"`compsearch resume --study {args.study} --trials N`", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compsearch", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="start a new search study")
+    _common(submit)
+    _run_options(submit)
+    submit.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"Hugging Face model folder or id (default: the bundled {DEFAULT_MODEL})")
+    submit.add_argument("--data", help="text file or folder for calibration and evaluation (default: pydoc topics)")
+    submit.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACES)} (default: joint)")
+    submit.add_argument("--granularity", default="block", help=f"one decision per: {', '.join(GRANULARITIES)}")
+    submit.add_argument("--no-tie-fused", dest="tie_fused", action="store_false",
+                        help="let q/k/v and gate/up choose separately at layer granularity")
+    submit.add_argument("--include-lm-head", action="store_true", help="compress the output head too (untied models)")
+    submit.add_argument("--bits", type=_ints, help="override the space's bit widths, e.g. 2,3,4,8,16")
+    submit.add_argument("--group-sizes", type=_ints, help="override group sizes, e.g. 64,128")
+    submit.add_argument("--sparsity", dest="sparsities", type=_strings, help="override sparsities, e.g. 0,0.5,2:4")
+    submit.add_argument("--prune-methods", type=_strings, help="magnitude,wanda")
+    submit.add_argument("--ranks", dest="rank_fractions", type=_floats, help="override rank fractions, e.g. 1,0.5")
+    submit.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
+                        help=f"comma-separated, all minimized: {', '.join(OBJECTIVES)} (default: ppl,memory)")
+    submit.add_argument("--memory-budget", help="bytes with a unit (60MB, 1.2GiB) or a fraction of the 16-bit model (0.35)")
+    submit.add_argument("--latency-budget", dest="latency_budget_ms", type=float, help="milliseconds per forward pass")
+    submit.add_argument("--sampler", default="nsga2", help=f"{', '.join(SAMPLERS)} (default: nsga2)")
+    submit.add_argument("--seed", type=int, default=0)
+    submit.add_argument("--population-size", type=int, default=8, help="NSGA-II population / TPE start-up trials")
+    submit.add_argument("--no-uniform-seeds", dest="uniform_seeds", action="store_false",
+                        help="do not start with uniform plans (every layer alike)")
+    submit.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (BOS included)")
+    submit.add_argument("--eval-windows", type=int, default=16)
+    submit.add_argument("--calib-windows", type=int, default=16)
+    submit.add_argument("--batch-size", type=int, default=4)
+    submit.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    submit.add_argument("--force", action="store_true", help="replace an existing study of the same name")
+    submit.set_defaults(handler=_submit)
+
+    resume = commands.add_parser("resume", help="continue a study to a total trial count")
+    _common(resume)
+    _run_options(resume)
+    resume.set_defaults(handler=_resume)
+
+    status = commands.add_parser("status", help="trial counts and the best trial so far")
+    _common(status)
+    status.set_defaults(handler=_status)
+
+    board = commands.add_parser("leaderboard", help="ranked trials: the feasible Pareto front first")
+    _common(board)
+    board.add_argument("--top", type=int, default=10)
+    board.set_defaults(handler=_leaderboard)
+
+    export = commands.add_parser("export", help="write a ranked plan (and optionally its checkpoint)")
+    _common(export)
+    export.add_argument("--rank", type=int, default=1)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--checkpoint", action="store_true", help="also write the compressed model (safetensors)")
+    export.add_argument("--verify", action="store_true", help="reload the checkpoint and measure its perplexity")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in the study's results folder)")
+    parser.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trials", type=int, required=True, help="total number of trials to reach")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding the model once")
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--address", help="Ray cluster address (default: start a local instance)")
+
+
+def _options(args: argparse.Namespace):
+    from search.commands import RunOptions
+
+    return RunOptions(results_dir=args.results_dir, storage=args.storage, cache_dir=args.cache_dir,
+                      workers=getattr(args, "workers", 2), cpus_per_worker=getattr(args, "cpus_per_worker", 1),
+                      address=getattr(args, "address", None), on_trial=_print_trial, on_ready=_print_ready)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from search.commands import submit
+
+    fields = {name: getattr(args, name) for name in (
+        "model", "data", "space", "granularity", "tie_fused", "include_lm_head", "bits", "group_sizes", "sparsities",
+        "prune_methods", "rank_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
+        "population_size", "uniform_seeds", "seq_len", "eval_windows", "calib_windows", "batch_size",
+        "trust_remote_code")}
+    spec = JobSpec(study=args.study, **fields)
+    trials = submit(spec, args.trials, _options(args), force=args.force)
+    _print_summary(args, trials)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from search.commands import resume
+
+    trials = resume(args.study, args.trials, _options(args))
+    _print_summary(args, trials)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from search.commands import status
+
+    info = status(args.study, _options(args))
+    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["states"].items()))
+    print(f"study {info['study']}: {info['done']}/{info['target']} trials done ({states or 'none yet'})")
+    print(f"driver: {'running, ' + info['driver'] if info['driver'] else 'not running'}")
+    if info["memory_budget_bytes"]:
+        print(f"memory budget: {_mb(info['memory_budget_bytes'])} of {_mb(info['base_bytes'])} (16-bit model)")
+    if info["base"]:
+        print(f"base model: ppl {info['base']['ppl']:.3f}, {_mb(info['base_bytes'])}")
+    print(f"feasible trials: {info['feasible']}, on the front: {info['front']}")
+    if info["best"]:
+        best = info["best"]
+        print(f"rank 1: trial {best['trial']}, ppl {best['ppl']:.3f}, {_mb(best['memory_bytes'])}, "
+              f"{best['bits_per_weight']:.2f} bits/weight")
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from search.commands import leaderboard
+
+    print(_table(leaderboard(args.study, _options(args), args.top)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from search.commands import export
+
+    summary = export(args.study, args.rank, args.out, _options(args), args.checkpoint, args.verify)
+    metrics = summary["metrics"]
+    print(f"exported rank {summary['rank']} (trial {summary['trial']}): ppl {metrics['ppl']:.3f}, "
+          f"{_mb(metrics['memory_bytes'])} planned -> {args.out}/plan.json")
+    if "checkpoint" in summary:
+        print(f"checkpoint {summary['checkpoint']}: {_mb(summary['checkpoint_bytes'])} on disk "
+              f"(plan {_mb(summary['plan_bytes'])})")
+    if "checkpoint_ppl" in summary:
+        print(f"reloaded checkpoint ppl {summary['checkpoint_ppl']:.4f} (trial reported {metrics['ppl']:.4f})")
+    return 0
+
+
+def _print_ready(ctx, study, requeued: list[int]) -> None:
+    low, high = ctx.smallest_plan_bytes, ctx.largest_plan_bytes
+    budget = f", budget {_mb(ctx.memory_budget_bytes)}" if ctx.memory_budget_bytes else ""
+    print(f"study {study.study_name}: {len(ctx.layers)} layers in {len(ctx.space.groups(ctx.layers))} groups, "
+          f"16-bit model {_mb(ctx.base_bytes)}; plans span {_mb(low)}..{_mb(high)}{budget}")
+    if requeued:
+        print(f"re-queued interrupted trials {requeued}")
+    sys.stdout.flush()
+
+
+def _print_trial(event) -> None:
+    m = event.metrics
+    if event.state == "COMPLETE":
+        mark = "feasible" if event.feasible else "over budget"
+        result = f"ppl {m['ppl']:.3f}  {_mb(m['memory_bytes'])}  {m['bits_per_weight']:.2f} b/w  {mark}"
+    else:
+        result = f"{event.state.lower()}: {event.error}"
+    best = f"best ppl {event.best['ppl']:.3f} @ {_mb(event.best['memory_bytes'])}" if event.best else "no feasible yet"
+    print(f"[{event.done}/{event.target}] trial {event.trial}: {result} | {best} | feasible {event.feasible_count}",
+          flush=True)
+
+
+def _print_summary(args: argparse.Namespace, trials) -> None:
+    ranked = trials[trials["rank"].notna()]
+    print(f"\n{len(ranked)} completed trials; top of the leaderboard:")
+    print(_table(ranked.head(5)))
+    print(f"\ntables in {args.results_dir / args.study}/ (trials.parquet, layers.parquet, pareto.parquet, best/)")
+
+
+def _table(frame) -> str:
+    if frame.empty:
+        return "(no completed trials)"
+    shown = frame[["rank", "trial", "ppl", "kl", "bits_per_weight", "memory_bytes", "latency_ms", "feasible", "on_front"]]
+    shown = shown.dropna(axis=1, how="all").copy()
+    shown["memory_bytes"] = shown["memory_bytes"].map(lambda b: _mb(b))
+    return shown.rename(columns={"memory_bytes": "memory"}).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def _mb(nbytes) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _strings(text))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in _strings(text))
+
+
+def _strings(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "optuna", "ray", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

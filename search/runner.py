@@ -1,0 +1,178 @@
+"""The driver loop: Optuna asks, Ray workers compress and evaluate, Optuna is told, Parquet is rewritten."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import pandas as pd
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from compress import plan_bits_per_weight
+from search.job import JobContext
+from search.results import write_results
+from search.spec import OBJECTIVES
+from search.study import ERROR_ATTR, HEARTBEAT_S, beat, done_count, requeue
+from search.trial import TrialEvaluator
+from spaces.plan import Plan
+
+log = logging.getLogger(__name__)
+BASE_METRICS_ATTR = "base_metrics"
+
+
+@dataclass
+class TrialEvent:
+    """What the progress display needs after each finished trial."""
+
+    done: int
+    target: int
+    trial: int
+    state: str
+    metrics: dict
+    feasible: bool | None
+    best: dict | None  # the best feasible trial so far by the first objective
+    feasible_count: int
+    error: str | None = None
+
+
+class _RayTrialEvaluator(TrialEvaluator):
+    def evaluate(self, plan_json: str) -> dict:
+        metrics = super().evaluate(plan_json)
+        metrics["node_id"] = ray.get_runtime_context().get_node_id()
+        return metrics
+
+
+def start_ray(address: str | None, num_cpus: int) -> bool:
+    """Connect to `address`, or start a local instance on loopback; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps a local instance on loopback
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def start_workers(ctx: JobContext, count: int, cpus_per_worker: int) -> list:
+    spec = ctx.spec
+    eval_ref, calib_ref = ray.put(ctx.windows.eval_ids), ray.put(ctx.windows.calib_ids)
+    actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(_RayTrialEvaluator)
+    return [actor.remote(ctx.model_ref, eval_ref, calib_ref, batch_size=spec.batch_size, with_kl=spec.needs_kl,
+                         with_latency=spec.needs_latency, latency_prompt_tokens=spec.latency_prompt_tokens,
+                         threads=cpus_per_worker, trust_remote_code=spec.trust_remote_code)
+            for _ in range(count)]
+
+
+def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,
+              cpus_per_worker: int = 1, address: str | None = None,
+              on_trial: Callable[[TrialEvent], None] | None = None) -> pd.DataFrame:
+    """Run trials on Ray workers until `target` trials are done; returns the trials table."""
+    started_ray = start_ray(address, workers * cpus_per_worker)
+    try:
+        pool = start_workers(ctx, workers, cpus_per_worker)
+        beat(study, [])
+        if BASE_METRICS_ATTR not in study.user_attrs:
+            study.set_user_attr(BASE_METRICS_ATTR, _clean(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
+        _drive(ctx, study, target, pool, cpus_per_worker, results_dir, on_trial or (lambda event: None))
+    finally:
+        beat(study, [], running=False)
+        trials = write_results(study, results_dir)
+        if started_ray:
+            ray.shutdown()
+    return trials
+
+
+def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, cpus_per_worker: int, results_dir: Path,
+           on_trial: Callable[[TrialEvent], None]) -> None:
+    idle = list(pool)
+    in_flight: dict = {}  # object ref -> (trial, worker)
+    last_beat = time.monotonic()
+    try:
+        while True:
+            done = done_count(study)
+            while idle and done + len(in_flight) < target:
+                trial = study.ask()
+                plan_json = _propose(ctx, trial)
+                worker = idle.pop()
+                in_flight[worker.evaluate.remote(plan_json)] = (trial, worker)
+            if not in_flight:
+                return
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_S)
+            if time.monotonic() - last_beat >= HEARTBEAT_S or ready:
+                beat(study, [trial for trial, _ in in_flight.values()])
+                last_beat = time.monotonic()
+            for ref in ready:
+                trial, worker = in_flight.pop(ref)
+                idle.append(_finish(ctx, study, trial, ref, worker, cpus_per_worker))
+                trials = write_results(study, results_dir)
+                on_trial(_event(study, trials, trial.number, target, ctx))
+    except BaseException:
+        for trial, _ in in_flight.values():
+            requeue(study, trial, "the driver stopped before the trial finished")
+        raise
+
+
+def _propose(ctx: JobContext, trial: optuna.Trial) -> str:
+    """Turn an asked trial into a plan and record what is known before running it."""
+    plan = ctx.space.suggest_plan(trial, ctx.layers)
+    memory = ctx.plan_bytes(plan)
+    trial.set_user_attr("plan_json", plan.to_json())
+    trial.set_user_attr("memory_bytes", memory)
+    trial.set_user_attr("bits_per_weight", plan_bits_per_weight(ctx.layers, plan))
+    return plan.to_json()
+
+
+def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, worker, cpus_per_worker: int):
+    """Tell Optuna how a trial ended; returns the worker to reuse (a fresh one if it died)."""
+    try:
+        metrics = ray.get(ref)
+    except RayActorError as err:
+        requeue(study, trial, f"worker died: {str(err).splitlines()[0]}")
+        return start_workers(ctx, 1, cpus_per_worker)[0]
+    except RayTaskError as err:
+        _fail(study, trial, f"{type(err.cause).__name__}: {err.cause}")
+        return worker
+    metrics["memory_bytes"] = trial.user_attrs["memory_bytes"]
+    values = [metrics.get(OBJECTIVES[name]) for name in ctx.spec.objectives]
+    bad = [f"{name}={value}" for name, value in zip(ctx.spec.objectives, values)
+           if value is None or not math.isfinite(value)]
+    for key, value in _clean(metrics).items():
+        trial.set_user_attr(key, value)
+    if bad:
+        _fail(study, trial, f"non-finite metrics: {', '.join(bad)} (the compressed model diverged)")
+        return worker
+    if ctx.memory_budget_bytes is not None:
+        trial.set_constraint("memory", (metrics["memory_bytes"] - ctx.memory_budget_bytes) / ctx.memory_budget_bytes)
+    if ctx.spec.latency_budget_ms is not None:
+        trial.set_constraint("latency", (metrics["latency_ms"] - ctx.spec.latency_budget_ms) / ctx.spec.latency_budget_ms)
+    study.tell(trial, values)
+    return worker
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
+    log.warning("trial %d failed: %s", trial.number, error)
+    trial.set_user_attr(ERROR_ATTR, error)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _clean(metrics: dict) -> dict:
+    """JSON-safe metrics: non-finite floats become strings so storages accept them."""
+    return {key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
+            for key, value in metrics.items()}
+
+
+def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, ctx: JobContext) -> TrialEvent:
+    row = trials[trials["trial"] == number].iloc[0]
+    primary = OBJECTIVES[ctx.spec.objectives[0]]
+    feasible = trials[(trials["state"] == "COMPLETE") & (trials["feasible"] == True)]  # noqa: E712
+    best = feasible.sort_values(primary).iloc[0].to_dict() if len(feasible) else None
+    metrics = {key: row[key] for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
+    return TrialEvent(done_count(study), target, number, row["state"], metrics, row["feasible"], best, len(feasible), row["error"])

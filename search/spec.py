@@ -1,0 +1,122 @@
+"""What the user asked for: `JobSpec`, its validation, and budgets with units."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from search.errors import UserError
+from spaces import SpaceError, get_space
+from spaces.layers import GRANULARITIES
+from spaces.space import Space
+
+DEFAULT_MODEL = "smollm2-135m"
+# Objective name -> the metric it minimizes.
+OBJECTIVES = {"ppl": "ppl", "kl": "kl", "memory": "memory_bytes", "latency": "latency_ms"}
+QUALITY_OBJECTIVES = ("ppl", "kl")
+SAMPLERS = ("nsga2", "tpe", "random")
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that defines a study's search; a study keeps its spec for its whole life."""
+
+    study: str
+    model: str = DEFAULT_MODEL
+    data: str | None = None
+    space: str = "joint"
+    granularity: str = "block"
+    tie_fused: bool = True
+    include_lm_head: bool = False
+    bits: tuple[int, ...] | None = None
+    group_sizes: tuple[int, ...] | None = None
+    sparsities: tuple[str, ...] | None = None
+    prune_methods: tuple[str, ...] | None = None
+    rank_fractions: tuple[float, ...] | None = None
+    objectives: tuple[str, ...] = ("ppl", "memory")
+    memory_budget: str | None = None
+    latency_budget_ms: float | None = None
+    sampler: str = "nsga2"
+    seed: int = 0
+    population_size: int = 8
+    uniform_seeds: bool = True
+    seq_len: int = 256
+    eval_windows: int = 16
+    calib_windows: int = 16
+    batch_size: int = 4
+    latency_prompt_tokens: int = 64
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "group_sizes", "sparsities", "prune_methods", "rank_fractions", "objectives"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if not _STUDY_NAME.match(self.study):
+            raise UserError(f"study name {self.study!r} must be 1-100 letters, digits, '_', '.' or '-'")
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise UserError(f"objectives {','.join(self.objectives)!r} are not valid; choose distinct names "
+                            f"from {sorted(OBJECTIVES)}, e.g. --objectives ppl,memory")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {SAMPLERS}")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"granularity {self.granularity!r} is unknown; choose one of {GRANULARITIES}")
+        if self.memory_budget is not None:
+            parse_memory_budget(self.memory_budget, base_bytes=1)
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise UserError(f"latency budget {self.latency_budget_ms!r} ms must be a positive number of milliseconds")
+        for name in ("seq_len", "eval_windows", "calib_windows", "batch_size", "population_size", "latency_prompt_tokens"):
+            if getattr(self, name) < (2 if name in ("seq_len", "population_size") else 1):
+                raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} is too small")
+        self.search_space()  # validates the choices
+
+    def search_space(self) -> Space:
+        try:
+            return get_space(self.space).with_choices(
+                bits=self.bits, group_sizes=self.group_sizes, sparsities=self.sparsities,
+                prune_methods=self.prune_methods, rank_fractions=self.rank_fractions,
+                granularity=self.granularity, tie_fused=self.tie_fused,
+            )
+        except SpaceError as err:
+            raise UserError(str(err)) from None
+
+    @property
+    def needs_kl(self) -> bool:
+        return "kl" in self.objectives
+
+    @property
+    def needs_latency(self) -> bool:
+        return "latency" in self.objectives or self.latency_budget_ms is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def parse_memory_budget(text: str, base_bytes: int) -> int:
+    """Bytes from '60MB', '1.2GiB', '350000000' with a unit, '35%' or a fraction like '0.35' of `base_bytes`."""
+    value = str(text).strip().lower().replace(" ", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?|\.\d+)([a-z%]*)", value)
+    if not match:
+        raise UserError(f"memory budget {text!r} is not a size; write e.g. 60MB, 1.2GiB, 35% or 0.35")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        number, unit = number / 100.0, ""
+    if unit == "":
+        if not 0.0 < number <= 1.0:
+            raise UserError(f"memory budget {text!r} has no unit; give a fraction of the base model in (0, 1] "
+                            "or bytes with a unit such as 60MB or 1.2GiB")
+        return int(number * base_bytes)
+    if unit not in _BYTE_UNITS:
+        raise UserError(f"memory budget {text!r} has unknown unit {unit!r}; use one of {sorted(_BYTE_UNITS)}")
+    if number <= 0:
+        raise UserError(f"memory budget {text!r} must be positive")
+    return int(number * _BYTE_UNITS[unit])

@@ -1,0 +1,68 @@
+import optuna
+import pytest
+
+from spaces.layers import LayerInfo, group_layers
+from spaces.space import SPACES, Space, SpaceError, get_space
+
+LAYERS = [
+    LayerInfo("model.layers.0.self_attn.q_proj", 64, 64), LayerInfo("model.layers.0.self_attn.k_proj", 32, 64),
+    LayerInfo("model.layers.0.self_attn.v_proj", 32, 64), LayerInfo("model.layers.0.self_attn.o_proj", 64, 64),
+    LayerInfo("model.layers.0.mlp.gate_proj", 128, 64), LayerInfo("model.layers.0.mlp.up_proj", 128, 64),
+    LayerInfo("model.layers.0.mlp.down_proj", 64, 128), LayerInfo("model.layers.1.mlp.down_proj", 64, 128),
+]
+
+
+def test_layer_granularity_ties_fused_projections():
+    groups = group_layers(LAYERS, "layer", tie_fused=True)
+    assert groups["model.layers.0.self_attn.k_proj+q_proj+v_proj"] == [l.name for l in LAYERS[:3]]
+    assert groups["model.layers.0.mlp.gate_proj+up_proj"] == [LAYERS[4].name, LAYERS[5].name]
+    assert len(group_layers(LAYERS, "layer", tie_fused=False)) == len(LAYERS)
+
+
+def test_block_and_type_granularity():
+    assert set(group_layers(LAYERS, "block")) == {"model.layers.0", "model.layers.1"}
+    assert group_layers(LAYERS, "type")["down_proj"] == [LAYERS[6].name, LAYERS[7].name]
+
+
+def test_suggest_plan_gives_tied_layers_the_same_choice():
+    space = SPACES["joint"].with_choices(granularity="layer")
+    study = optuna.create_study(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(5):
+        plan = space.suggest_plan(study.ask(), LAYERS)
+        q, k, v = (plan[l.name] for l in LAYERS[:3])
+        assert q.bits == k.bits == v.bits and q.sparsity == k.sparsity == v.sparsity
+        assert set(plan.layers) == {l.name for l in LAYERS}
+
+
+def test_rank_that_saves_nothing_leaves_layer_full_rank():
+    space = Space("r", rank_fractions=(0.5, 1.0), granularity="block")
+    plan = space.suggest_plan(optuna.trial.FixedTrial({"model.layers.0:rank_fraction": 0.5,
+                                                              "model.layers.1:rank_fraction": 1.0}), LAYERS)
+    assert plan["model.layers.0.self_attn.q_proj"].rank_fraction == 1.0  # 64x64 at rank 32 saves nothing
+    assert plan["model.layers.0.mlp.up_proj"].rank_fraction == 0.5  # 128x64 at rank 32 does
+
+
+def test_params_for_enqueues_a_uniform_plan():
+    space = SPACES["quant"]
+    params = space.params_for(LAYERS, {"bits": 4, "group_size": 64})
+    plan = space.suggest_plan(optuna.trial.FixedTrial(params), LAYERS)
+    assert {(lp.bits, lp.group_size) for lp in plan.layers.values()} == {(4, 64)}
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"bits": (4, 7)}, "bits 7"), ({"sparsities": ("1:3",)}, "pattern '1:3'"), ({"sparsities": ("abc",)}, "'abc'"),
+    ({"rank_fractions": (0.0,)}, "rank fraction 0.0"), ({"group_sizes": ()}, "no group size"),
+])
+def test_bad_choices_are_refused(overrides, fragment):
+    with pytest.raises(SpaceError, match=fragment):
+        SPACES["joint"].with_choices(**overrides)
+
+
+def test_unknown_space_lists_valid_names():
+    with pytest.raises(SpaceError, match="choose one of"):
+        get_space("nope")
+
+
+def test_nm_pattern_must_divide_inputs():
+    with pytest.raises(SpaceError, match="divisible by 8"):
+        Space("s", sparsities=("0", "4:8")).check_layers([LayerInfo("x", 8, 12)])
