@@ -5,11 +5,9 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import optuna
-from optuna.exceptions import ExperimentalWarning
 
 from search.errors import UserError
 from search.spec import DEFAULT_MODEL, OBJECTIVES, SAMPLERS, JobSpec
@@ -240,8 +238,6 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("torchao", "optuna", "ray", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
-    warnings.filterwarnings("ignore", category=ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

@@ -83,7 +83,7 @@ def layers_frame(study: optuna.Study, trials: pd.DataFrame) -> pd.DataFrame:
     layers = [LayerInfo(**info) for info in study.user_attrs.get("layers", [])]
     rows = []
     for trial, plan_json in zip(trials["trial"], trials["plan_json"]):
-        if not plan_json:
+        if not isinstance(plan_json, str):  # a trial that failed before it had a plan
             continue
         plan = Plan.from_json(plan_json)
         for layer in layers:

@@ -18,7 +18,7 @@ from compress import plan_bits_per_weight
 from search.job import JobContext
 from search.results import write_results
 from search.spec import OBJECTIVES
-from search.study import ERROR_ATTR, HEARTBEAT_S, beat, done_count, requeue
+from search.study import ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, requeue
 from search.trial import TrialEvaluator
 from spaces.plan import Plan
 
@@ -99,8 +99,14 @@ def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, cpus_p
         while True:
             done = done_count(study)
             while idle and done + len(in_flight) < target:
-                trial = study.ask()
-                plan_json = _propose(ctx, trial)
+                trial = ask(study)
+                try:
+                    plan_json = _propose(ctx, trial)
+                except Exception as err:  # the trial boundary: record it, keep the study going
+                    _fail(study, trial, f"could not build a plan: {type(err).__name__}: {err}")
+                    _report(study, trial.number, target, ctx, results_dir, on_trial)
+                    done = done_count(study)
+                    continue
                 worker = idle.pop()
                 in_flight[worker.evaluate.remote(plan_json)] = (trial, worker)
             if not in_flight:
@@ -112,8 +118,7 @@ def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, cpus_p
             for ref in ready:
                 trial, worker = in_flight.pop(ref)
                 idle.append(_finish(ctx, study, trial, ref, worker, cpus_per_worker))
-                trials = write_results(study, results_dir)
-                on_trial(_event(study, trials, trial.number, target, ctx))
+                _report(study, trial.number, target, ctx, results_dir, on_trial)
     except BaseException:
         for trial, _ in in_flight.values():
             requeue(study, trial, "the driver stopped before the trial finished")
@@ -167,6 +172,12 @@ def _clean(metrics: dict) -> dict:
     """JSON-safe metrics: non-finite floats become strings so storages accept them."""
     return {key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
             for key, value in metrics.items()}
+
+
+def _report(study: optuna.Study, number: int, target: int, ctx: JobContext, results_dir: Path,
+            on_trial: Callable[[TrialEvent], None]) -> None:
+    """Rewrite the tables after a trial ended and tell the caller."""
+    on_trial(_event(study, write_results(study, results_dir), number, target, ctx))
 
 
 def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, ctx: JobContext) -> TrialEvent:

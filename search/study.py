@@ -5,9 +5,11 @@ import logging
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -38,8 +40,9 @@ def open_storage(url: str) -> BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        with warnings.catch_warnings(category=ExperimentalWarning, action="ignore"):
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as err:  # SQLAlchemy raises many kinds for bad URLs or unreachable servers
         raise UserError(f"storage {url!r} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         f"give an SQLAlchemy URL like sqlite:///path.db or postgresql://..., or journal:PATH") from None
@@ -60,7 +63,8 @@ def study_exists(storage: BaseStorage, name: str) -> bool:
 def create_study(spec: JobSpec, storage: BaseStorage, attrs: dict) -> optuna.Study:
     study = optuna.create_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec),
                                 directions=["minimize"] * len(spec.objectives))
-    study.set_metric_names([OBJECTIVES[name] for name in spec.objectives])
+    with warnings.catch_warnings(category=ExperimentalWarning, action="ignore"):
+        study.set_metric_names([OBJECTIVES[name] for name in spec.objectives])
     study.set_user_attr(SPEC_ATTR, spec.to_dict())
     for key, value in attrs.items():
         study.set_user_attr(key, value)
@@ -72,6 +76,13 @@ def load_study(name: str, storage: BaseStorage) -> tuple[optuna.Study, JobSpec]:
         raise UserError(f"study {name!r} does not exist in this storage; start it with `compsearch submit --study {name}`")
     spec = JobSpec.from_dict(optuna.load_study(study_name=name, storage=storage).user_attrs[SPEC_ATTR])
     return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(spec)), spec
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    """`study.ask()`; the driver keeps the trial heartbeats itself, outside `Study.optimize`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        return study.ask()
 
 
 def done_count(study: optuna.Study) -> int:

@@ -1,0 +1,87 @@
+"""Packing, memory accounting against the bytes a checkpoint really stores, and checkpoint round trips."""
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from compress import apply_plan_, input_norms, layer_nbytes, load_compressed, plan_nbytes, save_compressed
+from compress.checkpoint import WEIGHTS_FILE
+from compress.storage import matrix_nbytes, pack_bits, unpack_bits
+from evaluators import load_text, make_windows, perplexity_and_kl
+from search.models import load_model, load_tokenizer
+from spaces.layers import count_params, linear_layers
+from spaces.plan import LayerPlan, Plan
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_pack_round_trip_every_width(bits):
+    values = torch.randint(0, 2 ** bits, (1001,), dtype=torch.uint8)
+    packed = pack_bits(values, bits)
+    assert packed.numel() == (1001 * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, 1001), values)
+
+
+def test_mask_format_only_where_smaller():
+    dense_4bit = matrix_nbytes(64, 128, 64 * 128, 4, 128)
+    assert matrix_nbytes(64, 128, int(0.9 * 64 * 128), 4, 128) == dense_4bit  # mask would cost more
+    assert matrix_nbytes(64, 128, 64 * 64, 4, 128) < dense_4bit
+
+
+PLANS = {
+    "uniform 3-bit g64": lambda names: Plan.uniform(names, LayerPlan(bits=3, group_size=64)),
+    "wanda 50% + 4-bit": lambda names: Plan.uniform(names, LayerPlan(bits=4, sparsity=0.5, prune_method="wanda")),
+    "2:4 at 16 bits": lambda names: Plan.uniform(names, LayerPlan(sparsity=0.5, pattern="2:4")),
+    "mixed": lambda names: Plan({name: [LayerPlan(bits=2, group_size=32), LayerPlan(bits=16, rank_fraction=0.25),
+                                        LayerPlan(bits=5, sparsity=0.75, rank_fraction=0.25), LayerPlan()][i % 4]
+                                 for i, name in enumerate(names)}),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text, source = load_text(None)
+    windows = make_windows(tokenizer, text, source, seq_len=64, eval_windows=4, calib_windows=4)
+    layers = linear_layers(model)
+    norms = input_norms(model, windows.calib_ids, [layer.name for layer in layers])
+    return model, tokenizer, windows, layers, norms
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+def test_accounting_matches_stored_bytes_and_checkpoint_reproduces_metrics(tiny, tmp_path, plan_name):
+    model, tokenizer, windows, layers, norms = tiny
+    plan = PLANS[plan_name]([layer.name for layer in layers])
+    compressed = copy.deepcopy(model)
+    stored = apply_plan_(compressed, plan, norms, keep_stored=True)
+    path = save_compressed(compressed, plan, stored, tmp_path, tokenizer)
+
+    with safe_open(str(path), framework="pt") as archive:
+        nbytes = {name: archive.get_tensor(name).numel() * archive.get_tensor(name).element_size()
+                  for name in archive.keys()}
+    for layer in layers:
+        layer_plan = plan[layer.name]
+        stored_bytes = sum(size for name, size in nbytes.items() if name.startswith(layer.name + "."))
+        assert stored_bytes == layer_nbytes(layer, layer_plan), layer.name
+    assert sum(nbytes.values()) == plan_nbytes(layers, plan, count_params(model))
+    # the file adds only its JSON header to the counted bytes
+    assert path.stat().st_size - sum(nbytes.values()) < 0.02 * path.stat().st_size + 64 * 1024
+
+    reloaded, reloaded_tokenizer = load_compressed(tmp_path)
+    assert reloaded_tokenizer is not None
+    for name, param in compressed.named_parameters():
+        assert torch.equal(param, reloaded.get_parameter(name)), name
+    before = perplexity_and_kl(compressed, windows.eval_ids, 2)["ppl"]
+    after = perplexity_and_kl(reloaded, windows.eval_ids, 2)["ppl"]
+    assert abs(after - before) / before < 1e-6
+
+
+def test_apply_plan_changes_only_planned_layers(tiny):
+    model, _, _, layers, _ = tiny
+    compressed = copy.deepcopy(model)
+    target = layers[0].name
+    apply_plan_(compressed, Plan({target: LayerPlan(bits=2)}))
+    for layer in layers:
+        same = torch.equal(model.get_submodule(layer.name).weight, compressed.get_submodule(layer.name).weight)
+        assert same == (layer.name != target)

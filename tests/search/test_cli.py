@@ -1,0 +1,77 @@
+"""The CLI: every bad input is one clear line on stderr and exit code 2, and no existing study is damaged."""
+import json
+
+import pandas as pd
+import pytest
+
+from search.cli import main
+from tests.search.helpers import cli_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def existing(tiny_model_dir, ray_session, tmp_path_factory):
+    results = tmp_path_factory.mktemp("cli")
+    assert main(cli_args(tiny_model_dir, results, "kept", 3, "--space", "quant")) == 0
+    return results
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compsearch: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--model", "/no/such/model"], "'/no/such/model' is neither a local model folder"),
+    (["--space", "everything"], "space 'everything' is unknown"),
+    (["--sampler", "cmaes"], "sampler 'cmaes' is unknown"),
+    (["--objectives", "ppl,speed"], "'ppl,speed' are not valid"),
+    (["--memory-budget", "1KB"], "is below the smallest plan in space 'joint'"),
+    (["--memory-budget", "12"], "has no unit"),
+    (["--data", "/no/such/file.txt"], "no such file or folder"),
+    (["--bits", "4,7"], "bits 7 is not supported"),
+    (["--trials", "0"], "--trials 0"),
+])
+def test_bad_submit_inputs(tiny_model_dir, tmp_path, capsys, extra, fragment):
+    argv = cli_args(tiny_model_dir, tmp_path, "bad", 2) + extra  # a later --model overrides the first
+    err = _error(capsys, argv)
+    assert fragment in err
+    assert not (tmp_path / "bad" / "study.db").exists()  # nothing was created
+
+
+def test_unwritable_results_folder(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "is not writable" in _error(capsys, cli_args(tiny_model_dir, blocker / "results", "s", 2))
+
+
+def test_existing_study_is_refused_and_untouched(tiny_model_dir, existing, capsys):
+    before = pd.read_parquet(existing / "kept" / "trials.parquet")
+    same = _error(capsys, cli_args(tiny_model_dir, existing, "kept", 3, "--space", "quant"))
+    assert "already exists; continue it with `compsearch resume" in same
+    changed = _error(capsys, cli_args(tiny_model_dir, existing, "kept", 3, "--space", "sparse"))
+    assert "already exists with a different spec (space: 'quant' -> 'sparse')" in changed
+    after = pd.read_parquet(existing / "kept" / "trials.parquet")
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_force_replaces_a_study(tiny_model_dir, existing, capsys):
+    assert main(cli_args(tiny_model_dir, existing, "kept", 2, "--space", "sparse", "--force")) == 0
+    table = pd.read_parquet(existing / "kept" / "trials.parquet")
+    sparse = table["plan_json"].map(lambda text: any(lp["sparsity"] > 0 for lp in json.loads(text)["layers"].values()))
+    assert len(table) == 2 and sparse.all()
+
+
+def test_read_commands(existing, capsys, tmp_path):
+    assert main(["status", "--study", "kept", "--results-dir", str(existing)]) == 0
+    assert "trials done" in capsys.readouterr().out
+    assert main(["leaderboard", "--study", "kept", "--results-dir", str(existing), "--top", "2"]) == 0
+    assert "rank" in capsys.readouterr().out
+    assert "--rank 99 does not exist" in _error(
+        capsys, ["export", "--study", "kept", "--results-dir", str(existing), "--rank", "99", "--out", str(tmp_path)])
+    assert "no study 'ghost'" in _error(capsys, ["status", "--study", "ghost", "--results-dir", str(existing)])
+    assert "no study 'ghost'" in _error(
+        capsys, ["resume", "--study", "ghost", "--results-dir", str(existing), "--trials", "3"])

@@ -1,0 +1,102 @@
+"""A driver killed with SIGKILL mid-study: `resume` fails its stale trials, re-runs them, hits the exact total."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from search.study import done_count, load_study, open_storage, default_storage_url
+from tests.search.helpers import cli_args
+
+pytestmark = pytest.mark.slow
+TARGET = 12
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the driver, then whatever it started (its local Ray), each by PID."""
+    children = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    for child in children:
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=30)
+
+
+def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_resume_after_sigkill_reaches_exact_total(tiny_model_dir, tmp_path):
+    results = tmp_path / "results"
+    storage = open_storage(default_storage_url(results, "killed"))
+    driver = subprocess.Popen([sys.executable, "-m", "search.cli",
+                               *cli_args(tiny_model_dir, results, "killed", TARGET, "--workers", "2")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+            try:
+                study, _ = load_study("killed", storage)
+            except Exception:
+                continue
+            running = study.get_trials(states=(TrialState.RUNNING,))
+            if done_count(study) >= 3 and running:
+                break
+        assert driver.poll() is None, driver.stdout.read()
+    finally:
+        _kill_tree(driver)
+
+    study, _ = load_study("killed", storage)
+    stale = [t.number for t in study.get_trials(states=(TrialState.RUNNING,))]
+    done_before = done_count(study)
+    assert stale and done_before < TARGET
+
+    resumed = _run_cli(["resume", "--study", "killed", "--results-dir", str(results), "--trials", str(TARGET)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"re-queued interrupted trials {stale}" in resumed.stdout
+
+    study, _ = load_study("killed", storage)
+    trials = study.get_trials()
+    assert done_count(study) == TARGET
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if "interrupted" in t.user_attrs]
+    assert sorted(t.number for t in interrupted) == stale
+    retries = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    for number in stale:  # every interrupted trial ran again with the same parameters
+        assert retries[number].state == TrialState.COMPLETE
+        assert retries[number].params == study.trials[number].params
+
+    table = pd.read_parquet(results / "killed" / "trials.parquet")
+    assert sorted(table["trial"]) == [t.number for t in trials]  # one row per stored trial, none lost or doubled
+    assert table["state"].eq("COMPLETE").sum() == TARGET
+
+
+def test_second_driver_is_refused_while_one_runs(tiny_model_dir, tmp_path):
+    results = tmp_path / "results"
+    first = subprocess.Popen([sys.executable, "-m", "search.cli",
+                              *cli_args(tiny_model_dir, results, "busy", 200, "--workers", "1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        storage = open_storage(default_storage_url(results, "busy"))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                if done_count(load_study("busy", storage)[0]) >= 1:
+                    break
+            except Exception:
+                continue
+        second = _run_cli(["resume", "--study", "busy", "--results-dir", str(results), "--trials", "300"])
+        assert second.returncode == 2
+        assert "already running" in second.stderr and f"pid {first.pid}" in second.stderr
+    finally:
+        _kill_tree(first)

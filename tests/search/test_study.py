@@ -1,0 +1,120 @@
+"""End-to-end studies on the tiny model with a real local Ray instance and real Optuna storage."""
+import json
+import math
+
+import optuna
+import pandas as pd
+import pytest
+
+from search.commands import RunOptions, export, leaderboard, resume, status, submit
+from search.study import done_count, load_study, open_storage
+from tests.search.helpers import tiny_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_study(tiny_model_dir, ray_session, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    spec = tiny_spec(tiny_model_dir, "e2e", memory_budget="0.6", objectives=("ppl", "memory", "kl"))
+    events = []
+    options = RunOptions(results_dir=results, workers=2, on_trial=events.append)
+    trials = submit(spec, 10, options)
+    return spec, results, options, trials, events
+
+
+def test_study_writes_every_table(finished_study):
+    spec, results, _, trials, events = finished_study
+    folder = results / "e2e"
+    table = pd.read_parquet(folder / "trials.parquet")
+    assert len(table) == 10 and table["trial"].is_unique
+    assert set(table["state"]) == {"COMPLETE"}
+    assert table["ppl"].gt(1).all() and table["kl"].ge(0).all()
+    assert table["memory_bytes"].gt(0).all() and table["memory_budget_bytes"].notna().all()
+    assert table["protocol_eval_tokens"].eq(4 * 31).all() and table["protocol_data_sha256"].nunique() == 1
+    assert table["worker"].nunique() == 2  # both Ray workers ran trials
+    # infeasible trials are kept and marked, not hidden
+    assert set(table["feasible"]) <= {True, False}
+    assert (table["feasible"] == (table["memory_bytes"] <= table["memory_budget_bytes"])).all()
+    layers = pd.read_parquet(folder / "layers.parquet")
+    per_trial = layers.groupby("trial")["bytes"].sum()
+    assert len(layers) == 10 * layers["layer"].nunique()
+    pareto = pd.read_parquet(folder / "pareto.parquet")
+    assert len(pareto) >= 1 and pareto["feasible"].all()
+    best = sorted((folder / "best").glob("*.json"))
+    assert len(best) == len(pareto)
+    assert json.loads(best[0].read_text())["rank"] == 1
+    assert per_trial.gt(0).all()
+    assert [event.done for event in events] == list(range(1, 11))
+
+
+def test_uniform_seeds_run_first(finished_study):
+    _, results, _, trials, _ = finished_study
+    table = pd.read_parquet(results / "e2e" / "trials.parquet").sort_values("trial")
+    first = json.loads(table.iloc[0]["plan_json"])["layers"]
+    assert len({json.dumps(lp, sort_keys=True) for lp in first.values()}) == 1
+
+
+def test_leaderboard_ranks_feasible_front_first(finished_study):
+    _, _, options, _, _ = finished_study
+    board = leaderboard("e2e", options, top=20)
+    assert list(board["rank"]) == list(range(1, len(board) + 1))
+    tiers = [0 if (f and front) else 1 if f else 2 for f, front in zip(board["feasible"], board["on_front"])]
+    assert tiers == sorted(tiers)
+    front = board[board["on_front"]]
+    assert front["ppl"].is_monotonic_increasing
+
+
+def test_status_reports_counts(finished_study):
+    _, _, options, _, _ = finished_study
+    info = status("e2e", options)
+    assert info["done"] == 10 and info["target"] == 10 and info["driver"] is None
+    assert info["base"]["ppl"] > 1
+
+
+def test_export_checkpoint_reproduces_trial_perplexity(finished_study, tmp_path):
+    _, _, options, _, _ = finished_study
+    summary = export("e2e", 1, tmp_path, options, checkpoint=True, verify=True)
+    assert math.isclose(summary["checkpoint_ppl"], summary["metrics"]["ppl"], rel_tol=1e-5)
+    assert abs(summary["checkpoint_bytes"] - summary["plan_bytes"]) < 0.02 * summary["plan_bytes"] + 64 * 1024
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "export.json").exists()
+
+
+def test_resume_continues_to_the_new_total(finished_study):
+    spec, results, options, _, _ = finished_study
+    trials = resume("e2e", 13, options)
+    assert len(trials) == 13 and trials["trial"].is_unique
+    study, _ = load_study("e2e", open_storage(options.storage_url("e2e")))
+    assert done_count(study) == 13
+    assert len(pd.read_parquet(results / "e2e" / "trials.parquet")) == 13
+
+
+def test_trial_that_cannot_be_built_is_recorded_and_study_goes_on(tiny_model_dir, ray_session, tmp_path):
+    spec = tiny_spec(tiny_model_dir, "fails", space="quant", uniform_seeds=False)
+    options = RunOptions(results_dir=tmp_path, workers=2)
+    submit(spec, 1, options)
+    study, _ = load_study("fails", open_storage(options.storage_url("fails")))
+    params = study.trials[0].params
+    study.enqueue_trial({key: 7 if key.endswith(":bits") else value for key, value in params.items()},
+                        skip_if_exists=False)
+    trials = resume("fails", 4, options)
+    failed = trials[trials["state"] == "FAIL"]
+    assert len(failed) == 1 and "'7' not in" in failed.iloc[0]["error"]
+    assert (trials["state"] == "COMPLETE").sum() == 3 and len(trials) == 4
+
+
+def test_non_finite_metrics_fail_the_trial_with_the_reason(tmp_path, ray_session):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "overflowing")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():  # beyond float16's range: the 16-bit model overflows to inf
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e6
+    model.save_pretrained(folder)
+    spec = tiny_spec(folder, "nan", space="quant")
+    trials = submit(spec, 2, RunOptions(results_dir=tmp_path / "results", workers=2))
+    assert list(trials["state"]) == ["FAIL", "FAIL"]
+    assert trials["error"].str.contains("non-finite metrics: ppl=").all()
