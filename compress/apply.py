@@ -105,11 +105,14 @@ def apply_plan_(
     plan: Plan,
     input_norms: dict[str, torch.Tensor] | None = None,
     keep_stored: bool = False,
+    svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
 ) -> dict[str, StoredMatrix]:
     """Compress the planned layers of `model` in place.
 
     Wanda pruning uses `input_norms[layer name]` (calibration input L2 norms per input feature); the
     `up` factor of a low-rank layer has no such statistics and is pruned by magnitude.
+    `svd_cache` (layer name -> thin SVD of the original weight) is read and filled, so a process that
+    compresses the same base model many times factorizes each layer once.
     Returns the stored matrices by state-dict key when `keep_stored` (needed to write a checkpoint).
     """
     stored: dict[str, StoredMatrix] = {}
@@ -124,7 +127,7 @@ def apply_plan_(
             raise PlanError(f"Wanda pruning of {name} needs calibration input norms; compute them first")
         layer = LayerInfo(name, module.out_features, module.in_features, module.bias is not None)
         layouts = layer_layout(layer, layer_plan)
-        targets = _factorize_(model, module, layer, layouts) if len(layouts) == 2 else [module]
+        targets = _factorize_(model, module, layer, layouts, svd_cache) if len(layouts) == 2 else [module]
         norms = [input_norms.get(name), None]
         for layout, linear, norm in zip(layouts, targets, norms):
             matrix = compress_matrix(linear.weight.data, layout, layer_plan, norm)
@@ -137,9 +140,15 @@ def apply_plan_(
     return stored
 
 
-def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, layouts: list[MatrixLayout]) -> list[nn.Linear]:
+def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, layouts: list[MatrixLayout],
+                svd_cache: dict[str, tuple[torch.Tensor, ...]] | None) -> list[nn.Linear]:
     rank = layouts[0].rows
-    down, up = factorize(module.weight.data, rank)
+    svd = None
+    if svd_cache is not None:
+        if layer.name not in svd_cache:
+            svd_cache[layer.name] = torch.linalg.svd(module.weight.data.float(), full_matrices=False)
+        svd = svd_cache[layer.name]
+    down, up = factorize(module.weight.data, rank, svd)
     low_rank = LowRankLinear(layer.in_features, layer.out_features, rank, module.bias is not None,
                              dtype=module.weight.dtype, device=module.weight.device)
     low_rank.down.weight.data.copy_(down)

@@ -5,13 +5,15 @@ import torch
 from torch import nn
 
 
-def factorize(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def factorize(weight: torch.Tensor, rank: int,
+              svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) with up @ down the best rank-`rank` approximation of `weight` (Eckart-Young).
 
-    The singular values are split evenly (sqrt on each side) so both factors have similar ranges,
-    which keeps their later quantization error balanced.
+    `svd` is `weight`'s thin SVD (u, s, vh) when the caller has it already. The singular values are
+    split evenly (sqrt on each side) so both factors have similar ranges, which keeps their later
+    quantization error balanced.
     """
-    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    u, s, vh = svd if svd is not None else torch.linalg.svd(weight.float(), full_matrices=False)
     root = s[:rank].sqrt()
     return root.unsqueeze(1) * vh[:rank], u[:, :rank] * root.unsqueeze(0)
 

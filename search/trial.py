@@ -33,6 +33,7 @@ class TrialEvaluator:
         self.batch_size, self.with_latency, self.latency_prompt_tokens = batch_size, with_latency, latency_prompt_tokens
         self.base = base_log_probs(self.model, self.eval_ids, batch_size) if with_kl else None
         self._input_norms: dict[str, torch.Tensor] | None = None
+        self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # filled as low-rank plans need them
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def input_norms(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ class TrialEvaluator:
         model = copy.deepcopy(self.model)
         wanda_layers = [name for name, lp in plan.layers.items() if lp.sparsity > 0 and lp.prune_method == "wanda"]
         norms = self.input_norms(self._linear_names()) if wanda_layers else None
-        stored = apply_plan_(model, plan, norms, keep_stored=keep_stored)
+        stored = apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache)
         return model, stored
 
     def evaluate(self, plan_json: str) -> dict:
