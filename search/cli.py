@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--population-size", type=int, default=8, help="NSGA-II population / TPE start-up trials")
     submit.add_argument("--no-uniform-seeds", dest="uniform_seeds", action="store_false",
                         help="do not start with uniform plans (every layer alike)")
+    submit.add_argument("--no-guided", dest="guided", action="store_false",
+                        help="no sensitivity profile: no profile-optimal seeds, plain sampler children")
+    submit.add_argument("--profile-windows", type=int, default=2,
+                        help="calibration windows per sensitivity measurement")
     submit.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (BOS included)")
     submit.add_argument("--eval-windows", type=int, default=16)
     submit.add_argument("--calib-windows", type=int, default=16)
@@ -112,7 +116,8 @@ def _options(args: argparse.Namespace):
 
     return RunOptions(results_dir=args.results_dir, storage=args.storage, cache_dir=args.cache_dir,
                       workers=getattr(args, "workers", 2), cpus_per_worker=getattr(args, "cpus_per_worker", 1),
-                      address=getattr(args, "address", None), on_trial=_print_trial, on_ready=_print_ready)
+                      address=getattr(args, "address", None), on_trial=_print_trial, on_ready=_print_ready,
+                      on_status=lambda line: print(line, flush=True))
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -121,7 +126,7 @@ def _submit(args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name) for name in (
         "model", "data", "space", "granularity", "tie_fused", "include_lm_head", "bits", "group_sizes", "sparsities",
         "prune_methods", "rank_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
-        "population_size", "uniform_seeds", "seq_len", "eval_windows", "calib_windows", "batch_size",
+        "population_size", "uniform_seeds", "guided", "profile_windows", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code")}
     spec = JobSpec(study=args.study, **fields)
     trials = submit(spec, args.trials, _options(args), force=args.force)

@@ -14,7 +14,7 @@ import pandas as pd
 from compress import load_compressed, save_compressed
 from evaluators import perplexity_and_kl
 from search.errors import UserError
-from search.job import JobContext, check_writable, prepare_job, uniform_seed_plans
+from search.job import JobContext, check_writable, prepare_job
 from search.models import load_tokenizer
 from search.results import BEST_DIR, LAYERS_FILE, PARETO_FILE, TRIALS_FILE, trials_frame, write_results
 from search.runner import TrialEvent, run_study
@@ -42,6 +42,7 @@ class RunOptions:
     cache_dir: Path | None = None
     on_trial: Callable[[TrialEvent], None] | None = field(default=None, repr=False)
     on_ready: Callable[[JobContext, optuna.Study, list[int]], None] | None = field(default=None, repr=False)
+    on_status: Callable[[str], None] | None = field(default=None, repr=False)
 
     def storage_url(self, study: str) -> str:
         return self.storage or default_storage_url(self.results_dir, study)
@@ -63,9 +64,6 @@ def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False)
         optuna.delete_study(study_name=spec.study, storage=storage)
         _remove_tables(options.results_dir / spec.study)
     study = create_study(spec, storage, ctx.study_attrs())
-    if spec.uniform_seeds:
-        for choice in uniform_seed_plans(ctx, max(1, trials // 4)):
-            study.enqueue_trial(ctx.space.params_for(ctx.layers, choice), user_attrs={"seed": "uniform"})
     return _run(ctx, study, trials, options, requeued=[])
 
 
@@ -92,7 +90,7 @@ def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions,
     if done_count(study) >= trials:
         return write_results(study, options.results_dir)
     return run_study(ctx, study, trials, options.workers, options.results_dir, options.cpus_per_worker,
-                     options.address, options.on_trial)
+                     options.address, options.on_trial, options.on_status, options.cache_dir)
 
 
 def status(study_name: str, options: RunOptions) -> dict:

@@ -6,6 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from compress import plan_nbytes
 from evaluators import DataError, Windows, load_text, make_windows
@@ -32,6 +33,7 @@ class JobContext:
     memory_budget_bytes: int | None
     smallest_plan_bytes: int
     largest_plan_bytes: int
+    profile: Any = None  # the sensitivity profile, once measured (guided search)
 
     @property
     def base_bytes(self) -> int:
@@ -95,31 +97,6 @@ def memory_range(space: Space, layers: list[LayerInfo], total_params: int) -> tu
 
 def _params(layers: list[LayerInfo]) -> int:
     return sum(layer.num_params for layer in layers)
-
-
-def uniform_seed_plans(ctx: JobContext, count: int) -> list[dict]:
-    """Choices for up to `count` plans where every layer uses one technique alike, spread over feasible sizes.
-
-    These are the baselines users start from (uniform 4-bit, uniform 50% sparsity, ...); enqueued first,
-    they put a front in place from trial one. The uncompressed plan is left out: it is measured anyway.
-    """
-    sized = []
-    for choice in ctx.space.uniform_choices():
-        plan = Plan({layer.name: ctx.space.layer_plan(layer, choice) for layer in ctx.layers})
-        techniques = {(lp.bits < 16, lp.sparsity > 0, lp.rank_fraction < 1) for lp in plan.layers.values()}
-        if any(sum(used) > 1 for used in techniques) or not any(any(used) for used in techniques):
-            continue
-        size = ctx.plan_bytes(plan)
-        if ctx.memory_budget_bytes is None or size <= ctx.memory_budget_bytes:
-            sized.append((size, choice))
-    sized.sort(key=lambda item: item[0])
-    if count <= 0 or not sized:
-        return []
-    if count >= len(sized):
-        return [choice for _, choice in sized]
-    step = (len(sized) - 1) / max(1, count - 1)
-    picks = sorted({round(len(sized) - 1 - i * step) for i in range(count)})
-    return [sized[i][1] for i in picks]
 
 
 def check_writable(folder: Path) -> None:

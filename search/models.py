@@ -1,6 +1,7 @@
 """Finding and loading the base model: the bundled default, a local folder, or a Hugging Face id."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -60,6 +61,18 @@ def ensure_default_model(cache_dir: Path) -> Path:
         if not (target / "config.json").exists():
             raise
     return target
+
+
+def model_fingerprint(ref: str) -> str:
+    """A short key that changes when the model's config or weight files change (cheap: no full hash)."""
+    folder = Path(ref)
+    digest = hashlib.sha256(b"" if folder.is_dir() else ref.encode())  # a hub id is its own key
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def load_config(ref: str, trust_remote_code: bool = False):

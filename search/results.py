@@ -35,7 +35,7 @@ _TRIAL_COLUMNS = [
     "study", "trial", "state", "rank", "on_front", "feasible", "ppl", "kl", "nll", "memory_bytes",
     "bits_per_weight", "latency_ms", "latency_p90_ms", "memory_budget_bytes", "latency_budget_ms",
     "memory_violation", "latency_violation", "objectives", "plan_json", "compress_s", "evaluate_s", "trial_s",
-    "started_at", "finished_at", "worker", "node_id", "retry_of", "error", "interrupted",
+    "started_at", "finished_at", "worker", "node_id", "retry_of", "error", "interrupted", "seed", "estimated_kl",
 ]
 
 
@@ -59,7 +59,7 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
     if not constraints and trial.state == TrialState.COMPLETE:
         row["feasible"] = True  # no budget: every completed trial is feasible
     for column in ("ppl", "kl", "nll", "memory_bytes", "bits_per_weight", "latency_ms", "latency_p90_ms",
-                   "plan_json", "compress_s", "evaluate_s", "worker", "node_id", "retry_of"):
+                   "plan_json", "compress_s", "evaluate_s", "worker", "node_id", "retry_of", "seed", "estimated_kl"):
         row[column] = attrs.get(column)
     row.update({f"protocol_{key}": value for key, value in protocol.items()})
     return row

@@ -18,7 +18,10 @@ from compress import plan_bits_per_weight
 from search.job import JobContext
 from search.results import write_results
 from search.spec import OBJECTIVES
-from search.study import ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, requeue
+from search.guided import GuidedChildren
+from search.seeding import seed_study
+from search.sensitivity import measure_profile
+from search.study import ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue
 from search.trial import TrialEvaluator
 from spaces.plan import Plan
 
@@ -73,14 +76,21 @@ def start_workers(ctx: JobContext, count: int, cpus_per_worker: int) -> list:
 
 def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,
               cpus_per_worker: int = 1, address: str | None = None,
-              on_trial: Callable[[TrialEvent], None] | None = None) -> pd.DataFrame:
-    """Run trials on Ray workers until `target` trials are done; returns the trials table."""
+              on_trial: Callable[[TrialEvent], None] | None = None,
+              on_status: Callable[[str], None] | None = None, cache_dir: Path | None = None) -> pd.DataFrame:
+    """Run trials on Ray workers until `target` trials are done; returns the trials table.
+
+    Before the first trial: the base model is measured once per study, the sensitivity profile is
+    read from the cache or measured (guided studies), and the seed trials are enqueued (once per study).
+    """
+    say = on_status or log.info
     started_ray = start_ray(address, workers * cpus_per_worker)
     try:
         pool = start_workers(ctx, workers, cpus_per_worker)
         beat(study, [])
         if BASE_METRICS_ATTR not in study.user_attrs:
             study.set_user_attr(BASE_METRICS_ATTR, _clean(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
+        _prepare_search(ctx, study, target, pool, workers, say, cache_dir)
         _drive(ctx, study, target, pool, cpus_per_worker, results_dir, on_trial or (lambda event: None))
     finally:
         beat(study, [], running=False)
@@ -88,6 +98,26 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         if started_ray:
             ray.shutdown()
     return trials
+
+
+def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: list, workers: int,
+                    say: Callable[[str], None], cache_dir: Path | None) -> None:
+    if ctx.spec.guided:
+        def progress(done: int, total: int) -> None:
+            if done == total or done % 40 < 8:
+                say(f"sensitivity profile: {done}/{total} measurements")
+
+        ctx.profile, profile_s = measure_profile(ctx, pool, cache_dir, progress)
+        study.set_user_attr("profile_s", study.user_attrs.get("profile_s", 0.0) + profile_s)
+        say(f"sensitivity profile ready ({'cached' if not profile_s else f'measured in {profile_s:.0f}s'})")
+        if ctx.spec.sampler == "nsga2":
+            study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, ctx.spec.seed))
+    enqueued = seed_study(ctx, study, ctx.profile, target)
+    base = study.user_attrs[BASE_METRICS_ATTR]
+    per_trial_s = float(base.get("compress_s", 0)) + float(base.get("evaluate_s", 0))
+    remaining = max(0, target - done_count(study))
+    say(f"{enqueued} seed trials enqueued; about {per_trial_s:.0f}s per trial, "
+        f"{per_trial_s * remaining / max(1, workers) / 60:.1f} min for the {remaining} trials left")
 
 
 def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, cpus_per_worker: int, results_dir: Path,
@@ -129,6 +159,11 @@ def _propose(ctx: JobContext, trial: optuna.Trial) -> str:
     """Turn an asked trial into a plan and record what is known before running it."""
     plan = ctx.space.suggest_plan(trial, ctx.layers)
     memory = ctx.plan_bytes(plan)
+    if ctx.profile is not None:
+        knobs = ctx.space.knobs()
+        choices = {group: {knob: trial.params[f"{group}:{knob}"] for knob in knobs}
+                   for group in ctx.space.groups(ctx.layers)}
+        trial.set_user_attr("estimated_kl", ctx.profile.estimate(choices))
     trial.set_user_attr("plan_json", plan.to_json())
     trial.set_user_attr("memory_bytes", memory)
     trial.set_user_attr("bits_per_weight", plan_bits_per_weight(ctx.layers, plan))

@@ -43,6 +43,8 @@ class JobSpec:
     seed: int = 0
     population_size: int = 8
     uniform_seeds: bool = True
+    guided: bool = True
+    profile_windows: int = 2
     seq_len: int = 256
     eval_windows: int = 16
     calib_windows: int = 16
@@ -69,7 +71,8 @@ class JobSpec:
             parse_memory_budget(self.memory_budget, base_bytes=1)
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise UserError(f"latency budget {self.latency_budget_ms!r} ms must be a positive number of milliseconds")
-        for name in ("seq_len", "eval_windows", "calib_windows", "batch_size", "population_size", "latency_prompt_tokens"):
+        for name in ("seq_len", "eval_windows", "calib_windows", "batch_size", "population_size", "latency_prompt_tokens",
+                     "profile_windows"):
             if getattr(self, name) < (2 if name in ("seq_len", "population_size") else 1):
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} is too small")
         self.search_space()  # validates the choices
@@ -86,7 +89,8 @@ class JobSpec:
 
     @property
     def needs_kl(self) -> bool:
-        return "kl" in self.objectives
+        """KL is measured when it is an objective, and in guided studies (next to the profile's estimate)."""
+        return "kl" in self.objectives or self.guided
 
     @property
     def needs_latency(self) -> bool:

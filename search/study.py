@@ -48,9 +48,12 @@ def open_storage(url: str) -> BaseStorage:
                         f"give an SQLAlchemy URL like sqlite:///path.db or postgresql://..., or journal:PATH") from None
 
 
-def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: JobSpec, child_generation=None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; NSGA-II makes its children with `child_generation` when given (guided search)."""
     if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=spec.population_size, seed=spec.seed)
+        with warnings.catch_warnings(category=ExperimentalWarning, action="ignore"):
+            return optuna.samplers.NSGAIISampler(population_size=spec.population_size, seed=spec.seed,
+                                                 child_generation_strategy=child_generation)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.population_size, multivariate=True)
     return optuna.samplers.RandomSampler(seed=spec.seed)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-GRANULARITIES = ("layer", "block", "type")
+GRANULARITIES = ("layer", "block", "type", "model")
 # Projections that read the same input and are usually fused in inference kernels.
 TIED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
@@ -74,7 +74,8 @@ def group_layers(layers: list[LayerInfo], granularity: str, tie_fused: bool = Tr
     """Map each decision group's name to the layer names that share its choices.
 
     `layer`: one group per layer (fused projections share one when `tie_fused`);
-    `block`: one group per decoder block; `type`: one group per role (all `v_proj`, ...).
+    `block`: one group per decoder block; `type`: one group per role (all `v_proj`, ...);
+    `model`: one group for everything (uniform plans only: the baseline users start from).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is unknown; use one of {GRANULARITIES}")
@@ -85,6 +86,8 @@ def group_layers(layers: list[LayerInfo], granularity: str, tie_fused: bool = Tr
 
 
 def _group_key(layer: LayerInfo, granularity: str, tie_fused: bool) -> str:
+    if granularity == "model":
+        return "model"
     if granularity == "block":
         return layer.block
     if granularity == "type":
