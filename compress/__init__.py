@@ -8,10 +8,10 @@ from compress.apply import (
     plan_bits_per_weight,
     plan_nbytes,
 )
-from compress.calibration import input_norms
+from compress.calibration import input_hessians, input_norms
 from compress.checkpoint import load_compressed, save_compressed
 
 __all__ = [
-    "MatrixLayout", "StoredMatrix", "apply_plan_", "input_norms", "layer_layout", "layer_nbytes",
+    "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",
     "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed",
 ]

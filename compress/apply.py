@@ -1,70 +1,54 @@
-"""Applying a `Plan` to a model: low-rank, then sparsity, then quantization, layer by layer."""
+"""Applying a `Plan` to a model: MLP channels, low-rank, sparsity, quantization, layer by layer."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from compress.lowrank import LowRankLinear, factorize
-from compress.prune import keep_mask, kept_count
-from compress.quantize import QuantizedMatrix, quantize_rtn
-from compress.storage import FLOAT_BITS, matrix_nbytes
+from compress.lowrank import LowRankLinear, factorize, whitened_svd
+from compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
+from compress.prune import kept_count
+from compress.storage import FLOAT_BITS
+from compress.structured import remove_mlp_channels_
 from spaces.layers import LayerInfo
-from spaces.plan import LayerPlan, Plan, PlanError, rank_for, saves_params
+from spaces.plan import MLP_CHANNEL_COLS, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
+
+__all__ = ["MatrixLayout", "StoredMatrix", "apply_plan_", "compress_matrix", "layer_layout", "layer_nbytes",
+           "plan_bits_per_weight", "plan_nbytes", "replace_with_low_rank_"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class MatrixLayout:
-    """One weight matrix as stored: its state-dict key, shape, surviving entries and format."""
-
-    key: str
-    rows: int
-    cols: int
-    kept: int
-    bits: int
-    group_size: int
-
-    @property
-    def nbytes(self) -> int:
-        return matrix_nbytes(self.rows, self.cols, self.kept, self.bits, self.group_size)
-
-
-@dataclass
-class StoredMatrix:
-    """A compressed matrix: the values the model now computes with, and what a checkpoint stores."""
-
-    layout: MatrixLayout
-    weight: torch.Tensor  # float32, exactly the dequantized stored values
-    mask: torch.Tensor | None  # bool keep mask when pruned
-    quantized: QuantizedMatrix | None  # codes, scales and zeros when bits < 16
-
-
 def layer_layout(layer: LayerInfo, plan: LayerPlan) -> list[MatrixLayout]:
-    """The matrices a layer is stored as under its plan: its weight, or two low-rank factors."""
+    """The matrices a layer is stored as under its plan: its weight, or two low-rank factors.
+
+    `layer` has the base model's shape; removed MLP channels shrink it first.
+    """
+    out_features, in_features = structured_shape(layer.name, layer.out_features, layer.in_features,
+                                                 plan.channel_fraction)
     if plan.rank_fraction < 1.0:
-        if not saves_params(layer.out_features, layer.in_features, plan.rank_fraction):
+        if not saves_params(out_features, in_features, plan.rank_fraction):
             raise PlanError(
-                f"rank_fraction={plan.rank_fraction} on {layer.name} ({layer.out_features}x{layer.in_features}) "
+                f"rank_fraction={plan.rank_fraction} on {layer.name} ({out_features}x{in_features}) "
                 "stores more weights than the dense matrix; use a smaller rank_fraction or 1.0"
             )
-        rank = rank_for(layer.out_features, layer.in_features, plan.rank_fraction)
-        shapes = [(f"{layer.name}.down.weight", rank, layer.in_features),
-                  (f"{layer.name}.up.weight", layer.out_features, rank)]
+        rank = rank_for(out_features, in_features, plan.rank_fraction)
+        shapes = [(f"{layer.name}.down.weight", rank, in_features),
+                  (f"{layer.name}.up.weight", out_features, rank)]
     else:
-        shapes = [(f"{layer.name}.weight", layer.out_features, layer.in_features)]
+        shapes = [(f"{layer.name}.weight", out_features, in_features)]
     return [
-        MatrixLayout(key, rows, cols, kept_count(rows, cols, plan.sparsity, plan.pattern), plan.bits, plan.group_size)
+        MatrixLayout(key, rows, cols, kept_count(rows, cols, plan.sparsity, plan.pattern), plan.bits,
+                     plan.group_size, plan.quant_method)
         for key, rows, cols in shapes
     ]
 
 
 def layer_nbytes(layer: LayerInfo, plan: LayerPlan) -> int:
     """Bytes of one layer under its plan, bias (kept at 16 bits) included."""
-    bias_bytes = layer.out_features * FLOAT_BITS // 8 if layer.has_bias else 0
+    out_features, _ = structured_shape(layer.name, layer.out_features, layer.in_features, plan.channel_fraction)
+    bias_bytes = out_features * FLOAT_BITS // 8 if layer.has_bias else 0
     return sum(m.nbytes for m in layer_layout(layer, plan)) + bias_bytes
 
 
@@ -81,56 +65,41 @@ def plan_bits_per_weight(layers: list[LayerInfo], plan: Plan) -> float:
     return total_bits / sum(layer.num_params for layer in layers)
 
 
-def compress_matrix(
-    weight: torch.Tensor, layout: MatrixLayout, plan: LayerPlan, input_norms: torch.Tensor | None
-) -> StoredMatrix:
-    """Prune, then quantize one matrix; returns the stored form and the values the model will use."""
-    mask = None
-    values = weight.float()
-    if plan.sparsity > 0:
-        method = plan.prune_method if input_norms is not None else "magnitude"
-        mask = keep_mask(values, plan.sparsity, plan.pattern, method, input_norms)
-        values = values * mask
-    quantized = None
-    if plan.bits < FLOAT_BITS:
-        quantized = quantize_rtn(values, plan.bits, plan.group_size)
-        values = quantized.dequantize()
-    else:
-        values = values.half().float()
-    return StoredMatrix(layout, values, mask, quantized)
-
-
 def apply_plan_(
     model: nn.Module,
     plan: Plan,
     input_norms: dict[str, torch.Tensor] | None = None,
     keep_stored: bool = False,
     svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, StoredMatrix]:
     """Compress the planned layers of `model` in place.
 
-    Wanda pruning uses `input_norms[layer name]` (calibration input L2 norms per input feature); the
-    `up` factor of a low-rank layer has no such statistics and is pruned by magnitude.
-    `svd_cache` (layer name -> thin SVD of the original weight) is read and filled, so a process that
-    compresses the same base model many times factorizes each layer once.
+    Wanda pruning uses `input_norms[layer name]` (calibration input L2 norms per input feature);
+    GPTQ, SparseGPT and whitened low-rank use `hessians[layer name]` (X^T X / tokens of the base
+    model's inputs, `calibration.input_hessians`). The `up` factor of a low-rank layer reads the
+    `down` factor's output: its Hessian is D H D^T, and it has no norms (Wanda falls back to magnitude).
+    `svd_cache` (a per-process dict) is read and filled with what depends only on the base model --
+    each layer's SVD (plain or whitened) and inverse-Hessian factor -- so a worker that compresses
+    the same base model many times computes each once.
     Returns the stored matrices by state-dict key when `keep_stored` (needed to write a checkpoint).
     """
     stored: dict[str, StoredMatrix] = {}
-    input_norms = input_norms or {}
-    for name, layer_plan in plan.layers.items():
-        if layer_plan.is_identity:
-            continue
+    input_norms, hessians = input_norms or {}, hessians or {}
+    _check_statistics(plan, input_norms, hessians)
+    infos = {name: _layer_info(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
+    kept_index = remove_mlp_channels_(model, plan, input_norms)
+    for name, info in infos.items():
+        layer_plan = plan[name]
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            raise PlanError(f"plan names {name!r}, which is a {type(module).__name__}, not a Linear layer")
-        if layer_plan.prune_method == "wanda" and layer_plan.sparsity > 0 and name not in input_norms:
-            raise PlanError(f"Wanda pruning of {name} needs calibration input norms; compute them first")
-        layer = LayerInfo(name, module.out_features, module.in_features, module.bias is not None)
-        layouts = layer_layout(layer, layer_plan)
-        targets = _factorize_(model, module, layer, layouts, svd_cache) if len(layouts) == 2 else [module]
-        norms = [input_norms.get(name), None]
-        for layout, linear, norm in zip(layouts, targets, norms):
-            matrix = compress_matrix(linear.weight.data, layout, layer_plan, norm)
+        layouts = layer_layout(info, layer_plan)
+        stats = _matrix_stats(name, layer_plan, input_norms, hessians, kept_index.get(name), svd_cache)
+        if len(layouts) == 2:
+            targets, all_stats = _factorize_(model, module, info, layer_plan, layouts, stats, svd_cache)
+        else:
+            targets, all_stats = [module], [stats]
+        for layout, linear, matrix_stats in zip(layouts, targets, all_stats):
+            matrix = compress_matrix(linear.weight.data, layout, layer_plan, matrix_stats)
             linear.weight.data.copy_(matrix.weight)
             if keep_stored:
                 stored[layout.key] = matrix
@@ -140,31 +109,65 @@ def apply_plan_(
     return stored
 
 
-def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, layouts: list[MatrixLayout],
-                svd_cache: dict[str, tuple[torch.Tensor, ...]] | None) -> list[nn.Linear]:
-    rank = layouts[0].rows
-    svd = None
-    if svd_cache is not None:
-        if layer.name not in svd_cache:
-            svd_cache[layer.name] = torch.linalg.svd(module.weight.data.float(), full_matrices=False)
-        svd = svd_cache[layer.name]
+def _layer_info(model: nn.Module, name: str) -> LayerInfo:
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise PlanError(f"plan names {name!r}, which is a {type(module).__name__}, not a Linear layer")
+    return LayerInfo(name, module.out_features, module.in_features, module.bias is not None)
+
+
+def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
+    for name, layer_plan in plan.layers.items():
+        if layer_plan.prune_method == "wanda" and layer_plan.sparsity > 0 and name not in input_norms:
+            raise PlanError(f"Wanda pruning of {name} needs calibration input norms; compute them first")
+        if layer_plan.needs_hessian and name not in hessians:
+            raise PlanError(f"{name} uses GPTQ, SparseGPT or whitened low-rank, which need calibration "
+                            "Hessians (compress.input_hessians); compute them first")
+
+
+def _matrix_stats(name: str, plan: LayerPlan, input_norms: dict, hessians: dict, index: torch.Tensor | None,
+                  cache: dict | None) -> MatrixStats:
+    """The layer's input statistics, restricted to the input columns structured pruning kept."""
+    norms, hessian = input_norms.get(name), hessians.get(name)
+    if index is not None and name.rsplit(".", 1)[-1] in MLP_CHANNEL_COLS:
+        norms = norms[index] if norms is not None else None
+        hessian = hessian[index][:, index] if hessian is not None else None
+    return MatrixStats(norms, hessian, cache, f"{name}#hinv@{plan.channel_fraction}")
+
+
+def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: LayerPlan,
+                layouts: list[MatrixLayout], stats: MatrixStats,
+                svd_cache: dict | None) -> tuple[list[nn.Linear], list[MatrixStats]]:
+    rank, out_features, in_features = layouts[0].rows, layouts[1].rows, layouts[0].cols
+    whiten = plan.lowrank_method == "whiten"
+    key = f"{layer.name}#{plan.lowrank_method}@{plan.channel_fraction}"
+    svd = svd_cache.get(key) if svd_cache is not None else None
+    if svd is None:
+        weight = module.weight.data.float()
+        svd = whitened_svd(weight, stats.hessian) if whiten else torch.linalg.svd(weight, full_matrices=False)
+        if svd_cache is not None:
+            svd_cache[key] = svd
     down, up = factorize(module.weight.data, rank, svd)
-    low_rank = LowRankLinear(layer.in_features, layer.out_features, rank, module.bias is not None,
+    low_rank = LowRankLinear(in_features, out_features, rank, module.bias is not None,
                              dtype=module.weight.dtype, device=module.weight.device)
     low_rank.down.weight.data.copy_(down)
     low_rank.up.weight.data.copy_(up)
     if module.bias is not None:
         low_rank.up.bias.data.copy_(module.bias.data)
     model.set_submodule(layer.name, low_rank)
-    return [low_rank.down, low_rank.up]
+    up_hessian = down @ stats.hessian @ down.T if stats.hessian is not None else None
+    return [low_rank.down, low_rank.up], [stats, MatrixStats(None, up_hessian)]
 
 
 def replace_with_low_rank_(model: nn.Module, layers: list[LayerInfo], plan: Plan) -> None:
-    """Give `model` the module structure of a compressed one (low-rank layers), weights left as they are."""
+    """Give `model` the module structure of a compressed one (thinned MLPs, low-rank layers), weights left as they are."""
     for layer in layers:
-        layouts = layer_layout(layer, plan[layer.name])
+        layer_plan = plan[layer.name]
+        layouts = layer_layout(layer, layer_plan)
+        module = model.get_submodule(layer.name)
+        kwargs = {"dtype": module.weight.dtype, "device": module.weight.device}
         if len(layouts) == 2:
-            module = model.get_submodule(layer.name)
             model.set_submodule(layer.name, LowRankLinear(
-                layer.in_features, layer.out_features, layouts[0].rows, layer.has_bias,
-                dtype=module.weight.dtype, device=module.weight.device))
+                layouts[0].cols, layouts[1].rows, layouts[0].rows, layer.has_bias, **kwargs))
+        elif layer_plan.channel_fraction < 1.0:
+            model.set_submodule(layer.name, nn.Linear(layouts[0].cols, layouts[0].rows, bias=layer.has_bias, **kwargs))

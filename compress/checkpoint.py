@@ -10,14 +10,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.apply import MatrixLayout, StoredMatrix, replace_with_low_rank_
+from compress.hqq import dequantize_hqq
+from compress.kmeans import PalettizedMatrix
 from compress.quantize import dequantize
-from compress.storage import FLOAT_BITS, pack_bits, uses_mask_format, unpack_bits
+from compress.storage import FLOAT_BITS, NO_EXACT_ZERO, pack_bits, uses_mask_format, unpack_bits
 from spaces.layers import linear_layers
 from spaces.plan import Plan
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
-FORMAT = "compsearch-packed-1"
+FORMAT = "compsearch-packed-1"  # matrices without `quant_method` in their layout are RTN, as written before
+PACKED_PARTS = ("mask", "values", "codes", "scales", "zeros", "codebook")
 
 
 def save_compressed(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix], out_dir: Path, tokenizer=None) -> Path:
@@ -50,7 +53,7 @@ def save_compressed(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix
 
 def _packed_tensors(key: str, matrix: StoredMatrix) -> dict[str, torch.Tensor]:
     layout = matrix.layout
-    masked = uses_mask_format(layout.rows, layout.cols, layout.kept, layout.bits, layout.group_size)
+    masked = _masked(layout)
     tensors = {}
     if masked:
         tensors[f"{key}.mask"] = pack_bits(matrix.mask, 1)
@@ -61,9 +64,19 @@ def _packed_tensors(key: str, matrix: StoredMatrix) -> dict[str, torch.Tensor]:
     q = matrix.quantized
     codes = q.codes[matrix.mask] if masked else q.codes
     tensors[f"{key}.codes"] = pack_bits(codes, layout.bits)
+    if layout.quant_method == "kmeans":
+        tensors[f"{key}.codebook"] = q.codebook.contiguous()
+        return tensors
     tensors[f"{key}.scales"] = q.scales.contiguous()
-    tensors[f"{key}.zeros"] = pack_bits(q.zeros, layout.bits)
+    if layout.quant_method == "hqq":
+        tensors[f"{key}.zeros"] = q.zeros.to(torch.float16).contiguous()
+    else:
+        tensors[f"{key}.zeros"] = pack_bits(q.zeros, layout.bits)
     return tensors
+
+
+def _masked(layout: MatrixLayout) -> bool:
+    return uses_mask_format(layout.rows, layout.cols, layout.kept, layout.bits, layout.group_size, layout.quant_method)
 
 
 def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, object | None]:
@@ -81,7 +94,7 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
         layouts = {key: MatrixLayout(**value) for key, value in json.loads(metadata["matrices"]).items()}
         replace_with_low_rank_(model, linear_layers(model, include_lm_head=True), plan)
         state = {key: _unpack_matrix(archive, key, layout) for key, layout in layouts.items()}
-        packed_parts = {f"{key}.{part}" for key in layouts for part in ("mask", "values", "codes", "scales", "zeros")}
+        packed_parts = {f"{key}.{part}" for key in layouts for part in PACKED_PARTS}
         for name in archive.keys():
             if name not in packed_parts:
                 state[name] = archive.get_tensor(name).float()
@@ -98,13 +111,26 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
 
 def _unpack_matrix(archive, key: str, layout: MatrixLayout) -> torch.Tensor:
     count = layout.rows * layout.cols
-    masked = uses_mask_format(layout.rows, layout.cols, layout.kept, layout.bits, layout.group_size)
+    masked = _masked(layout)
     mask = unpack_bits(archive.get_tensor(f"{key}.mask"), 1, count).bool().reshape(layout.rows, layout.cols) if masked else None
     n_values = layout.kept if masked else count
     if layout.bits >= FLOAT_BITS:
         values = archive.get_tensor(f"{key}.values").float()
         return _scatter(values, mask, layout)
     codes = unpack_bits(archive.get_tensor(f"{key}.codes"), layout.bits, n_values)
+    if layout.quant_method in NO_EXACT_ZERO:
+        # Only kept weights have codes; pruned positions get any code and are zeroed by the mask.
+        full = torch.zeros(layout.rows, layout.cols, dtype=torch.uint8)
+        if mask is not None:
+            full[mask] = codes
+        else:
+            full = codes.reshape(layout.rows, layout.cols)
+        if layout.quant_method == "kmeans":
+            values = PalettizedMatrix(full, archive.get_tensor(f"{key}.codebook"), layout.bits).dequantize()
+        else:
+            values = dequantize_hqq(full, archive.get_tensor(f"{key}.scales"), archive.get_tensor(f"{key}.zeros"),
+                                    layout.group_size)
+        return values * mask if mask is not None else values
     scales = archive.get_tensor(f"{key}.scales")
     zeros = unpack_bits(archive.get_tensor(f"{key}.zeros"), layout.bits, scales.numel()).reshape(scales.shape)
     if mask is not None:

@@ -28,17 +28,30 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedM
     near-zero weights are not shifted by an outlier on the other side of 0.
     """
     rows, cols = weight.shape
-    qmax = (1 << bits) - 1
     grouped = _grouped(weight.float(), group_size)  # (rows, groups, group_size), zero-padded
-    low = grouped.amin(dim=2).clamp(max=0.0)
-    high = grouped.amax(dim=2).clamp(min=0.0)
+    scales, zeros = group_scale_zero(grouped, bits)
+    codes = round_to_grid(grouped, scales.float().unsqueeze(2), zeros.unsqueeze(2), bits)
+    codes = codes.reshape(rows, -1)[:, :cols]
+    return QuantizedMatrix(codes.to(torch.uint8), scales, zeros.to(torch.uint8), bits, group_size)
+
+
+def group_scale_zero(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scale and integer zero point (as float) of each group along the last dimension.
+
+    The range is [min, max] widened to contain 0, so 0 is exactly representable.
+    """
+    qmax = (1 << bits) - 1
+    low = grouped.amin(dim=-1).clamp(max=0.0)
+    high = grouped.amax(dim=-1).clamp(min=0.0)
     scales = ((high - low) / qmax).to(torch.float16)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group
-    scale32 = scales.float()
-    zeros = torch.round(-low / scale32).clamp(0, qmax)
-    codes = torch.round(grouped / scale32.unsqueeze(2)) + zeros.unsqueeze(2)
-    codes = codes.clamp(0, qmax).reshape(rows, -1)[:, :cols]
-    return QuantizedMatrix(codes.to(torch.uint8), scales, zeros.to(torch.uint8), bits, group_size)
+    zeros = torch.round(-low / scales.float()).clamp(0, qmax)
+    return scales, zeros
+
+
+def round_to_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as float) of `values` on the grid (code - zero) * scale, clamped to [0, 2**bits - 1]."""
+    return torch.round(values / scale + zero).clamp(0, (1 << bits) - 1)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:

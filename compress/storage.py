@@ -3,10 +3,14 @@
 One format, used both for accounting and by `save_compressed`, so the bytes a plan is charged are
 the bytes a checkpoint holds (safetensors header aside):
 - bits 16: half-precision values;
-- bits < 16: integer codes packed at `bits` each, plus per group of `group_size` inputs in a row an
-  fp16 scale and an integer zero point packed at `bits`;
+- bits < 16, `rtn` and `gptq`: integer codes packed at `bits` each, plus per group of `group_size`
+  inputs in a row an fp16 scale and an integer zero point packed at `bits`;
+- `hqq`: the same, but the zero point is fp16 (fitted, not an integer);
+- `kmeans`: codes packed at `bits` (indices into the row's codebook) plus one codebook of 2**bits
+  fp16 values per row;
 - a pruned matrix is stored either densely (pruned weights are code "zero point", i.e. exactly 0) or
-  as a 1-bit keep mask plus only the kept values, whichever is smaller.
+  as a 1-bit keep mask plus only the kept values, whichever is smaller. Grids that need not hold an
+  exact 0 (`hqq`, `kmeans`) always use the mask format when pruned.
 """
 from __future__ import annotations
 
@@ -22,27 +26,35 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
-def values_nbytes(rows: int, cols: int, count: int, bits: int, group_size: int) -> int:
-    """Bytes of `count` stored values of a rows x cols matrix, with their group scales and zeros."""
+NO_EXACT_ZERO = ("hqq", "kmeans")  # quantizers whose grid may lack an exact 0
+
+
+def values_nbytes(rows: int, cols: int, count: int, bits: int, group_size: int, quant_method: str = "rtn") -> int:
+    """Bytes of `count` stored values of a rows x cols matrix, with their scales and zeros or codebooks."""
     if bits >= FLOAT_BITS:
         return count * FLOAT_BITS // 8
+    if quant_method == "kmeans":
+        return packed_nbytes(count, bits) + rows * (1 << bits) * FLOAT_BITS // 8
     groups = rows * math.ceil(cols / group_size)
-    return packed_nbytes(count, bits) + groups * SCALE_BITS // 8 + packed_nbytes(groups, bits)
+    zero_nbytes = groups * FLOAT_BITS // 8 if quant_method == "hqq" else packed_nbytes(groups, bits)
+    return packed_nbytes(count, bits) + groups * SCALE_BITS // 8 + zero_nbytes
 
 
-def uses_mask_format(rows: int, cols: int, kept: int, bits: int, group_size: int) -> bool:
-    """Whether mask + kept values is smaller than the dense layout for this matrix."""
+def uses_mask_format(rows: int, cols: int, kept: int, bits: int, group_size: int, quant_method: str = "rtn") -> bool:
+    """Whether the matrix is stored as a keep mask plus the kept values (else densely)."""
     if kept == rows * cols:
         return False
-    masked = packed_nbytes(rows * cols, 1) + values_nbytes(rows, cols, kept, bits, group_size)
-    return masked < values_nbytes(rows, cols, rows * cols, bits, group_size)
+    if bits < FLOAT_BITS and quant_method in NO_EXACT_ZERO:
+        return True
+    masked = packed_nbytes(rows * cols, 1) + values_nbytes(rows, cols, kept, bits, group_size, quant_method)
+    return masked < values_nbytes(rows, cols, rows * cols, bits, group_size, quant_method)
 
 
-def matrix_nbytes(rows: int, cols: int, kept: int, bits: int, group_size: int) -> int:
+def matrix_nbytes(rows: int, cols: int, kept: int, bits: int, group_size: int, quant_method: str = "rtn") -> int:
     """Bytes of one stored weight matrix with `kept` non-pruned entries."""
-    if uses_mask_format(rows, cols, kept, bits, group_size):
-        return packed_nbytes(rows * cols, 1) + values_nbytes(rows, cols, kept, bits, group_size)
-    return values_nbytes(rows, cols, rows * cols, bits, group_size)
+    if uses_mask_format(rows, cols, kept, bits, group_size, quant_method):
+        return packed_nbytes(rows * cols, 1) + values_nbytes(rows, cols, kept, bits, group_size, quant_method)
+    return values_nbytes(rows, cols, rows * cols, bits, group_size, quant_method)
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:

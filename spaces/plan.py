@@ -12,10 +12,17 @@ from typing import Any, Mapping
 QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)  # 16 means "keep at 16-bit float"
 GROUP_SIZES = (32, 64, 128)
 PATTERNS = ("unstructured", "2:4", "4:8")
-PRUNE_METHODS = ("magnitude", "wanda")
-QUANT_METHODS = ("rtn",)
-PLAN_VERSION = 1
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+QUANT_METHODS = ("rtn", "gptq", "hqq", "kmeans")
+LOWRANK_METHODS = ("svd", "whiten")
+# Methods that need calibration statistics beyond input norms (the inputs' second moments).
+HESSIAN_METHODS = frozenset({"gptq", "sparsegpt", "whiten"})
+# Linear roles whose rows (outputs) / columns (inputs) are the MLP's intermediate channels.
+MLP_CHANNEL_ROWS = ("gate_proj", "up_proj", "fc1", "w1", "w3")
+MLP_CHANNEL_COLS = ("down_proj", "fc2", "w2")
+PLAN_VERSION = 1  # new LayerPlan fields have defaults, so version-1 JSON written before them still loads
 RANK_MULTIPLE = 8  # ranks are rounded to a multiple of 8: friendlier to kernels and N:M patterns
+CHANNEL_MULTIPLE = 8  # kept MLP channels likewise
 
 
 def rank_for(out_features: int, in_features: int, rank_fraction: float) -> int:
@@ -23,6 +30,25 @@ def rank_for(out_features: int, in_features: int, rank_fraction: float) -> int:
     full = min(out_features, in_features)
     rank = int(round(rank_fraction * full / RANK_MULTIPLE)) * RANK_MULTIPLE
     return min(full, max(rank, min(full, RANK_MULTIPLE)))
+
+
+def kept_channels(intermediate: int, channel_fraction: float) -> int:
+    """MLP intermediate channels kept for a fraction, rounded to a multiple of 8 (at least 8)."""
+    kept = int(round(channel_fraction * intermediate / CHANNEL_MULTIPLE)) * CHANNEL_MULTIPLE
+    return min(intermediate, max(kept, min(intermediate, CHANNEL_MULTIPLE)))
+
+
+def structured_shape(name: str, out_features: int, in_features: int, channel_fraction: float) -> tuple[int, int]:
+    """(out, in) of a Linear after removing MLP intermediate channels: rows of gate/up, columns of down."""
+    if channel_fraction >= 1.0:
+        return out_features, in_features
+    kind = name.rsplit(".", 1)[-1]
+    if kind in MLP_CHANNEL_ROWS:
+        return kept_channels(out_features, channel_fraction), in_features
+    if kind in MLP_CHANNEL_COLS:
+        return out_features, kept_channels(in_features, channel_fraction)
+    raise PlanError(f"channel_fraction={channel_fraction} on {name}: only MLP projections "
+                    f"{MLP_CHANNEL_ROWS + MLP_CHANNEL_COLS} have intermediate channels to remove")
 
 
 def saves_params(out_features: int, in_features: int, rank_fraction: float) -> bool:
@@ -43,11 +69,17 @@ def nm_sparsity(pattern: str) -> float:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Compression of one Linear layer, applied in order: low-rank, then sparsity, then quantization.
+    """Compression of one Linear layer, applied in order: channels, low-rank, sparsity, quantization.
 
-    `rank_fraction` is the kept rank as a fraction of min(out, in) features (1.0 = no factorization);
-    `sparsity` is the fraction of weights set to zero, by `prune_method` in `pattern`;
-    `bits` is the stored width of every kept weight (16 = half-precision float, no quantization).
+    `channel_fraction` is the fraction of the MLP's intermediate channels kept (structured pruning:
+    rows of gate/up, columns of down; 1.0 = all); the MLP's projections must agree on it;
+    `rank_fraction` is the kept rank as a fraction of min(out, in) features (1.0 = no factorization),
+    factorized by `lowrank_method` (`svd`, or `whiten`: SVD-LLM's calibration-whitened SVD);
+    `sparsity` is the fraction of weights set to zero, by `prune_method` (magnitude, wanda,
+    sparsegpt) in `pattern`;
+    `bits` is the stored width of every kept weight (16 = half-precision float, no quantization),
+    quantized by `quant_method`: `rtn`, `gptq`, `hqq` (groups of `group_size` inputs) or `kmeans`
+    (one codebook of 2**bits fp16 values per output row; `group_size` is not used).
     """
 
     bits: int = 16
@@ -57,6 +89,8 @@ class LayerPlan:
     prune_method: str = "magnitude"
     quant_method: str = "rtn"
     rank_fraction: float = 1.0
+    lowrank_method: str = "svd"
+    channel_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
@@ -78,10 +112,23 @@ class LayerPlan:
             )
         if not (isinstance(self.rank_fraction, (int, float)) and 0.0 < self.rank_fraction <= 1.0):
             raise PlanError(f"rank_fraction={self.rank_fraction!r} must be in (0, 1]")
+        if self.lowrank_method not in LOWRANK_METHODS:
+            raise PlanError(f"lowrank_method={self.lowrank_method!r} is unknown; use one of {LOWRANK_METHODS}")
+        if not (isinstance(self.channel_fraction, (int, float)) and 0.0 < self.channel_fraction <= 1.0):
+            raise PlanError(f"channel_fraction={self.channel_fraction!r} must be in (0, 1]")
+        if self.quant_method == "kmeans" and self.bits > 8:
+            raise PlanError(f"quant_method='kmeans' needs bits <= 8 (a codebook of 2**bits values), got {self.bits}")
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether applying this plan uses the calibration inputs' second moments."""
+        return ((self.bits < 16 and self.quant_method in HESSIAN_METHODS)
+                or (self.sparsity > 0 and self.prune_method in HESSIAN_METHODS)
+                or (self.rank_fraction < 1.0 and self.lowrank_method in HESSIAN_METHODS))
 
     @property
     def is_identity(self) -> bool:
-        return self.bits == 16 and self.sparsity == 0.0 and self.rank_fraction == 1.0
+        return self.bits == 16 and self.sparsity == 0.0 and self.rank_fraction == 1.0 and self.channel_fraction == 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +151,30 @@ class Plan:
     def __post_init__(self) -> None:
         # Sorted, immutable copy: equal plans compare, hash and serialize identically.
         object.__setattr__(self, "layers", _FrozenDict(sorted(self.layers.items())))
+        self._check_mlp_channels()
+
+    def _check_mlp_channels(self) -> None:
+        """The projections of one MLP must keep the same intermediate channels."""
+        fractions: dict[str, dict[str, float]] = {}
+        for name, layer_plan in self.layers.items():
+            prefix, _, kind = name.rpartition(".")
+            if kind in MLP_CHANNEL_ROWS + MLP_CHANNEL_COLS:
+                fractions.setdefault(prefix, {})[kind] = layer_plan.channel_fraction
+            elif layer_plan.channel_fraction != 1.0:
+                structured_shape(name, 1, 1, layer_plan.channel_fraction)  # raises: not an MLP projection
+        for prefix, by_kind in fractions.items():
+            both_sides = set(by_kind) & set(MLP_CHANNEL_ROWS) and set(by_kind) & set(MLP_CHANNEL_COLS)
+            if len(set(by_kind.values())) > 1 or (min(by_kind.values()) < 1.0 and not both_sides):
+                raise PlanError(f"the projections of {prefix} disagree on channel_fraction ({by_kind}); "
+                                "give gate/up/down the same value")
+
+    def mlp_channel_fractions(self) -> dict[str, float]:
+        """MLP module name -> kept fraction of its intermediate channels, for MLPs that remove some."""
+        result = {}
+        for name, layer_plan in self.layers.items():
+            if layer_plan.channel_fraction < 1.0:
+                result[name.rpartition(".")[0]] = layer_plan.channel_fraction
+        return result
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self.layers.get(name, LayerPlan())

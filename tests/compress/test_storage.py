@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress import apply_plan_, input_norms, layer_nbytes, load_compressed, plan_nbytes, save_compressed
+from compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, plan_nbytes, save_compressed
 from compress.checkpoint import WEIGHTS_FILE
 from compress.storage import matrix_nbytes, pack_bits, unpack_bits
 from evaluators import load_text, make_windows, perplexity_and_kl
@@ -32,6 +32,21 @@ PLANS = {
     "uniform 3-bit g64": lambda names: Plan.uniform(names, LayerPlan(bits=3, group_size=64)),
     "wanda 50% + 4-bit": lambda names: Plan.uniform(names, LayerPlan(bits=4, sparsity=0.5, prune_method="wanda")),
     "2:4 at 16 bits": lambda names: Plan.uniform(names, LayerPlan(sparsity=0.5, pattern="2:4")),
+    "gptq 3-bit g64": lambda names: Plan.uniform(names, LayerPlan(bits=3, group_size=64, quant_method="gptq")),
+    "hqq 2-bit g32": lambda names: Plan.uniform(names, LayerPlan(bits=2, group_size=32, quant_method="hqq")),
+    "kmeans 3-bit": lambda names: Plan.uniform(names, LayerPlan(bits=3, quant_method="kmeans")),
+    "sparsegpt 2:4 + gptq 4-bit": lambda names: Plan.uniform(names, LayerPlan(
+        bits=4, sparsity=0.5, pattern="2:4", prune_method="sparsegpt", quant_method="gptq")),
+    "pruned hqq and kmeans": lambda names: Plan({name: [
+        LayerPlan(bits=3, sparsity=0.25, prune_method="wanda", quant_method="hqq"),
+        LayerPlan(bits=4, sparsity=0.5, prune_method="sparsegpt", quant_method="kmeans")][i % 2]
+        for i, name in enumerate(names)}),
+    "whitened low-rank + gptq": lambda names: Plan.uniform(names, LayerPlan(
+        bits=4, quant_method="gptq", rank_fraction=0.25, lowrank_method="whiten")),
+    "mlp channels 50% + mixed": lambda names: Plan({name: LayerPlan(
+        channel_fraction=0.5 if "mlp" in name else 1.0, bits=[3, 16][i % 2], quant_method=["gptq", "rtn"][i % 3 % 2],
+        rank_fraction=0.25 if name.endswith("down_proj") else 1.0, lowrank_method="whiten")
+        for i, name in enumerate(names)}),
     "mixed": lambda names: Plan({name: [LayerPlan(bits=2, group_size=32), LayerPlan(bits=16, rank_fraction=0.25),
                                         LayerPlan(bits=5, sparsity=0.75, rank_fraction=0.25), LayerPlan()][i % 4]
                                  for i, name in enumerate(names)}),
@@ -45,8 +60,10 @@ def tiny(tiny_model_dir):
     text, source = load_text(None)
     windows = make_windows(tokenizer, text, source, seq_len=64, eval_windows=4, calib_windows=4)
     layers = linear_layers(model)
-    norms = input_norms(model, windows.calib_ids, [layer.name for layer in layers])
-    return model, tokenizer, windows, layers, norms
+    names = [layer.name for layer in layers]
+    norms = input_norms(model, windows.calib_ids, names)
+    hessians = input_hessians(model, windows.calib_ids, names)
+    return model, tokenizer, windows, layers, (norms, hessians)
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
@@ -54,7 +71,7 @@ def test_accounting_matches_stored_bytes_and_checkpoint_reproduces_metrics(tiny,
     model, tokenizer, windows, layers, norms = tiny
     plan = PLANS[plan_name]([layer.name for layer in layers])
     compressed = copy.deepcopy(model)
-    stored = apply_plan_(compressed, plan, norms, keep_stored=True)
+    stored = apply_plan_(compressed, plan, norms[0], keep_stored=True, hessians=norms[1])
     path = save_compressed(compressed, plan, stored, tmp_path, tokenizer)
 
     with safe_open(str(path), framework="pt") as archive:
