@@ -55,35 +55,45 @@ def group_nbytes(ctx: JobContext, members: list[LayerInfo], choice: dict[str, An
 def best_plans_for_budgets(options: dict[str, list[Option]], budgets_bytes: list[int]) -> list[dict[str, dict]]:
     """Per budget (bytes of the compressible layers), the choices minimizing the summed estimate.
 
-    An exact multiple-choice knapsack by dynamic programming; bytes are rounded up to units, so a
-    returned plan never exceeds its budget. Budgets no plan meets are skipped.
+    A multiple-choice knapsack solved by dynamic programming over bytes rounded to 1/4096 of the
+    largest plan; each returned plan is checked in exact bytes and never exceeds its budget. Budgets
+    no plan meets are skipped.
     """
     groups = list(options)
-    largest = sum(max(o.nbytes for o in options[g]) for g in groups)
-    unit = max(1, -(-largest // DP_UNITS))
-    capacity = DP_UNITS + len(groups)
+    unit = max(1.0, sum(max(o.nbytes for o in options[g]) for g in groups) / DP_UNITS)
+    capacity = DP_UNITS
     best = np.zeros(capacity + 1)
     picks = []
     for group in groups:
-        weights = np.array([-(-o.nbytes // unit) for o in options[group]])
-        costs = np.array([o.estimate for o in options[group]])
-        candidates = np.full((len(weights), capacity + 1), np.inf)
-        for index, (weight, cost) in enumerate(zip(weights, costs)):
-            candidates[index, weight:] = best[: capacity + 1 - weight] + cost
+        candidates = np.full((len(options[group]), capacity + 1), np.inf)
+        for index, option in enumerate(options[group]):
+            weight = int(round(option.nbytes / unit))
+            candidates[index, weight:] = best[: capacity + 1 - weight] + option.estimate
         picks.append(candidates.argmin(axis=0))
         best = candidates.min(axis=0)
     plans = []
     for budget in budgets_bytes:
-        room = min(capacity, budget // unit)
-        if not np.isfinite(best[room]):
-            continue
-        choices = {}
-        for group, pick in zip(reversed(groups), reversed(picks)):
-            option = options[group][pick[room]]
-            choices[group] = option.choice
-            room -= -(-option.nbytes // unit)
-        plans.append(choices)
+        # rounding moves a plan's table size by up to half a unit per group: search the rooms around
+        # the budget, from the top, for the first plan whose exact size fits
+        for room in range(min(capacity, int(round(budget / unit)) + len(groups)), -1, -1):
+            if not np.isfinite(best[room]):
+                continue
+            choices, size = _backtrack(options, groups, picks, room, unit)
+            if size <= budget:
+                plans.append(choices)
+                break
     return plans
+
+
+def _backtrack(options: dict[str, list[Option]], groups: list[str], picks: list[np.ndarray], room: int,
+               unit: float) -> tuple[dict[str, dict], int]:
+    choices, size = {}, 0
+    for group, pick in zip(reversed(groups), reversed(picks)):
+        option = options[group][pick[room]]
+        choices[group] = option.choice
+        size += option.nbytes
+        room -= int(round(option.nbytes / unit))
+    return choices, size
 
 
 def seed_study(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Converted models and sensitivity profiles go to a throw-away cache, never the user's.
+os.environ.setdefault("COMPSEARCH_CACHE", tempfile.mkdtemp(prefix="compsearch-test-cache-"))
 
 TINY_VOCAB = 384
 

@@ -18,7 +18,8 @@ def finished_study(tiny_model_dir, ray_session, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     spec = tiny_spec(tiny_model_dir, "e2e", memory_budget="0.6", objectives=("ppl", "memory", "kl"))
     events = []
-    options = RunOptions(results_dir=results, workers=2, on_trial=events.append)
+    options = RunOptions(results_dir=results, workers=2, on_trial=events.append,
+                         cache_dir=tmp_path_factory.mktemp("cache"))
     trials = submit(spec, 10, options)
     return spec, results, options, trials, events
 
@@ -122,3 +123,13 @@ def test_non_finite_metrics_fail_the_trial_with_the_reason(tmp_path, ray_session
     trials = submit(spec, 2, RunOptions(results_dir=tmp_path / "results", workers=2))
     assert list(trials["state"]) == ["FAIL", "FAIL"]
     assert trials["error"].str.contains("non-finite metrics: ppl=").all()
+
+
+def test_profile_is_measured_once_and_reused_across_budgets(finished_study, tiny_model_dir, tmp_path):
+    spec, results, options, _, _ = finished_study
+    first, _ = load_study("e2e", open_storage(options.storage_url("e2e")))
+    assert first.user_attrs["profile_s"] > 0  # measured for the first study (cache dir was empty)
+    other = tiny_spec(tiny_model_dir, "other-budget", memory_budget="0.8", objectives=("ppl", "memory", "kl"))
+    submit(other, 2, RunOptions(results_dir=results, workers=2, cache_dir=options.cache_dir))
+    second, _ = load_study("other-budget", open_storage(options.storage_url("other-budget")))
+    assert second.user_attrs["profile_s"] == 0.0

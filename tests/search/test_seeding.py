@@ -1,0 +1,90 @@
+"""Knapsack seeds and guided children on a synthetic profile: exact, within budget, budget-preserving."""
+import itertools
+
+import numpy as np
+import optuna
+import pytest
+
+from search.guided import GuidedChildren
+from search.job import JobContext
+from search.seeding import best_plans_for_budgets, group_options, params_of
+from search.sensitivity import Profile, factor_options, option_key
+from search.spec import JobSpec
+from spaces.layers import LayerInfo
+from spaces.plan import Plan
+from spaces.space import SPACES
+
+LAYERS = [LayerInfo(f"model.layers.{b}.mlp.{kind}", 128, 64) for b in range(3) for kind in ("up_proj", "gate_proj")]
+
+
+def _context(space_name="quant", budget=None) -> JobContext:
+    space = SPACES[space_name].with_choices(granularity="block")
+    total = sum(layer.num_params for layer in LAYERS) + 1000
+    ctx = JobContext(JobSpec(study="s", space=space_name), "model", space, LAYERS, total, None, budget, 0, 0)
+    return ctx
+
+
+def _profile(ctx: JobContext, seed=0) -> Profile:
+    rng = np.random.default_rng(seed)
+    kl = {}
+    for group in ctx.space.groups(ctx.layers):
+        sensitivity = rng.uniform(0.5, 5)
+        kl[group] = {factor: {option_key(o): sensitivity * 2.0 ** -o.get("bits", 16) * (1 + o.get("group_size", 0) / 256)
+                              for o in options} for factor, options in factor_options(ctx.space).items()}
+    return Profile(kl)
+
+
+def test_factor_options_measure_knobs_that_interact_together():
+    factors = factor_options(SPACES["joint"])
+    assert set(factors) == {"quant", "sparsity", "lowrank"}
+    assert len(factors["quant"]) == 7 * 2 and {"bits", "group_size"} == set(factors["quant"][0])
+    assert len(factors["lowrank"]) == 3
+
+
+def test_knapsack_is_exact_and_within_budget():
+    ctx = _context()
+    options = group_options(ctx, _profile(ctx))
+    groups = list(options)
+    combos = list(itertools.product(*(options[g] for g in groups)))
+    sizes = [sum(o.nbytes for o in combo) for combo in combos]
+    for budget in np.linspace(min(sizes), max(sizes), 7).astype(int):
+        (plan,) = best_plans_for_budgets(options, [int(budget)])
+        chosen = [next(o for o in options[g] if o.choice == plan[g]) for g in groups]
+        assert sum(o.nbytes for o in chosen) <= budget
+        best = min(sum(o.estimate for o in combo) for combo, size in zip(combos, sizes) if size <= budget)
+        # exact up to the byte rounding of the table (1/4096 of the range per group)
+        assert sum(o.estimate for o in chosen) <= best * 1.05 + 1e-12
+
+
+def test_dominated_options_are_dropped():
+    ctx = _context()
+    for options in group_options(ctx, _profile(ctx)).values():
+        assert all(a.nbytes <= b.nbytes and a.estimate > b.estimate for a, b in zip(options, options[1:]))
+
+
+@pytest.mark.parametrize("budget_fraction", [None, 0.5])
+def test_guided_children_preserve_size_and_budget(budget_fraction):
+    ctx = _context()
+    full = ctx.plan_bytes(Plan())
+    ctx.memory_budget_bytes = int(budget_fraction * full) if budget_fraction else None
+    children = GuidedChildren(ctx, _profile(ctx), seed=3)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    parents = []
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        choices = {g: options[rng.integers(len(options))].choice for g, options in children.options.items()}
+        trial = optuna.trial.create_trial(params=params_of(choices), values=[1.0, 1.0],
+                                          distributions={k: optuna.distributions.CategoricalDistribution(
+                                              [v for v in ctx.space.knobs()[k.split(":")[1]]])
+                                              for k in params_of(choices)})
+        parents.append(trial)
+    space = parents[0].distributions
+    for _ in range(30):
+        params = children(study, space, parents)
+        plan = ctx.space.suggest_plan(optuna.trial.FixedTrial(params), ctx.layers)
+        size = ctx.plan_bytes(plan)
+        if ctx.memory_budget_bytes:
+            assert size <= ctx.memory_budget_bytes
+        largest_parent = max(ctx.plan_bytes(ctx.space.suggest_plan(optuna.trial.FixedTrial(p.params), ctx.layers))
+                             for p in parents)
+        assert size <= largest_parent
