@@ -1,7 +1,9 @@
-"""Measuring a model: perplexity, KL divergence to the base model, latency; plus the data they use."""
+"""Measuring a model: perplexity, KL divergence to the base model, lm-eval tasks, latency, memory; plus data."""
 from evaluators.data import DataError, Protocol, Windows, load_text, make_windows
-from evaluators.latency import measure_latency
-from evaluators.quality import base_log_probs, perplexity_and_kl
+from evaluators.latency import LatencySettings, measure_generation, measure_latency
+from evaluators.memory import PeakMemory, auto_batch_size
+from evaluators.quality import TopKLogProbs, base_log_probs, perplexity_and_kl
 
-__all__ = ["DataError", "Protocol", "Windows", "base_log_probs", "load_text", "make_windows",
-           "measure_latency", "perplexity_and_kl"]
+__all__ = ["DataError", "LatencySettings", "PeakMemory", "Protocol", "TopKLogProbs", "Windows", "auto_batch_size",
+           "base_log_probs", "load_text", "make_windows", "measure_generation", "measure_latency",
+           "perplexity_and_kl"]

@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--prune-methods", type=_strings, help="magnitude,wanda")
     submit.add_argument("--ranks", dest="rank_fractions", type=_floats, help="override rank fractions, e.g. 1,0.5")
     submit.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
-                        help=f"comma-separated, all minimized: {', '.join(OBJECTIVES)} (default: ppl,memory)")
+                        help=f"comma-separated: {', '.join(OBJECTIVES)} (minimized), or a task metric column such "
+                             "as task_bigbench_hyperbaton_acc (maximized; needs --tasks) (default: ppl,memory)")
     submit.add_argument("--memory-budget", help="bytes with a unit (60MB, 1.2GiB) or a fraction of the 16-bit model (0.35)")
     submit.add_argument("--latency-budget", dest="latency_budget_ms", type=float, help="milliseconds per forward pass")
     submit.add_argument("--sampler", default="nsga2", help=f"{', '.join(SAMPLERS)} (default: nsga2)")
@@ -67,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (BOS included)")
     submit.add_argument("--eval-windows", type=int, default=16)
     submit.add_argument("--calib-windows", type=int, default=16)
-    submit.add_argument("--batch-size", type=int, default=4)
+    submit.add_argument("--batch-size", type=int, default=0,
+                        help="windows per forward pass for perplexity, KL and tasks (default 0: fit free memory)")
+    _evaluator_options(submit)
     submit.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     submit.add_argument("--force", action="store_true", help="replace an existing study of the same name")
     submit.set_defaults(handler=_submit)
@@ -94,6 +97,24 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--verify", action="store_true", help="reload the checkpoint and measure its perplexity")
     export.set_defaults(handler=_export)
     return parser
+
+
+def _evaluator_options(parser: argparse.ArgumentParser) -> None:
+    """lm-eval tasks, latency measurement and the KL cache (see the README's Evaluators section)."""
+    parser.add_argument("--tasks", type=_strings,
+                        help="lm-eval task names and BIG-bench files, e.g. hellaswag,bigbench:FILE.json,bigbench:DIR")
+    parser.add_argument("--task-path", dest="task_paths", action="append",
+                        help="a folder of lm-eval task YAML files (repeatable); name its tasks in --tasks")
+    parser.add_argument("--tasks-on", default="all", choices=("all", "pareto"),
+                        help="score tasks on every trial, or only on the final Pareto front (default: all)")
+    parser.add_argument("--task-limit", type=int, help="score only the first N examples of each task")
+    parser.add_argument("--measure-latency", action="store_true",
+                        help="measure prefill/decode latency on every trial (on by default with a latency objective or budget)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per repeat")
+    parser.add_argument("--decode-batch", type=int, default=4, help="the batched decode measurement's batch")
+    parser.add_argument("--latency-repeats", type=int, default=5, help="timed repeats (median and p90 recorded)")
+    parser.add_argument("--kl-top-k", type=int, default=128,
+                        help="base-model tokens cached per position for KL (0: the full distribution)")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +148,8 @@ def _submit(args: argparse.Namespace) -> int:
         "model", "data", "space", "granularity", "tie_fused", "include_lm_head", "bits", "group_sizes", "sparsities",
         "prune_methods", "rank_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
         "population_size", "uniform_seeds", "guided", "profile_windows", "seq_len", "eval_windows", "calib_windows", "batch_size",
-        "trust_remote_code")}
+        "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
+        "decode_batch", "latency_repeats", "kl_top_k")}
     spec = JobSpec(study=args.study, **fields)
     trials = submit(spec, args.trials, _options(args), force=args.force)
     _print_summary(args, trials)
@@ -215,10 +237,15 @@ def _print_summary(args: argparse.Namespace, trials) -> None:
 def _table(frame) -> str:
     if frame.empty:
         return "(no completed trials)"
-    shown = frame[["rank", "trial", "ppl", "kl", "bits_per_weight", "memory_bytes", "latency_ms", "feasible", "on_front"]]
+    tasks = [column for column in frame.columns if column.startswith("task_") and column.endswith("_acc")]
+    shown = frame[["rank", "trial", "ppl", "kl", *tasks, "bits_per_weight", "memory_bytes", "latency_ms",
+                   "predicted_latency_ms", "decode_ms", "predicted_decode_ms", "latency_kernel", "peak_rss_bytes",
+                   "feasible", "on_front"]]
     shown = shown.dropna(axis=1, how="all").copy()
     shown["memory_bytes"] = shown["memory_bytes"].map(lambda b: _mb(b))
-    return shown.rename(columns={"memory_bytes": "memory"}).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    if "peak_rss_bytes" in shown:
+        shown["peak_rss_bytes"] = shown["peak_rss_bytes"].map(lambda b: _mb(b) if b == b else "")
+    return shown.rename(columns={"memory_bytes": "memory", "peak_rss_bytes": "peak_rss"}).to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
 def _mb(nbytes) -> str:

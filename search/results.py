@@ -12,13 +12,22 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from compress import layer_layout, layer_nbytes
-from search.spec import OBJECTIVES, JobSpec
+from search.spec import OBJECTIVES, TASK_PREFIX, JobSpec, objective_sign
 from search.study import ERROR_ATTR, INTERRUPTED_ATTR, SPEC_ATTR
 from spaces.layers import LayerInfo
 from spaces.plan import Plan
 
 TRIALS_FILE, LAYERS_FILE, PARETO_FILE, BEST_DIR = "trials.parquet", "layers.parquet", "pareto.parquet", "best"
 _CONSTRAINT_PREFIX = "constraints:"
+TASK_SCORES_ATTR = "task_scores"  # study attribute `task_scores:<trial>`: tasks scored after the search
+# What the evaluators measure beyond quality: peak memory, real latency with its context, the cost model's
+# prediction, and why a trial was pruned before running. Task metrics add `task_<task>_<metric>` columns.
+_EVALUATOR_COLUMNS = [
+    "peak_rss_bytes", "peak_gpu_bytes", "prefill_tok_s", "prefill_p90_tok_s", "decode_ms", "decode_p90_ms",
+    "decode_batch_ms", "decode_batch_p90_ms", "decode_batch", "latency_kernel", "latency_simulated_layers",
+    "latency_device", "latency_device_name", "latency_dtype", "latency_threads", "latency_repeats",
+    "predicted_decode_ms", "predicted_decode_batch_ms", "predicted_latency_ms", "predicted_prefill_tok_s", "pruned",
+]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -27,7 +36,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     protocol = study.user_attrs.get("protocol", {})
     front = {t.number for t in study.best_trials} if _has_complete(study) else set()
     rows = [_trial_row(study, spec, protocol, trial, front) for trial in study.get_trials(deepcopy=False)]
-    frame = pd.DataFrame(rows, columns=_TRIAL_COLUMNS + [f"protocol_{k}" for k in protocol])
+    tasks = sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
+    frame = pd.DataFrame(rows, columns=_TRIAL_COLUMNS + _EVALUATOR_COLUMNS + tasks + [f"protocol_{k}" for k in protocol])
     return rank_trials(frame, spec)
 
 
@@ -61,6 +71,10 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
     for column in ("ppl", "kl", "nll", "memory_bytes", "bits_per_weight", "latency_ms", "latency_p90_ms",
                    "plan_json", "compress_s", "evaluate_s", "worker", "node_id", "retry_of", "seed", "estimated_kl"):
         row[column] = attrs.get(column)
+    for column in _EVALUATOR_COLUMNS:
+        row[column] = attrs.get(column)
+    row.update({key: value for key, value in attrs.items() if key.startswith(TASK_PREFIX)})
+    row.update(study.user_attrs.get(f"{TASK_SCORES_ATTR}:{trial.number}", {}))
     row.update({f"protocol_{key}": value for key, value in protocol.items()})
     return row
 
@@ -72,7 +86,10 @@ def rank_trials(frame: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
     complete = frame[frame["state"] == "COMPLETE"].copy()
     complete["_tier"] = [0 if front and feasible else 1 if feasible else 2
                          for front, feasible in zip(complete["on_front"], complete["feasible"])]
-    complete = complete.sort_values(["_tier", primary, "trial"], kind="stable")
+    ascending = objective_sign(spec.objectives[0]) > 0  # a task accuracy ranks highest first
+    if primary not in complete:  # a task objective no trial has scored yet
+        complete[primary] = float("nan")
+    complete = complete.sort_values(["_tier", primary, "trial"], ascending=[True, ascending, True], kind="stable")
     frame = frame.copy()
     frame["rank"] = pd.Series(range(1, len(complete) + 1), index=complete.index, dtype="Int64")
     return frame.sort_values(["rank", "trial"], na_position="last", kind="stable").reset_index(drop=True)

@@ -16,8 +16,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from compress import plan_bits_per_weight
 from search.job import JobContext
-from search.results import write_results
-from search.spec import OBJECTIVES
+from search.results import TASK_SCORES_ATTR, trials_frame, write_results
+from search.spec import OBJECTIVES, objective_sign
 from search.guided import GuidedChildren
 from search.seeding import seed_study
 from search.sensitivity import measure_profile
@@ -70,7 +70,10 @@ def start_workers(ctx: JobContext, count: int, cpus_per_worker: int) -> list:
     actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(_RayTrialEvaluator)
     return [actor.remote(ctx.model_ref, eval_ref, calib_ref, batch_size=spec.batch_size, with_kl=spec.needs_kl,
                          with_latency=spec.needs_latency, latency_prompt_tokens=spec.latency_prompt_tokens,
-                         threads=cpus_per_worker, trust_remote_code=spec.trust_remote_code)
+                         threads=cpus_per_worker, trust_remote_code=spec.trust_remote_code,
+                         latency=spec.latency_settings, tasks=spec.task_settings,
+                         tasks_each_trial=spec.tasks_on == "all", kl_top_k=spec.kl_top_k or None,
+                         latency_budget_ms=spec.latency_budget_ms)
             for _ in range(count)]
 
 
@@ -92,6 +95,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
             study.set_user_attr(BASE_METRICS_ATTR, _clean(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
         _prepare_search(ctx, study, target, pool, workers, say, cache_dir)
         _drive(ctx, study, target, pool, cpus_per_worker, results_dir, on_trial or (lambda event: None))
+        _score_front_tasks(ctx, study, pool)
     finally:
         beat(study, [], running=False)
         trials = write_results(study, results_dir)
@@ -181,6 +185,11 @@ def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, work
         _fail(study, trial, f"{type(err.cause).__name__}: {err.cause}")
         return worker
     metrics["memory_bytes"] = trial.user_attrs["memory_bytes"]
+    if "pruned" in metrics:  # the latency cost model ruled it out before it ran
+        for key, value in _clean(metrics).items():
+            trial.set_user_attr(key, value)
+        _fail(study, trial, f"pruned: {metrics['pruned']}")
+        return worker
     values = [metrics.get(OBJECTIVES[name]) for name in ctx.spec.objectives]
     bad = [f"{name}={value}" for name, value in zip(ctx.spec.objectives, values)
            if value is None or not math.isfinite(value)]
@@ -193,8 +202,31 @@ def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, work
         trial.set_constraint("memory", (metrics["memory_bytes"] - ctx.memory_budget_bytes) / ctx.memory_budget_bytes)
     if ctx.spec.latency_budget_ms is not None:
         trial.set_constraint("latency", (metrics["latency_ms"] - ctx.spec.latency_budget_ms) / ctx.spec.latency_budget_ms)
-    study.tell(trial, values)
+    study.tell(trial, [objective_sign(name) * value for name, value in zip(ctx.spec.objectives, values)])
     return worker
+
+
+def _score_front_tasks(ctx: JobContext, study: optuna.Study, pool: list) -> None:
+    """With `--tasks-on pareto`: score the tasks on the feasible Pareto front, once the search is done.
+
+    Optuna refuses new attributes on finished trials, so the scores are kept as study attributes
+    (`task_scores:<trial>`), which the Parquet tables merge into the trials' rows.
+    """
+    if ctx.spec.tasks_on != "pareto" or ctx.spec.task_settings is None:
+        return
+    trials = trials_frame(study)
+    front = trials[trials["on_front"] & (trials["feasible"] == True)]  # noqa: E712
+    todo = [(int(row.trial), row.plan_json) for row in front.itertuples()
+            if f"{TASK_SCORES_ATTR}:{int(row.trial)}" not in study.user_attrs]
+    refs = {pool[i % len(pool)].score_tasks.remote(plan_json): number for i, (number, plan_json) in enumerate(todo)}
+    log.info("scoring tasks on %d Pareto candidates", len(refs))
+    for ref, number in refs.items():
+        try:
+            scores = ray.get(ref)
+        except RayTaskError as err:
+            log.warning("task scoring of trial %d failed: %s", number, err.cause)
+            scores = {"task_error": f"{type(err.cause).__name__}: {err.cause}"}
+        study.set_user_attr(f"{TASK_SCORES_ATTR}:{number}", _clean(scores))
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
@@ -219,6 +251,7 @@ def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, 
     row = trials[trials["trial"] == number].iloc[0]
     primary = OBJECTIVES[ctx.spec.objectives[0]]
     feasible = trials[(trials["state"] == "COMPLETE") & (trials["feasible"] == True)]  # noqa: E712
-    best = feasible.sort_values(primary).iloc[0].to_dict() if len(feasible) else None
+    ascending = objective_sign(ctx.spec.objectives[0]) > 0
+    best = feasible.sort_values(primary, ascending=ascending).iloc[0].to_dict() if len(feasible) else None
     metrics = {key: row[key] for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
     return TrialEvent(done_count(study), target, number, row["state"], metrics, row["feasible"], best, len(feasible), row["error"])

@@ -10,11 +10,16 @@ import time
 import torch
 
 from compress import apply_plan_, input_norms
-from evaluators import base_log_probs, measure_latency, perplexity_and_kl
-from search.models import load_model
+from evaluators import base_log_probs, perplexity_and_kl
+from evaluators.latency import LatencySettings
+from evaluators.measure import Measurements
+from evaluators.memory import PeakMemory, auto_batch_size
+from evaluators.tasks import TaskSuite
+from search.models import load_model, load_tokenizer
 from spaces.plan import Plan
 
 log = logging.getLogger(__name__)
+PRUNE_FACTOR = 1.5  # margin over the latency budget before a predicted-slow plan is skipped (cost model error)
 
 
 class TrialEvaluator:
@@ -25,13 +30,26 @@ class TrialEvaluator:
 
     def __init__(self, model_ref: str, eval_ids: torch.Tensor, calib_ids: torch.Tensor, *, batch_size: int,
                  with_kl: bool, with_latency: bool, latency_prompt_tokens: int = 64, threads: int | None = None,
-                 trust_remote_code: bool = False, device: str = "cpu"):
+                 trust_remote_code: bool = False, device: str = "cpu", latency: dict | None = None,
+                 tasks: dict | None = None, tasks_each_trial: bool = True, kl_top_k: int | None = 128,
+                 latency_budget_ms: float | None = None, cache_dir: str | None = None):
+        """`batch_size` 0 picks one from free memory; `latency` holds `LatencySettings` fields, `tasks` the
+        `TaskSuite` fields (tasks, task_paths, limit); `kl_top_k` None caches the full base distribution."""
         if threads:
             torch.set_num_threads(threads)
         self.model = load_model(model_ref, trust_remote_code, device)
+        self.device = device
         self.eval_ids, self.calib_ids = eval_ids.to(device), calib_ids.to(device)
+        batch_size = batch_size or auto_batch_size(self.model, self.eval_ids.shape[1], device)
         self.batch_size, self.with_latency, self.latency_prompt_tokens = batch_size, with_latency, latency_prompt_tokens
-        self.base = base_log_probs(self.model, self.eval_ids, batch_size) if with_kl else None
+        self.base = base_log_probs(self.model, self.eval_ids, batch_size, kl_top_k) if with_kl else None
+        settings = LatencySettings(**(latency or {"prompt_tokens": latency_prompt_tokens})) if with_latency else None
+        suite = TaskSuite(**tasks, cache_dir=cache_dir) if tasks and (tasks.get("tasks") or tasks.get("task_paths")) \
+            else None
+        tokenizer = load_tokenizer(model_ref, trust_remote_code) if suite is not None else None
+        self.measurements = Measurements(self.model, model_ref, tokenizer, suite=suite, latency=settings,
+                                         task_batch_size=batch_size, cache_dir=cache_dir)
+        self.tasks_each_trial, self.latency_budget_ms = tasks_each_trial, latency_budget_ms
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # filled as low-rank plans need them
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -51,15 +69,35 @@ class TrialEvaluator:
         return model, stored
 
     def evaluate(self, plan_json: str) -> dict:
-        """Metrics of one plan: `ppl` (and `kl`, `latency_ms` when asked), timings and the worker's name."""
+        """Metrics of one plan: `ppl` (and `kl`, task metrics, measured and predicted latency when asked),
+        peak memory while evaluating, timings and the worker's name.
+
+        A plan the latency cost model predicts over `PRUNE_FACTOR` x the latency budget is not run: its
+        metrics say `pruned` (why) and hold only the prediction.
+        """
         started = time.perf_counter()
-        model, _ = self.compressed_model(Plan.from_json(plan_json))
-        compressed = time.perf_counter()
-        metrics = perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base)
-        if self.with_latency:
-            metrics.update(measure_latency(model, self.latency_prompt_tokens))
+        plan = Plan.from_json(plan_json)
+        metrics = self.measurements.predicted_latency(plan)
+        predicted = metrics.get("predicted_latency_ms")
+        if self.latency_budget_ms and predicted and predicted > PRUNE_FACTOR * self.latency_budget_ms:
+            metrics["pruned"] = (f"the latency cost model predicts {predicted:.1f} ms, over {PRUNE_FACTOR} x the "
+                                 f"{self.latency_budget_ms:g} ms budget; not run")
+            return {**metrics, "worker": self.worker}
+        with PeakMemory(self.device) as peak:
+            model, _ = self.compressed_model(plan)
+            compressed = time.perf_counter()
+            metrics.update(perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base))
+            if self.tasks_each_trial:
+                metrics.update(self.measurements.tasks(model))
+            metrics.update(self.measurements.measured_latency(model, plan))
+        metrics.update(peak.metrics)
         metrics.update(compress_s=compressed - started, evaluate_s=time.perf_counter() - compressed, worker=self.worker)
         return metrics
+
+    def score_tasks(self, plan_json: str) -> dict[str, float]:
+        """Task metrics of one plan alone (for scoring only the final Pareto candidates)."""
+        model, _ = self.compressed_model(Plan.from_json(plan_json))
+        return self.measurements.tasks(model)
 
     def _linear_names(self) -> list[str]:
         return [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]
