@@ -75,7 +75,8 @@ def apply_plan_(
 ) -> dict[str, StoredMatrix]:
     """Compress the planned layers of `model` in place.
 
-    Wanda pruning uses `input_norms[layer name]` (calibration input L2 norms per input feature);
+    Wanda pruning, k-means weighting and MLP channel ranking use `input_norms[layer name]`
+    (calibration input L2 norms per input feature);
     GPTQ, SparseGPT and whitened low-rank use `hessians[layer name]` (X^T X / tokens of the base
     model's inputs, `calibration.input_hessians`). The `up` factor of a low-rank layer reads the
     `down` factor's output: its Hessian is D H D^T, and it has no norms (Wanda falls back to magnitude).
@@ -118,8 +119,9 @@ def _layer_info(model: nn.Module, name: str) -> LayerInfo:
 
 def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
     for name, layer_plan in plan.layers.items():
-        if layer_plan.prune_method == "wanda" and layer_plan.sparsity > 0 and name not in input_norms:
-            raise PlanError(f"Wanda pruning of {name} needs calibration input norms; compute them first")
+        if layer_plan.needs_norms and name not in input_norms:
+            raise PlanError(f"{name} uses Wanda, k-means or MLP channel pruning, which need calibration input "
+                            "norms (compress.input_norms); compute them first")
         if layer_plan.needs_hessian and name not in hessians:
             raise PlanError(f"{name} uses GPTQ, SparseGPT or whitened low-rank, which need calibration "
                             "Hessians (compress.input_hessians); compute them first")
@@ -128,7 +130,9 @@ def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
 def _matrix_stats(name: str, plan: LayerPlan, input_norms: dict, hessians: dict, index: torch.Tensor | None,
                   cache: dict | None) -> MatrixStats:
     """The layer's input statistics, restricted to the input columns structured pruning kept."""
-    norms, hessian = input_norms.get(name), hessians.get(name)
+    # Only what the plan needs: a layer's result never depends on which statistics the caller had at hand.
+    norms = input_norms.get(name) if plan.needs_norms else None
+    hessian = hessians.get(name) if plan.needs_hessian else None
     if index is not None and name.rsplit(".", 1)[-1] in MLP_CHANNEL_COLS:
         norms = norms[index] if norms is not None else None
         hessian = hessian[index][:, index] if hessian is not None else None

@@ -49,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--bits", type=_ints, help="override the space's bit widths, e.g. 2,3,4,8,16")
     submit.add_argument("--group-sizes", type=_ints, help="override group sizes, e.g. 64,128")
     submit.add_argument("--sparsity", dest="sparsities", type=_strings, help="override sparsities, e.g. 0,0.5,2:4")
-    submit.add_argument("--prune-methods", type=_strings, help="magnitude,wanda")
+    submit.add_argument("--prune-methods", type=_strings, help="magnitude,wanda,sparsegpt")
+    submit.add_argument("--quant-methods", type=_strings, help="quantizers to search: rtn,gptq,hqq,kmeans")
+    submit.add_argument("--lowrank-methods", type=_strings, help="factorizations to search: svd,whiten")
+    submit.add_argument("--mlp-channels", dest="channel_fractions", type=_floats,
+                        help="kept fractions of MLP channels (structured pruning; block granularity), e.g. 1,0.75")
     submit.add_argument("--ranks", dest="rank_fractions", type=_floats, help="override rank fractions, e.g. 1,0.5")
     submit.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
                         help=f"comma-separated: {', '.join(OBJECTIVES)} (minimized), or a task metric column such "
@@ -146,7 +150,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     fields = {name: getattr(args, name) for name in (
         "model", "data", "space", "granularity", "tie_fused", "include_lm_head", "bits", "group_sizes", "sparsities",
-        "prune_methods", "rank_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
+        "prune_methods", "rank_fractions", "quant_methods", "lowrank_methods", "channel_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
         "population_size", "uniform_seeds", "guided", "profile_windows", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
         "decode_batch", "latency_repeats", "kl_top_k")}

@@ -63,6 +63,9 @@ class JobSpec:
     sparsities: tuple[str, ...] | None = None
     prune_methods: tuple[str, ...] | None = None
     rank_fractions: tuple[float, ...] | None = None
+    quant_methods: tuple[str, ...] | None = None
+    lowrank_methods: tuple[str, ...] | None = None
+    channel_fractions: tuple[float, ...] | None = None
     objectives: tuple[str, ...] = ("ppl", "memory")
     memory_budget: str | None = None
     latency_budget_ms: float | None = None
@@ -89,7 +92,8 @@ class JobSpec:
     kl_top_k: int = 128  # base-model tokens kept per position for KL; 0 keeps the full distribution
 
     def __post_init__(self) -> None:
-        for name in ("bits", "group_sizes", "sparsities", "prune_methods", "rank_fractions", "objectives"):
+        for name in ("bits", "group_sizes", "sparsities", "prune_methods", "rank_fractions", "objectives",
+                     "quant_methods", "lowrank_methods", "channel_fractions"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -160,7 +164,8 @@ class JobSpec:
             return get_space(self.space).with_choices(
                 bits=self.bits, group_sizes=self.group_sizes, sparsities=self.sparsities,
                 prune_methods=self.prune_methods, rank_fractions=self.rank_fractions,
-                granularity=self.granularity, tie_fused=self.tie_fused,
+                quant_methods=self.quant_methods, lowrank_methods=self.lowrank_methods,
+                channel_fractions=self.channel_fractions, granularity=self.granularity, tie_fused=self.tie_fused,
             )
         except SpaceError as err:
             raise UserError(str(err)) from None

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from compress import apply_plan_, input_norms
+from compress import apply_plan_, input_hessians, input_norms
 from evaluators import base_log_probs, perplexity_and_kl
 from evaluators.latency import LatencySettings
 from evaluators.measure import Measurements
@@ -51,7 +51,8 @@ class TrialEvaluator:
                                          task_batch_size=batch_size, cache_dir=cache_dir)
         self.tasks_each_trial, self.latency_budget_ms = tasks_each_trial, latency_budget_ms
         self._input_norms: dict[str, torch.Tensor] | None = None
-        self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # filled as low-rank plans need them
+        self._input_hessians: dict[str, torch.Tensor] | None = None
+        self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def input_norms(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
@@ -60,12 +61,21 @@ class TrialEvaluator:
             self._input_norms = input_norms(self.model, self.calib_ids, layer_names, self.batch_size)
         return self._input_norms
 
+    def input_hessians(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
+        """Calibration input second moments X^T X / tokens of every Linear (GPTQ, SparseGPT, whitened SVD),
+        measured on first use and kept; inverse-Hessian factors and SVDs are kept in the SVD cache."""
+        if self._input_hessians is None:
+            self._input_hessians = input_hessians(self.model, self.calib_ids, layer_names, self.batch_size)
+        return self._input_hessians
+
     def compressed_model(self, plan: Plan, keep_stored: bool = False):
         """A compressed copy of the base model (and its stored matrices when `keep_stored`)."""
         model = copy.deepcopy(self.model)
-        wanda_layers = [name for name, lp in plan.layers.items() if lp.sparsity > 0 and lp.prune_method == "wanda"]
-        norms = self.input_norms(self._linear_names()) if wanda_layers else None
-        stored = apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache)
+        wanted = list(plan.layers.values())
+        norms = self.input_norms(self._linear_names()) if any(lp.needs_norms for lp in wanted) else None
+        hessians = self.input_hessians(self._linear_names()) if any(lp.needs_hessian for lp in wanted) else None
+        stored = apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
+                             hessians=hessians)
         return model, stored
 
     def evaluate(self, plan_json: str) -> dict:

@@ -120,6 +120,12 @@ class LayerPlan:
             raise PlanError(f"quant_method='kmeans' needs bits <= 8 (a codebook of 2**bits values), got {self.bits}")
 
     @property
+    def needs_norms(self) -> bool:
+        """Whether applying this plan uses the calibration inputs' L2 norms (Wanda, k-means, MLP channels)."""
+        return ((self.sparsity > 0 and self.prune_method == "wanda")
+                or (self.bits < 16 and self.quant_method == "kmeans") or self.channel_fraction < 1.0)
+
+    @property
     def needs_hessian(self) -> bool:
         """Whether applying this plan uses the calibration inputs' second moments."""
         return ((self.bits < 16 and self.quant_method in HESSIAN_METHODS)

@@ -6,8 +6,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator, Protocol
 
 from spaces.layers import LayerInfo, group_layers
-from spaces.plan import (GROUP_SIZES, PATTERNS, PRUNE_METHODS, QUANT_BITS, LayerPlan, Plan, nm_sparsity,
-                         saves_params)
+from spaces.plan import (GROUP_SIZES, LOWRANK_METHODS, PATTERNS, PRUNE_METHODS, QUANT_BITS, QUANT_METHODS, LayerPlan,
+                         Plan, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, nm_sparsity, saves_params,
+                         structured_shape)
+
+
+MLP_KINDS = MLP_CHANNEL_ROWS + MLP_CHANNEL_COLS
 
 
 class SuggestsCategorical(Protocol):
@@ -25,7 +29,10 @@ class Space:
     """The choices every decision group picks from; a knob with one choice is fixed, not searched.
 
     `sparsities` holds fractions ("0.5") or N:M patterns ("2:4"); `rank_fractions` are fractions of
-    full rank, offered to a layer only where they save weights.
+    full rank, offered to a layer only where they save weights. `quant_methods`, `prune_methods` and
+    `lowrank_methods` pick the algorithm behind each technique; `channel_fractions` are the kept
+    fractions of each MLP's intermediate channels (structured pruning), which the MLP's projections
+    must share, so they are searched only at `block` or `model` granularity.
     """
 
     name: str
@@ -34,6 +41,9 @@ class Space:
     sparsities: tuple[str, ...] = ("0",)
     prune_methods: tuple[str, ...] = ("wanda",)
     rank_fractions: tuple[float, ...] = (1.0,)
+    quant_methods: tuple[str, ...] = ("rtn",)
+    lowrank_methods: tuple[str, ...] = ("svd",)
+    channel_fractions: tuple[float, ...] = (1.0,)
     granularity: str = "block"
     tie_fused: bool = True
 
@@ -41,6 +51,14 @@ class Space:
         _check_choices("bits", self.bits, QUANT_BITS)
         _check_choices("group size", self.group_sizes, GROUP_SIZES)
         _check_choices("prune method", self.prune_methods, PRUNE_METHODS)
+        _check_choices("quant method", self.quant_methods, QUANT_METHODS)
+        _check_choices("low-rank method", self.lowrank_methods, LOWRANK_METHODS)
+        for value in self.channel_fractions:
+            if not 0.0 < float(value) <= 1.0:
+                raise SpaceError(f"MLP channel fraction {value!r} must be in (0, 1]; e.g. 0.75 keeps 3/4 of the channels")
+        if len(self.channel_fractions) > 1 and self.granularity not in ("block", "model"):
+            raise SpaceError(f"MLP channel fractions are shared by an MLP's projections; granularity "
+                             f"{self.granularity!r} splits them: use granularity 'block' or fix one fraction")
         for value in self.sparsities:
             _layer_plan_fields_for_sparsity(value)  # raises on a bad value
         for value in self.rank_fractions:
@@ -52,6 +70,8 @@ class Space:
         all_knobs = {
             "bits": self.bits, "group_size": self.group_sizes, "sparsity": self.sparsities,
             "prune_method": self.prune_methods, "rank_fraction": self.rank_fractions,
+            "quant_method": self.quant_methods, "lowrank_method": self.lowrank_methods,
+            "channel_fraction": self.channel_fractions,
         }
         return {knob: tuple(choices) for knob, choices in all_knobs.items() if len(choices) > 1}
 
@@ -73,17 +93,26 @@ class Space:
     def layer_plan(self, layer: LayerInfo, choice: dict[str, Any]) -> LayerPlan:
         """The layer plan for one group choice; unsearched knobs take their single value.
 
-        A rank fraction that would store more weights than the dense layer leaves the layer full rank.
+        A rank fraction that would store more weights than the dense layer leaves the layer full rank;
+        a method whose technique is off takes the default (plans that do the same compare equal).
         """
         values = {"bits": self.bits[0], "group_size": self.group_sizes[0], "sparsity": self.sparsities[0],
-                  "prune_method": self.prune_methods[0], "rank_fraction": self.rank_fractions[0], **choice}
+                  "prune_method": self.prune_methods[0], "rank_fraction": self.rank_fractions[0],
+                  "quant_method": self.quant_methods[0], "lowrank_method": self.lowrank_methods[0],
+                  "channel_fraction": self.channel_fractions[0], **choice}
+        channel_fraction = float(values["channel_fraction"]) if layer.kind in MLP_KINDS else 1.0
+        out_features, in_features = structured_shape(layer.name, layer.out_features, layer.in_features,
+                                                     channel_fraction)
         rank_fraction = float(values["rank_fraction"])
-        if rank_fraction < 1.0 and not saves_params(layer.out_features, layer.in_features, rank_fraction):
+        if rank_fraction < 1.0 and not saves_params(out_features, in_features, rank_fraction):
             rank_fraction = 1.0
         sparsity, pattern = _layer_plan_fields_for_sparsity(values["sparsity"])
-        return LayerPlan(bits=int(values["bits"]), group_size=int(values["group_size"]), sparsity=sparsity,
+        bits = int(values["bits"])
+        return LayerPlan(bits=bits, group_size=int(values["group_size"]), sparsity=sparsity,
                          pattern=pattern, prune_method=values["prune_method"] if sparsity else "magnitude",
-                         rank_fraction=rank_fraction)
+                         quant_method=values["quant_method"] if bits < 16 else "rtn", rank_fraction=rank_fraction,
+                         lowrank_method=values["lowrank_method"] if rank_fraction < 1.0 else "svd",
+                         channel_fraction=channel_fraction)
 
     def params_for(self, layers: list[LayerInfo], choice: dict[str, Any]) -> dict[str, Any]:
         """Optuna parameters that make every group take `choice` (for enqueueing a uniform plan)."""
@@ -142,6 +171,18 @@ SPACES: dict[str, Space] = {
     "lowrank": Space("lowrank", rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25)),
     "joint": Space("joint", bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(64, 128),
                    sparsities=("0", "0.25", "0.5", "2:4"), rank_fractions=(1.0, 0.5, 0.25)),
+    # The same techniques with the algorithm behind each searched too (GPTQ, HQQ, k-means; SparseGPT;
+    # whitened SVD), and structured MLP channel pruning: calibration Hessians are measured once per worker.
+    "quant-methods": Space("quant-methods", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=QUANT_METHODS),
+    "sparse-methods": Space("sparse-methods", sparsities=("0", "0.25", "0.5", "0.75", "2:4", "4:8"),
+                            prune_methods=PRUNE_METHODS),
+    "lowrank-methods": Space("lowrank-methods", rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25),
+                             lowrank_methods=LOWRANK_METHODS),
+    "structured": Space("structured", bits=(4, 8, 16), quant_methods=("gptq",),
+                        channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5)),
+    "sota": Space("sota", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("gptq", "hqq"),
+                  sparsities=("0", "0.5", "2:4"), prune_methods=("sparsegpt",), rank_fractions=(1.0, 0.5),
+                  lowrank_methods=("whiten",), channel_fractions=(1.0, 0.75)),
 }
 
 

@@ -1,0 +1,102 @@
+"""MLP channel removal, OWL sparsity profiles, calibration statistics and the plan fields behind them."""
+import copy
+import json
+
+import pytest
+import torch
+
+from compress import apply_plan_, input_hessians, input_norms, layer_layout
+from compress.owl import owl_plan, owl_sparsities
+from evaluators import load_text, make_windows
+from search.models import load_model, load_tokenizer
+from spaces.layers import linear_layers
+from spaces.plan import PLAN_VERSION, LayerPlan, Plan, PlanError
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    text, source = load_text(None)
+    windows = make_windows(load_tokenizer(str(tiny_model_dir)), text, source, seq_len=32, eval_windows=2,
+                           calib_windows=4)
+    layers = linear_layers(model)
+    return model, windows, layers, input_norms(model, windows.calib_ids, [layer.name for layer in layers])
+
+
+def _mlp_plan(layers, fraction, **fields):
+    return Plan({layer.name: LayerPlan(channel_fraction=fraction, **fields) for layer in layers if ".mlp." in layer.name})
+
+
+def test_removing_dead_channels_keeps_the_outputs(tiny):
+    model, windows, layers, _ = tiny
+    base = copy.deepcopy(model)
+    for index, mlp in enumerate(m for name, m in base.named_modules() if name.endswith("mlp")):
+        dead = torch.arange(index % 2, mlp.gate_proj.out_features, 2)  # every other channel, never active
+        mlp.up_proj.weight.data[dead] = 0.0
+    names = [layer.name for layer in layers]
+    norms = input_norms(base, windows.calib_ids, names)
+    plan = _mlp_plan(layers, 0.5)
+    thinned = copy.deepcopy(base)
+    apply_plan_(thinned, plan, norms)
+    for layer in layers:
+        if ".mlp." in layer.name:
+            (layout,) = layer_layout(layer, plan[layer.name])
+            assert tuple(thinned.get_submodule(layer.name).weight.shape) == (layout.rows, layout.cols)
+    assert thinned.model.layers[0].mlp.gate_proj.weight.shape == (64, 64)
+    assert thinned.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
+    with torch.no_grad():
+        expected, got = base(windows.eval_ids).logits, thinned(windows.eval_ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_channel_fraction_must_agree_within_an_mlp(tiny):
+    _, _, layers, _ = tiny
+    mlp = [layer.name for layer in layers if ".mlp." in layer.name][:3]
+    with pytest.raises(PlanError, match="disagree on channel_fraction"):
+        Plan({mlp[0]: LayerPlan(channel_fraction=0.5), mlp[1]: LayerPlan(channel_fraction=0.5),
+              mlp[2]: LayerPlan(channel_fraction=0.75)})
+    with pytest.raises(PlanError, match="only MLP projections"):
+        Plan({"model.layers.0.self_attn.q_proj": LayerPlan(channel_fraction=0.5)})
+
+
+def test_old_plan_json_still_loads_and_new_fields_round_trip():
+    old = json.dumps({"version": PLAN_VERSION, "layers": {"a.q_proj": {
+        "bits": 3, "group_size": 64, "sparsity": 0.0, "pattern": "unstructured", "prune_method": "magnitude",
+        "quant_method": "rtn", "rank_fraction": 1.0}}})
+    assert Plan.from_json(old)["a.q_proj"] == LayerPlan(bits=3, group_size=64)
+    plan = Plan({"a.mlp.gate_proj": LayerPlan(bits=4, quant_method="gptq", channel_fraction=0.75),
+                 "a.mlp.down_proj": LayerPlan(rank_fraction=0.5, lowrank_method="whiten", channel_fraction=0.75,
+                                              sparsity=0.5, pattern="2:4", prune_method="sparsegpt")})
+    assert Plan.from_json(plan.to_json()) == plan
+    with pytest.raises(PlanError, match="lowrank_method"):
+        LayerPlan(lowrank_method="tucker")
+
+
+def test_hessians_match_norms_and_are_shared_by_fused_projections(tiny):
+    model, windows, layers, norms = tiny
+    names = [layer.name for layer in layers]
+    hessians = input_hessians(model, windows.calib_ids, names)
+    tokens = windows.calib_ids.numel()
+    for name in names:
+        assert torch.allclose(torch.diagonal(hessians[name]) * tokens, norms[name].square(), rtol=1e-3)
+    attention = "model.layers.0.self_attn"
+    assert hessians[f"{attention}.q_proj"] is hessians[f"{attention}.v_proj"]
+
+
+def test_owl_profile_averages_to_the_target():
+    ratios = {f"b{i}": r for i, r in enumerate([0.01, 0.03, 0.02, 0.08])}
+    params = {block: 100 for block in ratios}
+    sparsities = owl_sparsities(ratios, params, 0.5, spread=0.08)
+    assert abs(sum(sparsities.values()) / 4 - 0.5) < 1e-3
+    assert sparsities["b3"] == min(sparsities.values()) and sparsities["b0"] == max(sparsities.values())
+    assert max(sparsities.values()) - min(sparsities.values()) == pytest.approx(0.16, abs=2e-3)
+
+
+def test_owl_plan_is_a_valid_non_uniform_plan(tiny):
+    model, _, layers, norms = tiny
+    plan = owl_plan(model, layers, norms, 0.5, base=LayerPlan(bits=4))
+    assert set(plan.layers) == {layer.name for layer in layers}
+    by_block = {layer.block: plan[layer.name].sparsity for layer in layers}
+    weighted = sum(plan[layer.name].sparsity * layer.num_params for layer in layers) / sum(l.num_params for l in layers)
+    assert abs(weighted - 0.5) < 2e-3 and len(set(by_block.values())) > 1
+    assert all(lp.bits == 4 and lp.prune_method == "wanda" for lp in plan.layers.values())
