@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import optuna
 
+from search.cluster import is_jobs_address, use_token_auth
 from search.errors import UserError
 from search.spec import DEFAULT_MODEL, OBJECTIVES, SAMPLERS, JobSpec
 from spaces.layers import GRANULARITIES
@@ -19,7 +22,10 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a Ray job re-runs on the cluster
     _quiet_libraries(args.verbose)
+    if is_jobs_address(getattr(args, "address", None)):
+        use_token_auth()  # before anything imports Ray: it reads RAY_AUTH_MODE once
     try:
         return args.handler(args)
     except UserError as err:
@@ -84,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(resume)
     resume.set_defaults(handler=_resume)
 
-    status = commands.add_parser("status", help="trial counts and the best trial so far")
+    status = commands.add_parser("status", help="trial counts and the best trial so far (and the Ray job's state)")
     _common(status)
+    _address_option(status)
     status.set_defaults(handler=_status)
 
     board = commands.add_parser("leaderboard", help="ranked trials: the feasible Pareto front first")
@@ -133,7 +140,17 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, required=True, help="total number of trials to reach")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding the model once")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
-    parser.add_argument("--address", help="Ray cluster address (default: start a local instance)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="GPUs per worker; fractions share a GPU, e.g. 0.5 runs two workers per GPU (default: 0, CPU)")
+    parser.add_argument("--worker-resources", type=_resources, default=None,
+                        help='custom Ray resources per worker as JSON, e.g. \'{"node_b": 1}\' to place workers')
+    _address_option(parser)
+
+
+def _address_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="http://HEAD:8265 (Ray Jobs API): run the driver on the cluster as a Ray "
+                        "job and return its id; auto, HOST:6379 or ray://HEAD:10001: run the driver here on that "
+                        "cluster (default: start a local Ray instance)")
 
 
 def _options(args: argparse.Namespace):
@@ -141,6 +158,8 @@ def _options(args: argparse.Namespace):
 
     return RunOptions(results_dir=args.results_dir, storage=args.storage, cache_dir=args.cache_dir,
                       workers=getattr(args, "workers", 2), cpus_per_worker=getattr(args, "cpus_per_worker", 1),
+                      gpus_per_worker=getattr(args, "gpus_per_worker", 0.0),
+                      worker_resources=getattr(args, "worker_resources", None),
                       address=getattr(args, "address", None), on_trial=_print_trial, on_ready=_print_ready,
                       on_status=lambda line: print(line, flush=True))
 
@@ -154,7 +173,9 @@ def _submit(args: argparse.Namespace) -> int:
         "population_size", "uniform_seeds", "guided", "profile_windows", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
         "decode_batch", "latency_repeats", "kl_top_k")}
-    spec = JobSpec(study=args.study, **fields)
+    spec = JobSpec(study=args.study, **fields)  # validated here, also when it runs as a Ray job
+    if is_jobs_address(args.address):
+        return _send_job(args)
     trials = submit(spec, args.trials, _options(args), force=args.force)
     _print_summary(args, trials)
     return 0
@@ -163,15 +184,47 @@ def _submit(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from search.commands import resume
 
+    if is_jobs_address(args.address):
+        return _send_job(args)
     trials = resume(args.study, args.trials, _options(args))
     _print_summary(args, trials)
     return 0
 
 
+def _send_job(args: argparse.Namespace) -> int:
+    from search.cluster import submit_job
+
+    job_id = submit_job(args.address, args.argv, args.study)
+    print(f"submitted Ray job {job_id} for study {args.study} to {args.address}")
+    print(f"  logs:   ray job logs --address {args.address} --follow {job_id}")
+    print(f"  status: compsearch status --address {args.address} --study {args.study}")
+    return 0
+
+
+def _print_job(args: argparse.Namespace) -> None:
+    from search.cluster import job_state
+
+    job = job_state(args.address, args.study)
+    if job is None:
+        print(f"ray job: none submitted for study {args.study} at {args.address}")
+        return
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time)) if job.start_time else "?"
+    detail = f" ({job.message})" if job.message and job.status not in ("RUNNING", "SUCCEEDED") else ""
+    print(f"ray job: {job.job_id} {job.status} since {since}{detail}; logs: ray job logs --address {args.address} {job.job_id}")
+
+
 def _status(args: argparse.Namespace) -> int:
     from search.commands import status
 
-    info = status(args.study, _options(args))
+    if is_jobs_address(args.address):
+        _print_job(args)
+        try:
+            info = status(args.study, _options(args))
+        except UserError as err:  # the study's storage may live only on the cluster
+            print(f"study {args.study}: not readable from here ({err})")
+            return 0
+    else:
+        info = status(args.study, _options(args))
     states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(info["states"].items()))
     print(f"study {info['study']}: {info['done']}/{info['target']} trials done ({states or 'none yet'})")
     print(f"driver: {'running, ' + info['driver'] if info['driver'] else 'not running'}")
@@ -254,6 +307,16 @@ def _table(frame) -> str:
 
 def _mb(nbytes) -> str:
     return f"{nbytes / 1e6:.1f} MB"
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err.msg}); write e.g. '{{\"node_b\": 1}}'") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a JSON object of resource name -> amount, e.g. '{{\"node_b\": 1}}'")
+    return {str(key): float(amount) for key, amount in value.items()}
 
 
 def _ints(text: str) -> tuple[int, ...]:

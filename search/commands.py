@@ -38,7 +38,9 @@ class RunOptions:
     storage: str | None = None
     workers: int = 2
     cpus_per_worker: int = 1
-    address: str | None = None
+    gpus_per_worker: float = 0.0
+    worker_resources: dict[str, float] | None = None  # custom Ray resources each worker asks for
+    address: str | None = None  # a cluster address for the driver here (auto, HOST:PORT, ray://...)
     cache_dir: Path | None = None
     on_trial: Callable[[TrialEvent], None] | None = field(default=None, repr=False)
     on_ready: Callable[[JobContext, optuna.Study, list[int]], None] | None = field(default=None, repr=False)
@@ -56,11 +58,13 @@ def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False)
     storage = open_storage(options.storage_url(spec.study))
     if study_exists(storage, spec.study):
         existing, old_spec = load_study(spec.study, storage)
+        driver = live_driver(existing)
+        if driver:  # checked first: --force never replaces a study under a live driver
+            raise UserError(f"study {spec.study!r} is already running ({driver}); a second submit is refused, "
+                            f"with or without --force. Follow it with `compsearch status --study {spec.study}`, "
+                            "or stop that driver first")
         if not force:
             raise UserError(_exists_message(spec, old_spec))
-        driver = live_driver(existing)
-        if driver:
-            raise UserError(f"study {spec.study!r} is running ({driver}); stop it before replacing it with --force")
         optuna.delete_study(study_name=spec.study, storage=storage)
         _remove_tables(options.results_dir / spec.study)
     study = create_study(spec, storage, ctx.study_attrs())
@@ -90,7 +94,8 @@ def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions,
     if done_count(study) >= trials:
         return write_results(study, options.results_dir)
     return run_study(ctx, study, trials, options.workers, options.results_dir, options.cpus_per_worker,
-                     options.address, options.on_trial, options.on_status, options.cache_dir)
+                     options.address, options.on_trial, options.on_status, options.cache_dir,
+                     gpus_per_worker=options.gpus_per_worker, worker_resources=options.worker_resources)
 
 
 def status(study_name: str, options: RunOptions) -> dict:
@@ -182,6 +187,12 @@ def _check_counts(trials: int, options: RunOptions) -> None:
         raise UserError(f"--trials {trials}: give the number of trials to reach, at least 1")
     if options.workers < 1 or options.cpus_per_worker < 1:
         raise UserError(f"--workers {options.workers} / --cpus-per-worker {options.cpus_per_worker}: both must be >= 1")
+    if not 0 <= options.gpus_per_worker:
+        raise UserError(f"--gpus-per-worker {options.gpus_per_worker}: give 0 (CPU), a fraction like 0.5, or whole GPUs")
+    bad = {name: amount for name, amount in (options.worker_resources or {}).items()
+           if not isinstance(amount, (int, float)) or amount < 0}
+    if bad:
+        raise UserError(f"--worker-resources {bad}: amounts must be non-negative numbers, e.g. '{{\"node_b\": 1}}'")
 
 
 def _plain(value):

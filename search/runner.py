@@ -5,7 +5,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from compress import plan_bits_per_weight
+from search.errors import UserError
 from search.job import JobContext
 from search.results import TASK_SCORES_ATTR, trials_frame, write_results
 from search.spec import OBJECTIVES, objective_sign
@@ -44,11 +45,36 @@ class TrialEvent:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each worker (one Ray actor holding the base model) asks Ray for."""
+
+    cpus: int = 1
+    gpus: float = 0.0  # fractional packs workers on one GPU, e.g. 0.5: two per GPU
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. {"node_b": 1} to pin workers to nodes
+
+    def actor_options(self) -> dict:
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "resources": dict(self.custom), "max_restarts": 0}
+
+    def asked(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.custom}
+
+
 class _RayTrialEvaluator(TrialEvaluator):
+    """The Ray actor: the base model on the actor's device (CUDA when Ray gave it a GPU), kept across trials."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("device", "cuda" if ray.get_gpu_ids() else "cpu")
+        super().__init__(*args, **kwargs)
+
     def evaluate(self, plan_json: str) -> dict:
         metrics = super().evaluate(plan_json)
         metrics["node_id"] = ray.get_runtime_context().get_node_id()
         return metrics
+
+    def where(self) -> dict:
+        """The actor's process id, node id and device (for tests, and to find a worker to stop)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "device": self.device}
 
 
 def start_ray(address: str | None, num_cpus: int) -> bool:
@@ -64,13 +90,30 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     return True
 
 
-def start_workers(ctx: JobContext, count: int, cpus_per_worker: int) -> list:
+def check_resources(asked: WorkerResources, local: bool) -> None:
+    """Refuse workers that no node can host: at once on a local instance; on a cluster (which may
+    autoscale) only a warning, the workers wait for a node."""
+    total = ray.cluster_resources()
+    missing = {name: amount for name, amount in asked.asked().items() if total.get(name, 0) < amount}
+    if not missing:
+        return
+    have = ", ".join(f"{name}={total.get(name, 0):g}" for name in missing)
+    message = (f"each worker asks for {asked.asked()} but the Ray cluster has {have}; lower --gpus-per-worker / "
+               "--cpus-per-worker, fix --worker-resources, or add nodes that have them")
+    if local:
+        raise UserError(message)
+    log.warning("%s (waiting for the autoscaler)", message)
+
+
+def start_workers(ctx: JobContext, count: int, cpus_per_worker: int, gpus_per_worker: float = 0.0,
+                  resources: dict[str, float] | None = None, evaluator: type = _RayTrialEvaluator) -> list:
+    """`count` actors, each holding the base model on its device; `evaluator` is the class they run."""
     spec = ctx.spec
     eval_ref, calib_ref = ray.put(ctx.windows.eval_ids), ray.put(ctx.windows.calib_ids)
-    actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(_RayTrialEvaluator)
+    actor = ray.remote(**WorkerResources(cpus_per_worker, gpus_per_worker, resources or {}).actor_options())(evaluator)
     return [actor.remote(ctx.model_ref, eval_ref, calib_ref, batch_size=spec.batch_size, with_kl=spec.needs_kl,
                          with_latency=spec.needs_latency, latency_prompt_tokens=spec.latency_prompt_tokens,
-                         threads=cpus_per_worker, trust_remote_code=spec.trust_remote_code,
+                         threads=max(1, int(cpus_per_worker)), trust_remote_code=spec.trust_remote_code,
                          latency=spec.latency_settings, tasks=spec.task_settings,
                          tasks_each_trial=spec.tasks_on == "all", kl_top_k=spec.kl_top_k or None,
                          latency_budget_ms=spec.latency_budget_ms)
@@ -80,8 +123,13 @@ def start_workers(ctx: JobContext, count: int, cpus_per_worker: int) -> list:
 def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,
               cpus_per_worker: int = 1, address: str | None = None,
               on_trial: Callable[[TrialEvent], None] | None = None,
-              on_status: Callable[[str], None] | None = None, cache_dir: Path | None = None) -> pd.DataFrame:
+              on_status: Callable[[str], None] | None = None, cache_dir: Path | None = None,
+              gpus_per_worker: float = 0.0, worker_resources: dict[str, float] | None = None,
+              evaluator: type = _RayTrialEvaluator) -> pd.DataFrame:
     """Run trials on Ray workers until `target` trials are done; returns the trials table.
+
+    Each of the `workers` actors asks for `cpus_per_worker` CPUs, `gpus_per_worker` GPUs (fractions
+    pack several on one GPU) and the custom `worker_resources`; a worker that dies is replaced.
 
     Before the first trial: the base model is measured once per study, the sensitivity profile is
     read from the cache or measured (guided studies), and the seed trials are enqueued (once per study).
@@ -89,12 +137,17 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
     say = on_status or log.info
     started_ray = start_ray(address, workers * cpus_per_worker)
     try:
-        pool = start_workers(ctx, workers, cpus_per_worker)
+        check_resources(WorkerResources(cpus_per_worker, gpus_per_worker, worker_resources or {}), started_ray)
+
+        def spawn(count: int) -> list:
+            return start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator)
+
+        pool = spawn(workers)
         beat(study, [])
         if BASE_METRICS_ATTR not in study.user_attrs:
             study.set_user_attr(BASE_METRICS_ATTR, _clean(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
         _prepare_search(ctx, study, target, pool, workers, say, cache_dir)
-        _drive(ctx, study, target, pool, cpus_per_worker, results_dir, on_trial or (lambda event: None))
+        _drive(ctx, study, target, pool, spawn, results_dir, on_trial or (lambda event: None))
         _score_front_tasks(ctx, study, pool)
     finally:
         beat(study, [], running=False)
@@ -124,8 +177,8 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
         f"{per_trial_s * remaining / max(1, workers) / 60:.1f} min for the {remaining} trials left")
 
 
-def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, cpus_per_worker: int, results_dir: Path,
-           on_trial: Callable[[TrialEvent], None]) -> None:
+def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn: Callable[[int], list],
+           results_dir: Path, on_trial: Callable[[TrialEvent], None]) -> None:
     idle = list(pool)
     in_flight: dict = {}  # object ref -> (trial, worker)
     last_beat = time.monotonic()
@@ -151,7 +204,7 @@ def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, cpus_p
                 last_beat = time.monotonic()
             for ref in ready:
                 trial, worker = in_flight.pop(ref)
-                idle.append(_finish(ctx, study, trial, ref, worker, cpus_per_worker))
+                idle.append(_finish(ctx, study, trial, ref, worker, spawn))
                 _report(study, trial.number, target, ctx, results_dir, on_trial)
     except BaseException:
         for trial, _ in in_flight.values():
@@ -174,13 +227,17 @@ def _propose(ctx: JobContext, trial: optuna.Trial) -> str:
     return plan.to_json()
 
 
-def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, worker, cpus_per_worker: int):
-    """Tell Optuna how a trial ended; returns the worker to reuse (a fresh one if it died)."""
+def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, worker, spawn: Callable[[int], list]):
+    """Tell Optuna how a trial ended; returns the worker to reuse (a fresh one if it died).
+
+    A dead worker (process killed, node lost) is not the trial's fault: the trial is failed as
+    interrupted, its parameters are enqueued again (asked first), and a new worker takes its place.
+    """
     try:
         metrics = ray.get(ref)
     except RayActorError as err:
         requeue(study, trial, f"worker died: {str(err).splitlines()[0]}")
-        return start_workers(ctx, 1, cpus_per_worker)[0]
+        return spawn(1)[0]
     except RayTaskError as err:
         _fail(study, trial, f"{type(err.cause).__name__}: {err.cause}")
         return worker
