@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="no sensitivity profile: no profile-optimal seeds, plain sampler children")
     submit.add_argument("--profile-windows", type=int, default=2,
                         help="calibration windows per sensitivity measurement")
+    submit.add_argument("--profile-seq-len", type=int, default=128, help="tokens of each of those windows")
     submit.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (BOS included)")
     submit.add_argument("--eval-windows", type=int, default=16)
     submit.add_argument("--calib-windows", type=int, default=16)
@@ -170,7 +171,7 @@ def _submit(args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name) for name in (
         "model", "data", "space", "granularity", "tie_fused", "include_lm_head", "bits", "group_sizes", "sparsities",
         "prune_methods", "rank_fractions", "quant_methods", "lowrank_methods", "channel_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
-        "population_size", "uniform_seeds", "guided", "profile_windows", "seq_len", "eval_windows", "calib_windows", "batch_size",
+        "population_size", "uniform_seeds", "guided", "profile_windows", "profile_seq_len", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
         "decode_batch", "latency_repeats", "kl_top_k")}
     spec = JobSpec(study=args.study, **fields)  # validated here, also when it runs as a Ray job

@@ -97,7 +97,7 @@ class SensitivityCache:
 
 
 def cache_path(ctx: JobContext, cache_dir: Path | None) -> Path:
-    calib = ctx.windows.calib_ids[: ctx.spec.profile_windows]
+    calib = ctx.windows.calib_ids[: ctx.spec.profile_windows, : ctx.spec.profile_seq_len]
     data_key = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "sensitivity"
     return folder / f"{model_fingerprint(ctx.model_ref)}-{data_key}.json"
@@ -121,14 +121,14 @@ def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
     missing = sorted({plan_json for *_, plan_json in items if cache.key(plan_json) not in cache.values})
     started = time.perf_counter()
     if missing:
-        _measure_(cache, missing, pool, ctx.spec.profile_windows, on_progress)
+        _measure_(cache, missing, pool, (ctx.spec.profile_windows, ctx.spec.profile_seq_len), on_progress)
     profile: dict[str, dict[str, dict[str, float]]] = {group: {} for group in groups}
     for group, factor, key, plan_json in items:
         profile[group].setdefault(factor, {})[key] = cache.values[cache.key(plan_json)]
     return Profile(profile), time.perf_counter() - started if missing else 0.0
 
 
-def _measure_(cache: SensitivityCache, plans: list[str], pool: list, windows: int,
+def _measure_(cache: SensitivityCache, plans: list[str], pool: list, window_shape: tuple[int, int],
               on_progress: Callable[[int, int], None] | None) -> None:
     """Spread the plans over the workers in small batches; save after every batch (a crash loses little)."""
     batches = [plans[i:i + 8] for i in range(0, len(plans), 8)]
@@ -138,7 +138,7 @@ def _measure_(cache: SensitivityCache, plans: list[str], pool: list, windows: in
     while batches or pending:
         while idle and batches:
             worker, batch = idle.pop(), batches.pop(0)
-            pending[worker.profile_kl.remote(batch, windows)] = (worker, batch)
+            pending[worker.profile_kl.remote(batch, *window_shape)] = (worker, batch)
         ready, _ = ray.wait(list(pending), num_returns=1)
         worker, batch = pending.pop(ready[0])
         for plan_json, kl in zip(batch, ray.get(ready[0])):

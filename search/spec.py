@@ -75,6 +75,7 @@ class JobSpec:
     uniform_seeds: bool = True
     guided: bool = True
     profile_windows: int = 2
+    profile_seq_len: int = 128
     seq_len: int = 256
     eval_windows: int = 16
     calib_windows: int = 16
@@ -112,7 +113,7 @@ class JobSpec:
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise UserError(f"latency budget {self.latency_budget_ms!r} ms must be a positive number of milliseconds")
         for name in ("seq_len", "eval_windows", "calib_windows", "population_size", "latency_prompt_tokens",
-                     "profile_windows"):
+                     "profile_windows", "profile_seq_len"):
             if getattr(self, name) < (2 if name in ("seq_len", "population_size") else 1):
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} is too small")
         self._check_evaluators()

@@ -1,6 +1,7 @@
 """One worker's side of a study: hold the base model once, compress a copy per trial, measure it."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -53,6 +54,7 @@ class TrialEvaluator:
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._input_hessians: dict[str, torch.Tensor] | None = None
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
+        self._profile_base: tuple[torch.Tensor, list] | None = None  # calibration windows, base log-probs
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def input_norms(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
@@ -71,12 +73,26 @@ class TrialEvaluator:
     def compressed_model(self, plan: Plan, keep_stored: bool = False):
         """A compressed copy of the base model (and its stored matrices when `keep_stored`)."""
         model = copy.deepcopy(self.model)
+        return model, self._compress_(model, plan, keep_stored)
+
+    @contextlib.contextmanager
+    def _base_with_plan(self, plan: Plan):
+        """The base model itself with `plan` applied, restored on exit: for plans touching few layers,
+        cheaper than copying the whole model."""
+        saved = {name: copy.deepcopy(self.model.get_submodule(name)) for name in plan.layers}
+        try:
+            self._compress_(self.model, plan, keep_stored=False)
+            yield self.model
+        finally:
+            for name, module in saved.items():
+                self.model.set_submodule(name, module)
+
+    def _compress_(self, model, plan: Plan, keep_stored: bool):
         wanted = list(plan.layers.values())
         norms = self.input_norms(self._linear_names()) if any(lp.needs_norms for lp in wanted) else None
         hessians = self.input_hessians(self._linear_names()) if any(lp.needs_hessian for lp in wanted) else None
-        stored = apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
-                             hessians=hessians)
-        return model, stored
+        return apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
+                           hessians=hessians)
 
     def evaluate(self, plan_json: str) -> dict:
         """Metrics of one plan: `ppl` (and `kl`, task metrics, measured and predicted latency when asked),
@@ -108,6 +124,19 @@ class TrialEvaluator:
         """Task metrics of one plan alone (for scoring only the final Pareto candidates)."""
         model, _ = self.compressed_model(Plan.from_json(plan_json))
         return self.measurements.tasks(model)
+
+    def profile_kl(self, plan_jsons: list[str], windows: int, seq_len: int) -> list[float]:
+        """KL to the base model of each plan on the first `seq_len` tokens of the first `windows`
+        calibration windows (sensitivity profiling: many cheap measurements)."""
+        ids = self.calib_ids[:windows, :seq_len]
+        if self._profile_base is None or self._profile_base[0].shape != ids.shape:
+            self._profile_base = (ids, base_log_probs(self.model, ids, self.batch_size))
+        kls = []
+        for plan_json in plan_jsons:
+            with self._base_with_plan(Plan.from_json(plan_json)) as model:
+                kl = perplexity_and_kl(model, ids, self.batch_size, self._profile_base[1])["kl"]
+                kls.append(max(0.0, kl))  # a compact base cache can put a near-zero KL slightly below 0
+        return kls
 
     def _linear_names(self) -> list[str]:
         return [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]

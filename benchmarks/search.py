@@ -1,0 +1,145 @@
+"""Search quality: which method finds the best (memory, perplexity) front in the same number of trials.
+
+Methods, each run as a real study (Optuna + Ray workers + Parquet) on the same model, data and space:
+- uniform: every layer alike (granularity `model`), NSGA-II over those plans: the baseline users start from;
+- nsga2:   per-block plans, plain NSGA-II (no seeds, no profile);
+- tpe:     per-block plans, plain multivariate TPE;
+- guided:  per-block plans, NSGA-II with the sensitivity profile: knapsack seeds per budget, uniform
+           seeds, budget-preserving children (the product's default).
+
+Quality is the hypervolume of the feasible front in (memory / 16-bit memory, perplexity), computed with
+Optuna's own hypervolume function against the fixed reference point (1.0, REF_PPL_RATIO x base ppl).
+`trials_to_beat_uniform` is the first trial count at which a method's front has a larger hypervolume
+than the front of *every* uniform plan of the space (measured exhaustively once).
+
+Writes benchmarks/results/search.csv and search_bpw.csv and prints the tables.
+
+    python benchmarks/search.py --trials 32 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This file's name is the `search` package's: keep its folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import numpy as np
+import optuna
+import pandas as pd
+import ray
+from optuna._hypervolume import compute_hypervolume
+
+from search.commands import RunOptions, submit
+from search.spec import JobSpec
+
+RESULTS = Path(__file__).parent / "results"
+REF_PPL_RATIO = 3.0  # plans worse than 3x the base perplexity add nothing to the hypervolume
+METHODS = {
+    "uniform": dict(granularity="model", guided=False, uniform_seeds=False),
+    "nsga2": dict(guided=False, uniform_seeds=False),
+    "tpe": dict(sampler="tpe", guided=False, uniform_seeds=False),
+    "guided": dict(guided=True, uniform_seeds=True),
+}
+BPW_TARGETS = (3.0, 2.5)
+
+
+def hypervolume(trials: pd.DataFrame, base_bytes: int, reference: np.ndarray) -> float:
+    done = trials[(trials["state"] == "COMPLETE")]
+    if done.empty:
+        return 0.0
+    points = np.column_stack([done["memory_bytes"] / base_bytes, done["ppl"]])
+    points = points[(points < reference).all(axis=1)]
+    return float(compute_hypervolume(points, reference)) if len(points) else 0.0
+
+
+def run_method(name: str, seed: int, args, workdir: Path) -> tuple[pd.DataFrame, float, float]:
+    spec = JobSpec(study=f"{name}-s{seed}", space=args.space, seed=seed, population_size=args.population,
+                   eval_windows=args.eval_windows, calib_windows=args.calib_windows, **METHODS[name])
+    options = RunOptions(results_dir=workdir, workers=args.workers, cache_dir=args.cache_dir)
+    started = time.perf_counter()
+    trials = submit(spec, args.trials, options)
+    study = optuna.load_study(study_name=spec.study, storage=options.storage_url(spec.study))
+    return trials.sort_values("trial"), time.perf_counter() - started, study.user_attrs.get("profile_s", 0.0)
+
+
+def uniform_reference(args, workdir: Path) -> pd.DataFrame:
+    """Every uniform plan of the space, evaluated once (the best a user can do by hand)."""
+    spec = JobSpec(study="uniform-all", space=args.space, granularity="model", guided=False, uniform_seeds=False,
+                   sampler="random", eval_windows=args.eval_windows, calib_windows=args.calib_windows)
+    choices = list(spec.search_space().uniform_choices())
+    options = RunOptions(results_dir=workdir, workers=args.workers, cache_dir=args.cache_dir)
+
+    def enqueue_all(ctx, study, _requeued):
+        for choice in choices:
+            study.enqueue_trial({f"model:{knob}": value for knob, value in choice.items()}, skip_if_exists=True)
+
+    options.on_ready = enqueue_all
+    return submit(spec, len(choices), options)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--space", default="quant")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--population", type=int, default=8)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--calib-windows", type=int, default=8)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level=logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix="compsearch-bench-"))
+    print(f"studies in {workdir}")
+
+    uniform = uniform_reference(args, workdir)
+    base_study = optuna.load_study(study_name="uniform-all", storage=f"sqlite:///{workdir}/uniform-all/study.db")
+    base_bytes, base_ppl = base_study.user_attrs["base_bytes"], base_study.user_attrs["base_metrics"]["ppl"]
+    reference = np.array([1.0, REF_PPL_RATIO * base_ppl])
+    uniform_hv = hypervolume(uniform, base_bytes, reference)
+    print(f"base ppl {base_ppl:.3f}; every uniform plan ({len(uniform)}): hypervolume {uniform_hv:.4f}")
+
+    rows, bpw_rows = [], []
+    for name in args.methods:
+        for seed in args.seeds:
+            trials, wall_s, profile_s = run_method(name, seed, args, workdir)
+            hv = [hypervolume(trials.head(n), base_bytes, reference) for n in range(1, len(trials) + 1)]
+            beat = next((n for n, value in enumerate(hv, 1) if value > uniform_hv + 1e-12), None)
+            rows.append({"method": name, "seed": seed, "trials": len(trials), "hypervolume": hv[-1],
+                         "trials_to_beat_uniform": beat, "wall_s": wall_s, "profile_s": profile_s})
+            for target in BPW_TARGETS:
+                bpw_rows.append({"method": name, "seed": seed, "bpw_target": target,
+                                 "best_ppl": _best_ppl_at(trials, target)})
+            print(rows[-1], flush=True)
+    for target in BPW_TARGETS:  # the best uniform plan at the same or larger size
+        bigger = uniform[(uniform["state"] == "COMPLETE") & (uniform["bits_per_weight"] >= target)]
+        smallest = bigger.sort_values("bits_per_weight").head(1)
+        bpw_rows.append({"method": "uniform-all", "seed": -1, "bpw_target": target,
+                         "best_ppl": float(smallest["ppl"].iloc[0]) if len(smallest) else None,
+                         "uniform_bpw": float(smallest["bits_per_weight"].iloc[0]) if len(smallest) else None})
+    RESULTS.mkdir(exist_ok=True)
+    table, bpw = pd.DataFrame(rows), pd.DataFrame(bpw_rows)
+    table.to_csv(RESULTS / "search.csv", index=False)
+    bpw.to_csv(RESULTS / "search_bpw.csv", index=False)
+    print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\n" + table.groupby("method")[["hypervolume", "trials_to_beat_uniform", "wall_s"]].mean().to_string())
+    print("\n" + bpw.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    ray.shutdown()
+
+
+def _best_ppl_at(trials: pd.DataFrame, bpw_target: float) -> float | None:
+    fit = trials[(trials["state"] == "COMPLETE") & (trials["bits_per_weight"] <= bpw_target)]
+    return float(fit["ppl"].min()) if len(fit) else None
+
+
+if __name__ == "__main__":
+    main()

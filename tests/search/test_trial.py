@@ -1,0 +1,26 @@
+"""The worker-side evaluator: sensitivity measurements leave the base model exactly as it was."""
+import torch
+
+from evaluators import load_text, make_windows
+from search.models import load_tokenizer
+from search.trial import TrialEvaluator
+from spaces.plan import LayerPlan, Plan
+
+
+def test_profile_kl_restores_the_base_model(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text, source = load_text(None)
+    windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=2)
+    evaluator = TrialEvaluator(str(tiny_model_dir), windows.eval_ids, windows.calib_ids, batch_size=2,
+                               with_kl=False, with_latency=False)
+    before = {name: param.clone() for name, param in evaluator.model.state_dict().items()}
+    plans = [Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=2, group_size=32)}),
+             Plan({"model.layers.1.mlp.down_proj": LayerPlan(rank_fraction=0.25, sparsity=0.5)}),
+             Plan({"model.layers.1.mlp.down_proj": LayerPlan(bits=8)})]
+    kls = evaluator.profile_kl([plan.to_json() for plan in plans], windows=2, seq_len=16)
+    assert kls[0] > kls[2] >= 0 and kls[1] > kls[2]  # 8 bits barely moves the output
+    after = evaluator.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    again = evaluator.profile_kl([plans[0].to_json()], windows=2, seq_len=16)
+    assert again[0] == kls[0]  # deterministic, and measured on the restored model
