@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 
 # This file's name is the `search` package's: keep its folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: loopback only
 
 import numpy as np
 import optuna
@@ -35,6 +37,7 @@ import ray
 from optuna._hypervolume import compute_hypervolume
 
 from search.commands import RunOptions, submit
+from search.runner import start_ray
 from search.spec import JobSpec
 
 RESULTS = Path(__file__).parent / "results"
@@ -96,8 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level=logging.WARNING)
+    start_ray(None, args.workers)
     workdir = Path(tempfile.mkdtemp(prefix="compsearch-bench-"))
     print(f"studies in {workdir}")
 

@@ -23,6 +23,9 @@ EXIT_USAGE = 2
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a Ray job re-runs on the cluster
+    if not getattr(args, "address", None):
+        # Read by Ray when it is imported (later, by the command): a local instance listens on loopback only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     _quiet_libraries(args.verbose)
     if is_jobs_address(getattr(args, "address", None)):
         use_token_auth()  # before anything imports Ray: it reads RAY_AUTH_MODE once

@@ -100,3 +100,28 @@ def test_second_driver_is_refused_while_one_runs(tiny_model_dir, tmp_path):
         assert "already running" in second.stderr and f"pid {first.pid}" in second.stderr
     finally:
         _kill_tree(first)
+
+
+def test_local_ray_listens_on_loopback_only(tiny_model_dir, tmp_path):
+    results = tmp_path / "results"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    driver = subprocess.Popen([sys.executable, "-m", "search.cli",  # the CLI itself must keep Ray on loopback
+                               *cli_args(tiny_model_dir, results, "loopback", 200, "--workers", "1")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        storage = open_storage(default_storage_url(results, "loopback"))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+            try:
+                if done_count(load_study("loopback", storage)[0]) >= 1:
+                    break
+            except Exception:
+                continue
+        tree = {driver.pid} | {p.pid for p in psutil.Process(driver.pid).children(recursive=True)}
+        listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in tree]
+        assert listening, "the driver's Ray processes listen on no port?"
+        assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
+    finally:
+        _kill_tree(driver)
