@@ -17,6 +17,7 @@ from evaluators.measure import Measurements
 from evaluators.memory import PeakMemory, auto_batch_size
 from evaluators.tasks import TaskSuite
 from search.models import load_model, load_tokenizer
+from search.profiling import BlockReplay
 from spaces.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class TrialEvaluator:
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._input_hessians: dict[str, torch.Tensor] | None = None
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
-        self._profile_base: tuple[torch.Tensor, list] | None = None  # calibration windows, base log-probs
+        self._profile: tuple | None = None  # profiling windows, their base log-probs, the block replay
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def input_norms(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
@@ -127,15 +128,17 @@ class TrialEvaluator:
 
     def profile_kl(self, plan_jsons: list[str], windows: int, seq_len: int) -> list[float]:
         """KL to the base model of each plan on the first `seq_len` tokens of the first `windows`
-        calibration windows (sensitivity profiling: many cheap measurements)."""
+        calibration windows (sensitivity profiling: many cheap measurements, one batch each)."""
         ids = self.calib_ids[:windows, :seq_len]
-        if self._profile_base is None or self._profile_base[0].shape != ids.shape:
-            self._profile_base = (ids, base_log_probs(self.model, ids, self.batch_size))
+        if self._profile is None or self._profile[0].shape != ids.shape:
+            self._profile = (ids, base_log_probs(self.model, ids, len(ids)), BlockReplay(self.model, ids))
+        _, base, replay = self._profile
         kls = []
         for plan_json in plan_jsons:
-            with self._base_with_plan(Plan.from_json(plan_json)) as model:
-                kl = perplexity_and_kl(model, ids, self.batch_size, self._profile_base[1])["kl"]
-                kls.append(max(0.0, kl))  # a compact base cache can put a near-zero KL slightly below 0
+            plan = Plan.from_json(plan_json)
+            with self._base_with_plan(plan) as model, replay.skipping(plan.layers):
+                kl = perplexity_and_kl(model, ids, len(ids), base)["kl"]
+            kls.append(max(0.0, kl))  # a compact base cache can put a near-zero KL slightly below 0
         return kls
 
     def _linear_names(self) -> list[str]:

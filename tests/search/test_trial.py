@@ -24,3 +24,26 @@ def test_profile_kl_restores_the_base_model(tiny_model_dir):
     assert all(torch.equal(before[name], after[name]) for name in before)
     again = evaluator.profile_kl([plans[0].to_json()], windows=2, seq_len=16)
     assert again[0] == kls[0]  # deterministic, and measured on the restored model
+
+
+def test_skipping_unchanged_blocks_gives_the_full_forward_result(tiny_model_dir):
+    from evaluators import base_log_probs, perplexity_and_kl
+    from search.profiling import BlockReplay
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text, source = load_text(None)
+    windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=2)
+    evaluator = TrialEvaluator(str(tiny_model_dir), windows.eval_ids, windows.calib_ids, batch_size=2,
+                               with_kl=False, with_latency=False)
+    ids = windows.calib_ids
+    base = base_log_probs(evaluator.model, ids, len(ids))
+    replay = BlockReplay(evaluator.model, ids)
+    plan = Plan({"model.layers.1.self_attn.v_proj": LayerPlan(bits=2, group_size=32)})
+    assert replay.first_changed(plan.layers) == 1
+    model, _ = evaluator.compressed_model(plan)
+    full = perplexity_and_kl(model, ids, len(ids), base)["kl"]
+    with evaluator._base_with_plan(plan) as in_place, replay.skipping(plan.layers):
+        assert type(in_place.model.layers[0]).__name__ == "_Replay"
+        skipped = perplexity_and_kl(in_place, ids, len(ids), base)["kl"]
+    assert full > 0 and abs(skipped - full) <= 1e-6 * full
+    assert type(evaluator.model.model.layers[0]).__name__ != "_Replay"  # restored
