@@ -299,14 +299,15 @@ def _table(frame) -> str:
     if frame.empty:
         return "(no completed trials)"
     tasks = [column for column in frame.columns if column.startswith("task_") and column.endswith("_acc")]
-    shown = frame[["rank", "trial", "ppl", "kl", *tasks, "bits_per_weight", "memory_bytes", "latency_ms",
-                   "predicted_latency_ms", "decode_ms", "predicted_decode_ms", "latency_kernel", "peak_rss_bytes",
-                   "feasible", "on_front"]]
+    shown = frame[["rank", "trial", "ppl", "kl", "estimated_kl", *tasks, "bits_per_weight", "memory_bytes",
+                   "latency_ms", "predicted_latency_ms", "decode_ms", "predicted_decode_ms", "latency_kernel",
+                   "peak_rss_bytes", "feasible", "on_front"]]
     shown = shown.dropna(axis=1, how="all").copy()
     shown["memory_bytes"] = shown["memory_bytes"].map(lambda b: _mb(b))
     if "peak_rss_bytes" in shown:
         shown["peak_rss_bytes"] = shown["peak_rss_bytes"].map(lambda b: _mb(b) if b == b else "")
-    return shown.rename(columns={"memory_bytes": "memory", "peak_rss_bytes": "peak_rss"}).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    shown = shown.rename(columns={"memory_bytes": "memory", "peak_rss_bytes": "peak_rss", "estimated_kl": "est_kl"})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
 def _mb(nbytes) -> str:
