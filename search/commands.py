@@ -26,8 +26,6 @@ from spaces.plan import Plan
 
 log = logging.getLogger(__name__)
 TARGET_ATTR = "target_trials"
-# Spec fields that do not change what a study searches; they may differ between submits.
-_RUN_ONLY_FIELDS: set[str] = set()
 
 
 @dataclass
@@ -167,7 +165,7 @@ def _open_existing(study_name: str, options: RunOptions) -> tuple[optuna.Study, 
 
 def _exists_message(spec: JobSpec, old: JobSpec) -> str:
     new, before = spec.to_dict(), old.to_dict()
-    changed = [key for key in new if key not in _RUN_ONLY_FIELDS and new[key] != before.get(key)]
+    changed = [key for key in new if new[key] != before.get(key)]
     if not changed:
         return (f"study {spec.study!r} already exists; continue it with `compsearch resume --study {spec.study} "
                 f"--trials N`, or pass --force to start it over")
