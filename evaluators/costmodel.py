@@ -20,7 +20,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -140,8 +139,7 @@ def _bench_module(rows: int, cols: int, kernel: str, device: torch.device) -> nn
                                     sparsity=0.5 if kernel == "sparse24" else 0.0,
                                     pattern="2:4" if kernel == "sparse24" else "unstructured")})
         return _to_cuda_kernels_(wrapper, plan, {"0": kernel})[0]
-    with warnings.catch_warnings(action="ignore", category=UserWarning):
-        return _to_cpu_kernels_(wrapper, {"0": kernel})
+    return _to_cpu_kernels_(wrapper, {"0": kernel})
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -83,7 +84,10 @@ def _to_cpu_kernels_(model: nn.Module, kernels: dict[str, str]) -> nn.Module:
 
     # A name maps to its module and (for a low-rank layer) both of its factors.
     spec = {name: per_channel_dynamic_qconfig for name in int8}
-    return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+    with warnings.catch_warnings():  # torch marks eager-mode quantization deprecated; it is still the CPU int8 path
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
 
 
 def _to_cuda_kernels_(model: nn.Module, plan: Plan, kernels: dict[str, str]

@@ -6,14 +6,13 @@ on the base model once per device, cached on disk) and then measures each compre
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 from torch import nn
 
 from evaluators.costmodel import LatencyCostModel
 from evaluators.kernels import timing_model
-from evaluators.latency import LatencySettings, measure_generation
+from evaluators.latency import LatencySettings, measure_generation, measure_latency
 from evaluators.tasks import TaskSuite, score_tasks
 from spaces.plan import Plan
 
@@ -31,7 +30,7 @@ class Measurements:
         if latency is not None:
             self.cost_model = LatencyCostModel(model, model_ref, latency, cache_dir)
             if not self.cost_model.calibrated:
-                measure_generation(model, latency)  # a throw-away run: first calls pay one-off costs
+                measure_latency(model, latency.prompt_tokens, repeats=1, warmup=1)  # first calls pay one-off costs
                 self.cost_model.calibrate(measure_generation(model, latency))
                 log.info("latency cost model calibrated and cached in %s", self.cost_model.path)
 
@@ -53,8 +52,7 @@ class Measurements:
         """Prefill and decode timings of `model` (compressed by `plan`) on the device's fast kernels."""
         if self.latency is None:
             return {}
-        with warnings.catch_warnings(action="ignore", category=UserWarning):  # torch's quantized-tensor notice
-            timed, kernels = timing_model(model, plan)
+        timed, kernels = timing_model(model, plan)
         metrics = measure_generation(timed, self.latency)
         metrics.update(kernels)
         return metrics

@@ -15,6 +15,7 @@ from evaluators.bigbench import BIGBENCH_PREFIX, TaskError, conversion_dir, conv
 
 log = logging.getLogger(__name__)
 _COLUMN_CHARS = re.compile(r"[^A-Za-z0-9_]+")
+_TASK_LINE = re.compile(r"""^\s*["']?(?:task|group)["']?\s*:\s*["']?([^"'\s,]+)""", re.MULTILINE)  # YAML or JSON
 
 
 @dataclass
@@ -51,7 +52,8 @@ class TaskSuite:
                     self.include_paths.append(str(out_dir))
             else:
                 self.names.append(task)
-                self.uses_hub = True  # a name of the user's folders is found there first; others need defaults
+                # A task of the user's folders needs no built-in index (5-7 s to build); any other name does.
+                self.uses_hub = self.uses_hub or task not in local_task_names(self.include_paths)
 
     def task_manager(self):
         """An lm-eval TaskManager that knows the local tasks (and the built-in ones only when needed)."""
@@ -64,6 +66,19 @@ class TaskSuite:
             raise TaskError(f"--tasks {','.join(unknown)}: not found in {where}{self.include_paths or 'any folder'}; "
                             "check the name (`lm-eval ls tasks`), or give --task-path DIR / bigbench:PATH.json")
         return manager
+
+
+def local_task_names(folders: list[str]) -> set[str]:
+    """Task and group names defined by the YAML files under `folders` (read as text, as a quick index)."""
+    names = set()
+    for folder in folders:
+        for path in Path(folder).rglob("*.yaml"):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            names.update(_TASK_LINE.findall(text))
+    return names
 
 
 def score_tasks(model: nn.Module, tokenizer, suite: TaskSuite, batch_size: int = 8, manager=None) -> dict[str, float]:
