@@ -13,6 +13,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import event
 
 from search.errors import UserError
 from search.spec import OBJECTIVES, JobSpec
@@ -41,11 +42,29 @@ def open_storage(url: str) -> BaseStorage:
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings(category=ExperimentalWarning, action="ignore"):
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+            storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        if url.startswith("sqlite"):
+            _write_ahead_log(storage)
+        return storage
     except Exception as err:  # SQLAlchemy raises many kinds for bad URLs or unreachable servers
         raise UserError(f"storage {url!r} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         f"give an SQLAlchemy URL like sqlite:///path.db or postgresql://..., or journal:PATH") from None
+
+
+def _write_ahead_log(storage: RDBStorage) -> None:
+    """sqlite in WAL mode with synchronous=NORMAL: a commit no longer waits for a disk flush (a trial
+    writes a hundred or more params and attrs, each its own commit: about 27 ms each otherwise, 2 ms
+    with WAL). Still safe when a process is killed; WAL needs the file on a local disk, which the
+    default `results/<study>/study.db` is (shared storage is PostgreSQL or a journal file)."""
+    @event.listens_for(storage.engine, "connect")
+    def _pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    storage.engine.dispose()  # connections opened while the storage set itself up get the pragmas too
 
 
 def make_sampler(spec: JobSpec, child_generation=None) -> optuna.samplers.BaseSampler:
