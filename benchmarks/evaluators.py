@@ -105,15 +105,43 @@ def run(limit: int, out: Path, threads: int) -> pd.DataFrame:
     return frame
 
 
+def kl_gap(threads: int, windows_count: int = 8) -> None:
+    """Compact (top-k + rest) KL against the exact KL on the default model, for two plans."""
+    import copy
+
+    from compress import apply_plan_
+    from evaluators import base_log_probs, perplexity_and_kl
+    from search.models import load_model
+
+    torch.set_num_threads(threads)
+    model_ref = resolve_model("smollm2-135m")
+    text, source = load_text(None)
+    ids = make_windows(load_tokenizer(model_ref), text, source, 256, windows_count, 1).eval_ids
+    model = load_model(model_ref)
+    exact_base = base_log_probs(model, ids, 4, top_k=None)
+    names = [layer.name for layer in linear_layers(model)]
+    for label, layer_plan in (("4-bit g128", LayerPlan(bits=4, group_size=128)), ("3-bit g128", LayerPlan(bits=3))):
+        compressed = copy.deepcopy(model)
+        apply_plan_(compressed, Plan.uniform(names, layer_plan))
+        exact = perplexity_and_kl(compressed, ids, 4, exact_base)["kl"]
+        for top_k in (32, 128):
+            compact = perplexity_and_kl(compressed, ids, 4, base_log_probs(model, ids, 4, top_k=top_k))["kl"]
+            print(f"{label}: exact KL {exact:.5f}, top-{top_k} KL {compact:.5f} ({compact / exact - 1:+.2%})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hyperbaton-limit", type=int, default=500, help="first N examples of hyperbaton_2k")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluators.csv")
+    parser.add_argument("--kl-gap", action="store_true", help="only compare the compact KL with the exact one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for name in ("torchao", "lm_eval", "lm-eval", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if args.kl_gap:
+        kl_gap(args.threads)
+        return
     run(args.hyperbaton_limit, args.out, args.threads)
 
 
