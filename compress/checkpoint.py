@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.apply import MatrixLayout, StoredMatrix, replace_with_low_rank_
-from compress.hqq import dequantize_hqq
 from compress.kmeans import PalettizedMatrix
 from compress.quantize import dequantize
 from compress.storage import FLOAT_BITS, NO_EXACT_ZERO, pack_bits, uses_mask_format, unpack_bits
@@ -68,10 +67,7 @@ def _packed_tensors(key: str, matrix: StoredMatrix) -> dict[str, torch.Tensor]:
         tensors[f"{key}.codebook"] = q.codebook.contiguous()
         return tensors
     tensors[f"{key}.scales"] = q.scales.contiguous()
-    if layout.quant_method == "hqq":
-        tensors[f"{key}.zeros"] = q.zeros.to(torch.float16).contiguous()
-    else:
-        tensors[f"{key}.zeros"] = pack_bits(q.zeros, layout.bits)
+    tensors[f"{key}.zeros"] = pack_bits(q.zeros, layout.bits)
     return tensors
 
 
@@ -119,17 +115,13 @@ def _unpack_matrix(archive, key: str, layout: MatrixLayout) -> torch.Tensor:
         return _scatter(values, mask, layout)
     codes = unpack_bits(archive.get_tensor(f"{key}.codes"), layout.bits, n_values)
     if layout.quant_method in NO_EXACT_ZERO:
-        # Only kept weights have codes; pruned positions get any code and are zeroed by the mask.
+        # Only kept weights have codes; pruned positions get code 0 and are zeroed by the mask.
         full = torch.zeros(layout.rows, layout.cols, dtype=torch.uint8)
         if mask is not None:
             full[mask] = codes
         else:
             full = codes.reshape(layout.rows, layout.cols)
-        if layout.quant_method == "kmeans":
-            values = PalettizedMatrix(full, archive.get_tensor(f"{key}.codebook"), layout.bits).dequantize()
-        else:
-            values = dequantize_hqq(full, archive.get_tensor(f"{key}.scales"), archive.get_tensor(f"{key}.zeros"),
-                                    layout.group_size)
+        values = PalettizedMatrix(full, archive.get_tensor(f"{key}.codebook"), layout.bits).dequantize()
         return values * mask if mask is not None else values
     scales = archive.get_tensor(f"{key}.scales")
     zeros = unpack_bits(archive.get_tensor(f"{key}.zeros"), layout.bits, scales.numel()).reshape(scales.shape)

@@ -1,74 +1,70 @@
-"""HQQ-style calibration-free quantization: the zero point is fitted by half-quadratic optimization.
+"""HQQ-style calibration-free quantization: scale and zero point fitted by half-quadratic optimization.
 
-Badri & Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2023). With the scale
-fixed, HQQ minimizes the l_p (p < 1) norm of the weight error, which is robust to the outliers that
-dominate a min/max grid. Splitting with an auxiliary error variable E gives two closed-form steps:
-E = shrink_p(W - dequant(W)) (a generalized soft threshold) and zero = mean(Q - (W - E) / scale).
-Differences from the reference: it starts from the integer-zero RTN grid (which holds 0 exactly),
-the zero point is stored as fp16 (so the grid need not hold 0 any more), and the iterate with the
-lowest squared weight error is kept -- never worse than RTN on ||W - Q||, which is what the model's
-outputs feel at these group sizes.
+Badri & Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2023). HQQ minimizes an
+l_p (p < 1) norm of the weight error, which is robust to the outliers that dominate a min/max grid.
+Splitting with an auxiliary error variable E gives closed-form alternating steps:
+E = shrink_p(W - dequant(W)) (a generalized soft threshold), then the grid parameters are refitted
+by least squares to W - E.
+
+Differences from the reference, both measured on SmolLM2-135M (see benchmarks/methods.py):
+- the reference fits a float zero point; here the zero point stays an integer, so the grid keeps an
+  exact 0. A fractional zero shifts every near-zero weight of a group by the same amount; that
+  coherent error met the activations' large mean components and made perplexity worse than RTN
+  even where the weight error was smaller. The freed degree of freedom goes to the scale, which the
+  reference keeps fixed: HQQ's proximal steps fit the scale (which shrinks it where a few outliers
+  stretched the range) and then the best integer zero;
+- it starts from the RTN grid and keeps the iterate with the lowest squared weight error per group,
+  so it is never worse than RTN on ||W - Q||. The format is RTN's (fp16 scale, packed integer zero).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from compress.quantize import _grouped, group_scale_zero, round_to_grid
+from compress.quantize import QuantizedMatrix, _grouped, group_scale_zero, round_to_grid
 
 ITERATIONS = 20
 LP_NORM = 0.7
 BETA_START, BETA_GROWTH = 10.0, 1.01
 
 
-@dataclass
-class HqqMatrix:
-    """Integer codes of a rows x cols matrix with an fp16 scale and an fp16 zero point per group."""
-
-    codes: torch.Tensor  # uint8, (rows, cols)
-    scales: torch.Tensor  # float16, (rows, groups)
-    zeros: torch.Tensor  # float16, (rows, groups)
-    bits: int
-    group_size: int
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_hqq(self.codes, self.scales, self.zeros, self.group_size)
-
-
-def quantize_hqq(weight: torch.Tensor, bits: int, group_size: int, iterations: int = ITERATIONS) -> HqqMatrix:
-    """Quantize with HQQ's proximal zero-point updates; the best fp16 (scale, zero) pair is kept."""
+def quantize_hqq(weight: torch.Tensor, bits: int, group_size: int, iterations: int = ITERATIONS) -> QuantizedMatrix:
+    """Quantize with HQQ's proximal updates of the scale and integer zero; the best pair is kept."""
     rows, cols = weight.shape
     grouped = _grouped(weight.float(), group_size)
+    padding = (-cols) % group_size
+    valid = torch.ones(1, 1, group_size)
+    if padding:  # the last group of a row is zero-padded: padding must not steer the fit
+        valid = torch.ones(1, grouped.shape[1], group_size)
+        valid[:, -1, group_size - padding:] = 0
     scales, zeros = group_scale_zero(grouped, bits)
-    scale = scales.float().unsqueeze(2)
-    best_zero = zeros.unsqueeze(2)
-    best_error = _group_error(grouped, scale, best_zero, bits)
-    zero, beta = best_zero.clone(), BETA_START
+    best_scale, best_zero = scales.float().unsqueeze(2), zeros.unsqueeze(2)
+    best_error = _group_error(grouped, best_scale, best_zero, bits, valid)
+    scale, zero, beta = best_scale.clone(), best_zero.clone(), BETA_START
+    qmax = (1 << bits) - 1
     for _ in range(iterations):
         codes = round_to_grid(grouped, scale, zero, bits)
-        error = _shrink_lp(grouped - (codes - zero) * scale, beta)
-        zero = (codes - (grouped - error) / scale).mean(dim=2, keepdim=True).half().float()
+        target = grouped - _shrink_lp(grouped - (codes - zero) * scale, beta)
+        steps = (codes - zero) * valid
+        fitted = (steps * target).sum(dim=2, keepdim=True) / steps.square().sum(dim=2, keepdim=True).clamp(min=1e-12)
+        scale = torch.where(fitted > 0, fitted, scale).half().float()
+        zero = ((codes - target / scale) * valid).sum(dim=2, keepdim=True) / valid.sum(dim=2, keepdim=True)
+        zero = zero.round().clamp(0, qmax)
         beta *= BETA_GROWTH
-        candidate = _group_error(grouped, scale, zero, bits)
+        candidate = _group_error(grouped, scale, zero, bits, valid)
         better = candidate < best_error
+        best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
         best_error = torch.minimum(candidate, best_error)
-    codes = round_to_grid(grouped, scale, best_zero, bits).reshape(rows, -1)[:, :cols]
-    return HqqMatrix(codes.to(torch.uint8), scales, best_zero.squeeze(2).half(), bits, group_size)
+    codes = round_to_grid(grouped, best_scale, best_zero, bits).reshape(rows, -1)[:, :cols]
+    return QuantizedMatrix(codes.to(torch.uint8), best_scale.squeeze(2).half(), best_zero.squeeze(2).to(torch.uint8),
+                           bits, group_size)
 
 
-def dequantize_hqq(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    rows, cols = codes.shape
-    grouped = _grouped(codes.float(), group_size)
-    values = (grouped - zeros.float().unsqueeze(2)) * scales.float().unsqueeze(2)
-    return values.reshape(rows, -1)[:, :cols].contiguous()
-
-
-def _group_error(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def _group_error(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                 valid: torch.Tensor) -> torch.Tensor:
     """Squared weight error per group (rows, groups, 1) on the grid (code - zero) * scale."""
     approx = (round_to_grid(grouped, scale, zero, bits) - zero) * scale
-    return (approx - grouped).square().sum(dim=2, keepdim=True)
+    return ((approx - grouped).square() * valid).sum(dim=2, keepdim=True)
 
 
 def _shrink_lp(x: torch.Tensor, beta: float) -> torch.Tensor:

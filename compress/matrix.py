@@ -7,7 +7,7 @@ from typing import Union
 import torch
 
 from compress.gptq import inverse_hessian_factor, quantize_gptq
-from compress.hqq import HqqMatrix, quantize_hqq
+from compress.hqq import quantize_hqq
 from compress.kmeans import PalettizedMatrix, palettize
 from compress.prune import keep_mask
 from compress.quantize import QuantizedMatrix, quantize_rtn
@@ -15,7 +15,7 @@ from compress.sparsegpt import prune_sparsegpt
 from compress.storage import FLOAT_BITS, NO_EXACT_ZERO, matrix_nbytes
 from spaces.plan import LayerPlan, PlanError
 
-AnyQuantized = Union[QuantizedMatrix, HqqMatrix, PalettizedMatrix]
+AnyQuantized = Union[QuantizedMatrix, PalettizedMatrix]
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,13 @@
 One format, used both for accounting and by `save_compressed`, so the bytes a plan is charged are
 the bytes a checkpoint holds (safetensors header aside):
 - bits 16: half-precision values;
-- bits < 16, `rtn` and `gptq`: integer codes packed at `bits` each, plus per group of `group_size`
-  inputs in a row an fp16 scale and an integer zero point packed at `bits`;
-- `hqq`: the same, but the zero point is fp16 (fitted, not an integer);
+- bits < 16, `rtn`, `gptq` and `hqq`: integer codes packed at `bits` each, plus per group of
+  `group_size` inputs in a row an fp16 scale and an integer zero point packed at `bits`;
 - `kmeans`: codes packed at `bits` (indices into the row's codebook) plus one codebook of 2**bits
   fp16 values per row;
 - a pruned matrix is stored either densely (pruned weights are code "zero point", i.e. exactly 0) or
-  as a 1-bit keep mask plus only the kept values, whichever is smaller. Grids that need not hold an
-  exact 0 (`hqq`, `kmeans`) always use the mask format when pruned.
+  as a 1-bit keep mask plus only the kept values, whichever is smaller. A k-means codebook need not
+  hold an exact 0, so a pruned `kmeans` matrix always uses the mask format.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
-NO_EXACT_ZERO = ("hqq", "kmeans")  # quantizers whose grid may lack an exact 0
+NO_EXACT_ZERO = ("kmeans",)  # quantizers whose grid may lack an exact 0
 
 
 def values_nbytes(rows: int, cols: int, count: int, bits: int, group_size: int, quant_method: str = "rtn") -> int:
@@ -36,8 +35,7 @@ def values_nbytes(rows: int, cols: int, count: int, bits: int, group_size: int, 
     if quant_method == "kmeans":
         return packed_nbytes(count, bits) + rows * (1 << bits) * FLOAT_BITS // 8
     groups = rows * math.ceil(cols / group_size)
-    zero_nbytes = groups * FLOAT_BITS // 8 if quant_method == "hqq" else packed_nbytes(groups, bits)
-    return packed_nbytes(count, bits) + groups * SCALE_BITS // 8 + zero_nbytes
+    return packed_nbytes(count, bits) + groups * SCALE_BITS // 8 + packed_nbytes(groups, bits)
 
 
 def uses_mask_format(rows: int, cols: int, kept: int, bits: int, group_size: int, quant_method: str = "rtn") -> bool:

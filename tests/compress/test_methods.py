@@ -52,8 +52,19 @@ def test_hqq_weight_error_at_most_rtn(problem, bits, group_size):
     weight = problem[0] * torch.linspace(0.2, 3.0, 256)  # uneven column scales
     rtn = _weight_error(weight, quantize_rtn(weight, bits, group_size).dequantize())
     hqq = quantize_hqq(weight, bits, group_size)
-    assert hqq.zeros.dtype == torch.float16 and hqq.codes.max() < 2 ** bits
+    assert hqq.codes.max() < 2 ** bits and hqq.zeros.max() < 2 ** bits
     assert _weight_error(weight, hqq.dequantize()) <= rtn * 1.0001
+
+
+def test_hqq_beats_rtn_on_heavy_tailed_weights_and_keeps_zero_exact():
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(3.0).sample((128, 320))  # outliers stretch min/max grids
+    weight[:, ::5] = 0.0
+    for bits in (2, 3):
+        rtn = _weight_error(weight, quantize_rtn(weight, bits, 128).dequantize())
+        values = quantize_hqq(weight, bits, 128).dequantize()
+        assert _weight_error(weight, values) < 0.95 * rtn
+        assert torch.all(values[:, ::5] == 0)
 
 
 def test_kmeans_error_shrinks_with_bits_and_uses_its_codebook(problem):

@@ -1,0 +1,152 @@
+"""Compression methods benchmark: perplexity of each method at matching size on the default model.
+
+SmolLM2-135M, the default data (pydoc text), calibration on the calibration split (first half of the
+tokens), perplexity on the evaluation split (second half). Every compared plan touches the same
+layers with the same bytes, so within a group only the method differs:
+- quantization of every Linear at 3 and 2 bits, groups of 128: RTN, GPTQ, HQQ-style, k-means
+  (k-means has one codebook per row instead of group scales: its bytes are in the table);
+- 50% unstructured and 2:4 sparsity of every Linear: magnitude, Wanda, SparseGPT (and OWL's
+  non-uniform 50% profile with Wanda);
+- low-rank of the MLP projections: plain SVD vs whitened (SVD-LLM) at equal ranks;
+- structured removal of 25% of every MLP's channels, with the measured forward time vs the base.
+Prints a table and writes benchmarks/results/methods.csv.
+
+    python benchmarks/methods.py [--eval-windows 8] [--calib-windows 16] [--seq-len 256]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from compress import apply_plan_, input_hessians, input_norms, plan_bits_per_weight, plan_nbytes  # noqa: E402
+from compress.owl import owl_plan  # noqa: E402
+from evaluators import load_text, make_windows, perplexity_and_kl  # noqa: E402
+from search.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from spaces.layers import count_params, linear_layers  # noqa: E402
+from spaces.plan import LayerPlan, Plan  # noqa: E402
+
+MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
+FAMILY_ORDER = {"base": 0, "quant": 1, "sparse": 2, "lowrank": 3, "structured": 4}
+
+
+def plans(layers) -> list[tuple[str, str, str, Plan]]:
+    """(family, method, setting, plan) for every compared configuration."""
+    names = [layer.name for layer in layers]
+    mlp = [layer.name for layer in layers if layer.kind in MLP_KINDS]
+    rows = [("base", "fp16", "-", Plan())]
+    for bits in (3, 2):
+        for method in ("rtn", "gptq", "hqq", "kmeans"):
+            rows.append(("quant", method, f"{bits}-bit g128", Plan.uniform(names, LayerPlan(
+                bits=bits, group_size=128, quant_method=method))))
+    for sparsity, pattern in ((0.5, "unstructured"), (0.5, "2:4")):
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            setting = "50%" if pattern == "unstructured" else pattern
+            rows.append(("sparse", method, setting, Plan.uniform(names, LayerPlan(
+                sparsity=sparsity, pattern=pattern, prune_method=method))))
+    for fraction in (0.75, 0.5, 0.375):  # 0.75 is skipped by `run`: it stores more than the dense matrix
+        for method in ("svd", "whiten"):
+            rows.append(("lowrank", method, f"MLP rank -{1 - fraction:.1%}", Plan.uniform(mlp, LayerPlan(
+                rank_fraction=fraction, lowrank_method=method))))
+    rows.append(("structured", "mlp-channels", "MLP channels -25%",
+                 Plan.uniform(mlp, LayerPlan(channel_fraction=0.75))))
+    return rows
+
+
+def forward_ms(models: list, windows: torch.Tensor, repeats: int = 7) -> list[float]:
+    """Median wall time (ms) of one forward pass over `windows` (no vocabulary projection) per model.
+
+    The models take turns within every repeat, so load from other processes on a shared machine
+    hits them alike and their ratio stays meaningful.
+    """
+    decoders = [model.get_decoder() for model in models]
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for decoder in decoders:
+            decoder(input_ids=windows)  # warm-up
+        for _ in range(repeats):
+            for decoder, spent in zip(decoders, times):
+                started = time.perf_counter()
+                decoder(input_ids=windows)
+                spent.append(1000 * (time.perf_counter() - started))
+    return [statistics.median(spent) for spent in times]
+
+
+def run(model, plan: Plan, layers, total: int, windows, norms, hessians, cache: dict, batch_size: int) -> dict | None:
+    """Compress a copy of `model` by `plan` and measure it; None when the plan is not storable."""
+    try:
+        plan_bytes = plan_nbytes(layers, plan, total)
+    except ValueError:
+        return None
+    compressed = copy.deepcopy(model)
+    started = time.perf_counter()
+    apply_plan_(compressed, plan, norms, svd_cache=cache, hessians=hessians)
+    compress_s = time.perf_counter() - started
+    ppl = perplexity_and_kl(compressed, windows.eval_ids, batch_size)["ppl"]
+    row = {"ppl": round(ppl, 3), "plan_bytes": plan_bytes, "bits_per_weight": round(plan_bits_per_weight(layers, plan), 3),
+           "compress_s": round(compress_s, 1)}
+    if any(lp.channel_fraction < 1.0 for lp in plan.layers.values()):
+        base_ms, row_ms = forward_ms([model, compressed], windows.eval_ids[:batch_size])
+        row.update(forward_ms=round(row_ms, 1), base_forward_ms=round(base_ms, 1), forward_ratio=round(row_ms / base_ms, 3))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the others")
+    parser.add_argument("--only", help="run only this family (quant, sparse, lowrank, structured), e.g. to re-time")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.csv")
+    args = parser.parse_args()
+
+    ref = resolve_model("smollm2-135m")
+    model, tokenizer = load_model(ref), load_tokenizer(ref)
+    text, source = load_text(None)
+    windows = make_windows(tokenizer, text, source, args.seq_len, args.eval_windows, args.calib_windows)
+    layers = linear_layers(model)
+    names, total = [layer.name for layer in layers], count_params(model)
+    started = time.perf_counter()
+    norms = input_norms(model, windows.calib_ids, names, args.batch_size)
+    hessians = input_hessians(model, windows.calib_ids, names, args.batch_size)
+    print(f"calibration statistics: {time.perf_counter() - started:.1f} s on {windows.calib_ids.numel()} tokens")
+    cache: dict = {}
+    configs = plans(layers) + [("sparse", "wanda+owl", "50% (OWL profile)", owl_plan(model, layers, norms, 0.5))]
+    table = pd.read_csv(args.out) if args.resume and args.out.exists() else pd.DataFrame()
+    done = set(zip(table["family"], table["method"], table["setting"])) if len(table) else set()
+    for family, method, setting, plan in configs:
+        if (args.only and family not in (args.only, "base")) or (family, method, setting) in done:
+            continue
+        row = run(model, plan, layers, total, windows, norms, hessians, cache, args.batch_size)
+        if row is None:
+            print(f"skip {family} {method} {setting}: a rank that stores more than the dense matrix")
+            continue
+        table = pd.concat([table, pd.DataFrame([{"family": family, "method": method, "setting": setting, **row}])],
+                          ignore_index=True)
+        table = table.sort_values("family", key=lambda f: f.map(FAMILY_ORDER), kind="stable")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)  # after every row: a stopped run keeps what it measured
+        print(table.iloc[-1].to_dict() if False else {"family": family, "method": method, "setting": setting, **row},
+              flush=True)
+    print(f"\nSmolLM2-135M, {args.eval_windows} x {args.seq_len}-token eval windows, "
+          f"{args.calib_windows} x {args.seq_len} calibration windows\n")
+    print(table.to_string(index=False))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
