@@ -125,6 +125,7 @@ def _evaluator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-limit", type=int, help="score only the first N examples of each task")
     parser.add_argument("--measure-latency", action="store_true",
                         help="measure prefill/decode latency on every trial (on by default with a latency objective or budget)")
+    parser.add_argument("--latency-prompt-tokens", type=int, default=64, help="prompt tokens of the timed prefill")
     parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per repeat")
     parser.add_argument("--decode-batch", type=int, default=4, help="the batched decode measurement's batch")
     parser.add_argument("--latency-repeats", type=int, default=5, help="timed repeats (median and p90 recorded)")
@@ -176,7 +177,7 @@ def _submit(args: argparse.Namespace) -> int:
         "prune_methods", "rank_fractions", "quant_methods", "lowrank_methods", "channel_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
         "population_size", "uniform_seeds", "guided", "profile_windows", "profile_seq_len", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
-        "decode_batch", "latency_repeats", "kl_top_k")}
+        "decode_batch", "latency_repeats", "kl_top_k", "latency_prompt_tokens")}
     spec = JobSpec(study=args.study, **fields)  # validated here, also when it runs as a Ray job
     if is_jobs_address(args.address):
         return _send_job(args)
@@ -200,7 +201,8 @@ def _send_job(args: argparse.Namespace) -> int:
 
     job_id = submit_job(args.address, args.argv, args.study)
     print(f"submitted Ray job {job_id} for study {args.study} to {args.address}")
-    print(f"  logs:   ray job logs --address {args.address} --follow {job_id}")
+    token = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""  # Ray's CLI needs it too
+    print(f"  logs:   {token}ray job logs --address {args.address} --follow {job_id}")
     print(f"  status: compsearch status --address {args.address} --study {args.study}")
     return 0
 

@@ -28,6 +28,8 @@ from spaces.plan import Plan
 
 log = logging.getLogger(__name__)
 BASE_METRICS_ATTR = "base_metrics"
+REWRITE_SHARE = 0.02  # the most of the driver's time that rebuilding the Parquet tables may take mid-study
+_LAST_REWRITE: dict[str, tuple[float, float]] = {}  # results/<study> -> (end of the last rebuild, its seconds)
 
 
 @dataclass
@@ -299,8 +301,24 @@ def _clean(metrics: dict) -> dict:
 
 def _report(study: optuna.Study, number: int, target: int, ctx: JobContext, results_dir: Path,
             on_trial: Callable[[TrialEvent], None]) -> None:
-    """Rewrite the tables after a trial ended and tell the caller."""
-    on_trial(_event(study, write_results(study, results_dir), number, target, ctx))
+    """Rewrite the tables after a trial ended (see `_rewrite_due`) and tell the caller."""
+    key = str(Path(results_dir) / study.study_name)
+    if _rewrite_due(key):
+        started = time.monotonic()
+        trials = write_results(study, results_dir)
+        _LAST_REWRITE[key] = (time.monotonic(), time.monotonic() - started)
+    else:
+        trials = trials_frame(study)
+    on_trial(_event(study, trials, number, target, ctx))
+
+
+def _rewrite_due(key: str) -> bool:
+    """Whether to rebuild the Parquet tables now. Each rebuild reads every trial from the storage, so it
+    grows with the study; rebuilding after every trial would make it a growing share of the driver's
+    time. Rebuilds are spaced so they take at most REWRITE_SHARE of it; `run_study` always rebuilds at
+    the end, and every rebuild is complete (nothing is appended), so no trial is missed or doubled."""
+    last_end, cost = _LAST_REWRITE.get(key, (0.0, 0.0))
+    return time.monotonic() - last_end >= cost / REWRITE_SHARE
 
 
 def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, ctx: JobContext) -> TrialEvent:
