@@ -36,6 +36,7 @@ from spaces.plan import LayerPlan, Plan  # noqa: E402
 
 HYPERBATON = Path(os.environ.get("COMPSEARCH_SHARED", ROOT.parent / "shared")) / "data" / "bigbench" / "hyperbaton_2k.json"
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
+LATENCY = {"prompt_tokens": 64, "decode_tokens": 8, "decode_batch": 4, "repeats": 5}
 COLUMNS = ["plan", "ppl", "kl", "hyperbaton_acc", "plan_bytes", "export_bytes", "export_vs_plan",
            "peak_rss_bytes", "prefill_tok_s", "decode_ms", "decode_p90_ms", "decode_batch_ms", "latency_ms",
            "latency_kernel", "predicted_decode_ms", "predicted_latency_ms", "decode_error", "prefill_error",
@@ -73,7 +74,7 @@ def run(limit: int, out: Path, threads: int) -> pd.DataFrame:
     started = time.perf_counter()
     evaluator = TrialEvaluator(
         model_ref, windows.eval_ids, windows.calib_ids, batch_size=0, with_kl=True, with_latency=True,
-        threads=threads, latency={"prompt_tokens": 64, "decode_tokens": 8, "decode_batch": 4, "repeats": 5},
+        threads=threads, latency=LATENCY,
         tasks={"tasks": (f"bigbench:{HYPERBATON}",), "task_paths": (), "limit": limit})
     print(f"worker ready in {time.perf_counter() - started:.0f}s (batch size {evaluator.batch_size}; cost model "
           f"{evaluator.measurements.cost_model.path})", flush=True)
@@ -103,6 +104,39 @@ def run(limit: int, out: Path, threads: int) -> pd.DataFrame:
           f" prefill (64 tokens) mean {errors['prefill_error'].mean():.1%} max {errors['prefill_error'].max():.1%}")
     print(f"export vs plan bytes: max |difference| {frame['export_vs_plan'].abs().max():.3%}; wrote {out}")
     return frame
+
+
+LATENCY_COLUMNS = ["prefill_tok_s", "decode_ms", "decode_p90_ms", "decode_batch_ms", "latency_ms", "latency_kernel",
+                   "predicted_decode_ms", "predicted_latency_ms"]
+
+
+def latency_only(out: Path, threads: int, cache_dir: Path) -> None:
+    """Re-measure only the latency columns of `out` (and recalibrate the cost model in `cache_dir`): for a
+    quieter moment than the full run, since timings on a shared machine follow its load."""
+    torch.set_num_threads(threads)
+    model_ref = resolve_model("smollm2-135m")
+    text, source = load_text(None)
+    windows = make_windows(load_tokenizer(model_ref), text, source, seq_len=256, eval_windows=1, calib_windows=16)
+    evaluator = TrialEvaluator(model_ref, windows.eval_ids, windows.calib_ids, batch_size=4, with_kl=False,
+                               with_latency=True, threads=threads, latency=LATENCY, cache_dir=str(cache_dir))
+    frame = pd.read_csv(out)
+    layers = linear_layers(evaluator.model)
+    for label, plan in benchmark_plans([layer.name for layer in layers]).items():
+        model, _ = evaluator.compressed_model(plan)
+        metrics = {**evaluator.measurements.measured_latency(model, plan), **evaluator.measurements.predicted_latency(plan)}
+        index = frame.index[frame["plan"] == label]
+        for column in LATENCY_COLUMNS:
+            frame.loc[index, column] = metrics[column]
+        frame.loc[index, "decode_error"] = metrics["predicted_decode_ms"] / metrics["decode_ms"] - 1
+        frame.loc[index, "prefill_error"] = metrics["predicted_latency_ms"] / metrics["latency_ms"] - 1
+        print(f"{label}: decode {metrics['decode_ms']:.1f} ms (predicted {metrics['predicted_decode_ms']:.1f}), "
+              f"prefill {metrics['latency_ms']:.1f} ms (predicted {metrics['predicted_latency_ms']:.1f}), "
+              f"{metrics['latency_kernel']}", flush=True)
+    frame.to_csv(out, index=False)
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    errors = frame[["decode_error", "prefill_error"]].abs()
+    print(f"cost model |error|: decode mean {errors['decode_error'].mean():.1%}, prefill mean {errors['prefill_error'].mean():.1%}"
+          f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 
 def kl_gap(threads: int, windows_count: int = 8) -> None:
@@ -135,12 +169,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluators.csv")
     parser.add_argument("--kl-gap", action="store_true", help="only compare the compact KL with the exact one")
+    parser.add_argument("--latency-only", type=Path, metavar="CACHE_DIR",
+                        help="only re-measure the latency columns of --out, with a fresh cost model in CACHE_DIR")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for name in ("torchao", "lm_eval", "lm-eval", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.kl_gap:
         kl_gap(args.threads)
+        return
+    if args.latency_only:
+        latency_only(args.out, args.threads, args.latency_only)
         return
     run(args.hyperbaton_limit, args.out, args.threads)
 

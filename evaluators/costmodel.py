@@ -31,6 +31,7 @@ from spaces.plan import LayerPlan, Plan, rank_for
 
 log = logging.getLogger(__name__)
 BENCH_REPEATS, BENCH_CALLS, BENCH_WARMUP = 15, 5, 3
+COLD_BYTES, MAX_COPIES = 64 * 2**20, 64  # weights cycled per benchmark: more than a CPU's last-level cache
 
 
 def layer_matrices(name: str, out_features: int, in_features: int, plan: LayerPlan, device_type: str
@@ -144,19 +145,26 @@ def _bench_module(rows: int, cols: int, kernel: str, device: torch.device) -> nn
 
 @torch.inference_mode()
 def _bench_linear(rows: int, cols: int, kernel: str, tokens: int, device: torch.device) -> float:
-    """Median milliseconds per call, from `BENCH_REPEATS` timings of `BENCH_CALLS` calls each."""
-    module = _bench_module(rows, cols, kernel, device)
+    """Median milliseconds per call, from `BENCH_REPEATS` timings of `BENCH_CALLS` calls each.
+
+    Calls cycle through enough copies of the layer to overflow the caches: in a model, a layer's
+    weights come from main memory at every token, and a cache-hot micro-benchmark would hide that.
+    """
+    weight_bytes = rows * cols * (2 if device.type == "cuda" else 4)
+    copies = max(1, min(MAX_COPIES, -(-COLD_BYTES // weight_bytes)))
+    modules = [_bench_module(rows, cols, kernel, device) for _ in range(copies)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(tokens, cols, device=device, dtype=dtype)
     timings = []
+    calls = max(BENCH_CALLS, copies)
     for step in range(BENCH_WARMUP + BENCH_REPEATS):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for _ in range(BENCH_CALLS):
-            module(x)
+        for call in range(calls):
+            modules[call % copies](x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= BENCH_WARMUP:
-            timings.append((time.perf_counter() - start) * 1000.0 / BENCH_CALLS)
+            timings.append((time.perf_counter() - start) * 1000.0 / calls)
     return statistics.median(timings)
