@@ -7,6 +7,7 @@ listens on every interface. So the second node runs Ray's own `ray start` code w
 platform check lifted (`_JOIN_ON_LOOPBACK`): both nodes then live on 127.0.0.1 only.
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,6 +93,8 @@ def two_nodes():
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(processes, timeout=30)
+        for folder in temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
