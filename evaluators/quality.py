@@ -4,10 +4,12 @@ The base model's distribution for KL is cached compactly (`TopKLogProbs`): per p
 `top_k` largest log-probabilities with their token ids, plus the log of the probability mass of all
 other tokens. KL is then computed exactly on the top-k tokens and with the rest lumped into one
 outcome. Lumping outcomes never increases KL (log-sum inequality), so the compact KL is a lower
-bound of the exact one; the gap is the KL hidden inside the tail, which is small when the base
-model puts little mass there. With k=128 the cache takes 8*k+4 bytes per token, whatever the vocabulary
-(a 150k vocabulary at float16 would take 300 kB per token). tests/evaluators/test_compact_kl.py
-measures the gap against the exact KL.
+bound of the exact one; the gap is the KL hidden inside the tail. Measured on SmolLM2-135M (vocabulary
+49152, 8 x 256 pydoc tokens, uniform RTN 4-bit g128, exact KL 0.364): the compact KL is 22% low with
+k=32, 12% with 128, 5% with 512, 3.0% with 1024 (the default) and 1.6% with 2048; at 3 bits (exact 1.74)
+9% low with k=128. The cache takes 8*k+4 bytes per token whatever the vocabulary: 8 kB at k=1024,
+against 98 kB (49k vocabulary) or 300 kB (150k) for the full distribution in float16.
+tests/evaluators/test_compact_kl.py checks the bound and the convergence against the exact KL.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 CHUNK_FLOATS = 1 << 24  # about 64 MiB of float32 logits at a time, whatever the vocabulary size
-DEFAULT_TOP_K = 128
+DEFAULT_TOP_K = 1024
 PROGRESS_EVERY_S = 30.0  # log progress of long evaluations this often
 
 

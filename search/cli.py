@@ -129,7 +129,7 @@ def _evaluator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per repeat")
     parser.add_argument("--decode-batch", type=int, default=4, help="the batched decode measurement's batch")
     parser.add_argument("--latency-repeats", type=int, default=5, help="timed repeats (median and p90 recorded)")
-    parser.add_argument("--kl-top-k", type=int, default=128,
+    parser.add_argument("--kl-top-k", type=int, default=1024,
                         help="base-model tokens cached per position for KL (0: the full distribution)")
 
 

@@ -90,7 +90,7 @@ class JobSpec:
     decode_tokens: int = 16
     decode_batch: int = 4
     latency_repeats: int = 5
-    kl_top_k: int = 128  # base-model tokens kept per position for KL; 0 keeps the full distribution
+    kl_top_k: int = 1024  # base-model tokens kept per position for KL; 0 keeps the full distribution
 
     def __post_init__(self) -> None:
         for name in ("bits", "group_sizes", "sparsities", "prune_methods", "rank_fractions", "objectives",

@@ -33,7 +33,7 @@ class TrialEvaluator:
     def __init__(self, model_ref: str, eval_ids: torch.Tensor, calib_ids: torch.Tensor, *, batch_size: int,
                  with_kl: bool, with_latency: bool, latency_prompt_tokens: int = 64, threads: int | None = None,
                  trust_remote_code: bool = False, device: str = "cpu", latency: dict | None = None,
-                 tasks: dict | None = None, tasks_each_trial: bool = True, kl_top_k: int | None = 128,
+                 tasks: dict | None = None, tasks_each_trial: bool = True, kl_top_k: int | None = 1024,
                  latency_budget_ms: float | None = None, cache_dir: str | None = None):
         """`batch_size` 0 picks one from free memory; `latency` holds `LatencySettings` fields, `tasks` the
         `TaskSuite` fields (tasks, task_paths, limit); `kl_top_k` None caches the full base distribution."""
