@@ -100,3 +100,23 @@ def test_owl_plan_is_a_valid_non_uniform_plan(tiny):
     weighted = sum(plan[layer.name].sparsity * layer.num_params for layer in layers) / sum(l.num_params for l in layers)
     assert abs(weighted - 0.5) < 2e-3 and len(set(by_block.values())) > 1
     assert all(lp.bits == 4 and lp.prune_method == "wanda" for lp in plan.layers.values())
+
+
+def test_spaces_offer_the_methods_and_keep_mlp_channels_consistent():
+    import optuna
+
+    from spaces.layers import LayerInfo
+    from spaces.space import SPACES, SpaceError
+
+    layers = [LayerInfo(f"model.layers.{b}.{n}", o, i) for b in range(2) for n, o, i in [
+        ("self_attn.q_proj", 64, 64), ("self_attn.o_proj", 64, 64), ("mlp.gate_proj", 128, 64),
+        ("mlp.up_proj", 128, 64), ("mlp.down_proj", 64, 128)]]
+    assert set(SPACES["quant-methods"].knobs()["quant_method"]) == {"rtn", "gptq", "hqq", "kmeans"}
+    assert "sparsegpt" in SPACES["sparse-methods"].knobs()["prune_method"]
+    assert "whiten" in SPACES["lowrank-methods"].knobs()["lowrank_method"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        plan = SPACES["sota"].suggest_plan(study.ask(), layers)  # Plan validates MLP agreement itself
+        assert all(plan[layer.name].channel_fraction == 1.0 for layer in layers if ".mlp." not in layer.name)
+    with pytest.raises(SpaceError, match="granularity 'layer'"):
+        SPACES["structured"].with_choices(granularity="layer")
