@@ -1,10 +1,12 @@
-"""Guided NSGA-II children: group-wise crossover, then budget-preserving level switches ranked by the profile.
+"""Guided NSGA-II children: local moves along the front, budget-preserving, ranked by the profile.
 
 NSGA-II keeps selecting parents on measured objectives; this only changes how a child is made:
-1. crossover takes each group's whole choice from one of two parents (a group's knobs stay coherent);
-2. a level switch moves one group up to its next more accurate option and another down to a cheaper
-   one, so the total size stays at or below the child's (a mutation that preserves the budget, as in
-   EvoPress); among a few random switches, the one the profile estimates best wins;
+1. start from one parent; sometimes cross it with the parent nearest in size, taking each group's
+   whole choice from either (crossing very different sizes yields plans bad in both objectives);
+2. one or two level switches: one group up to its next more accurate option, another down to a
+   cheaper one, the total size not above the child's (a mutation that preserves the budget, as in
+   EvoPress); among a few random switches the profile's best wins, even when it is a little worse
+   than the parent: the estimate is only additive, the measurement decides;
 3. a child over the memory budget is repaired by the cheapest downgrades per byte saved.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from search.job import JobContext
 from search.seeding import group_nbytes, group_options, params_of
 from search.sensitivity import Profile
 
-SWITCH_CANDIDATES = 6  # random level switches proposed per child; the profile picks among them
+SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
+CROSSOVER_PROB = 0.3
 
 
 class GuidedChildren:
@@ -38,14 +41,22 @@ class GuidedChildren:
 
     def __call__(self, study: optuna.Study, search_space: dict[str, BaseDistribution],
                  parents: list[FrozenTrial]) -> dict[str, Any]:
-        first, second = (parents[i] for i in self.rng.choice(len(parents), size=2, replace=len(parents) < 2))
-        levels = {group: self._level(group, first.params if self.rng.random() < 0.5 else second.params)
-                  for group in self.options}
-        levels = self._switch(levels)
+        parent = parents[int(self.rng.integers(len(parents)))]
+        levels = self._levels(parent.params)
+        others = [p for p in parents if p is not parent]
+        if others and self.rng.random() < CROSSOVER_PROB:
+            size = self._size(levels)
+            nearest = self._levels(min(others, key=lambda p: abs(self._size(self._levels(p.params)) - size)).params)
+            levels = {group: levels[group] if self.rng.random() < 0.5 else nearest[group] for group in levels}
+        for _ in range(int(self.rng.integers(1, 3))):
+            levels = self._switch(levels)
         if self.layer_budget is not None:
             levels = self._repair(levels, self.layer_budget)
         params = params_of({group: self.options[group][level].choice for group, level in levels.items()})
         return {name: value for name, value in params.items() if name in search_space}
+
+    def _levels(self, params: dict[str, Any]) -> dict[str, int]:
+        return {group: self._level(group, params) for group in self.options}
 
     def _level(self, group: str, params: dict[str, Any]) -> int:
         """The efficient option of `group` closest in size to the parent's choice for it."""
@@ -58,29 +69,35 @@ class GuidedChildren:
         return int(np.argmin([abs(o.nbytes - target) for o in options]))
 
     def _switch(self, levels: dict[str, int]) -> dict[str, int]:
-        groups = list(levels)
-        size = self._size(levels)
-        best, best_estimate = levels, self._estimate(levels)
+        """The best (by the profile) of a few random up/down pairs that do not grow the plan; if none
+        fits, the cheapest single step down (the child moves down the front instead)."""
+        groups, size = list(levels), self._size(levels)
+        best, best_estimate = None, np.inf
         for _ in range(SWITCH_CANDIDATES):
-            up, down = self.rng.choice(len(groups), size=2, replace=False) if len(groups) > 1 else (0, 0)
+            up, down = (groups[i] for i in self.rng.choice(len(groups), size=2, replace=len(groups) < 2))
             moved = dict(levels)
-            moved[groups[up]] = min(moved[groups[up]] + 1, len(self.options[groups[up]]) - 1)
-            moved[groups[down]] = max(moved[groups[down]] - 1, 0)
-            if self._size(moved) <= size and self._estimate(moved) < best_estimate:
+            moved[up] = min(moved[up] + 1, len(self.options[up]) - 1)
+            moved[down] = max(moved[down] - 1, 0)
+            if moved != levels and self._size(moved) <= size and self._estimate(moved) < best_estimate:
                 best, best_estimate = moved, self._estimate(moved)
-        return best
+        return best if best is not None else self._step_down(levels)
+
+    def _step_down(self, levels: dict[str, int]) -> dict[str, int]:
+        moves = []
+        for group, level in levels.items():
+            if level > 0:
+                now, cheaper = self.options[group][level], self.options[group][level - 1]
+                moves.append(((cheaper.estimate - now.estimate) / max(1, now.nbytes - cheaper.nbytes), group))
+        if not moves:
+            return levels
+        return {**levels, min(moves)[1]: levels[min(moves)[1]] - 1}
 
     def _repair(self, levels: dict[str, int], budget: int) -> dict[str, int]:
-        levels = dict(levels)
         while self._size(levels) > budget:
-            moves = []
-            for group, level in levels.items():
-                if level > 0:
-                    now, cheaper = self.options[group][level], self.options[group][level - 1]
-                    moves.append(((cheaper.estimate - now.estimate) / max(1, now.nbytes - cheaper.nbytes), group))
-            if not moves:
+            lower = self._step_down(levels)
+            if lower == levels:
                 break
-            levels[min(moves)[1]] -= 1
+            levels = lower
         return levels
 
     def _size(self, levels: dict[str, int]) -> int:

@@ -52,48 +52,61 @@ def group_nbytes(ctx: JobContext, members: list[LayerInfo], choice: dict[str, An
     return sum(layer_nbytes(layer, ctx.space.layer_plan(layer, choice)) for layer in members)
 
 
-def best_plans_for_budgets(options: dict[str, list[Option]], budgets_bytes: list[int]) -> list[dict[str, dict]]:
-    """Per budget (bytes of the compressible layers), the choices minimizing the summed estimate.
+class Knapsack:
+    """Least summed estimate per layer budget: a multiple-choice knapsack solved once by dynamic
+    programming over bytes rounded to 1/4096 of the largest plan, then read for any budget."""
 
-    A multiple-choice knapsack solved by dynamic programming over bytes rounded to 1/4096 of the
-    largest plan; each returned plan is checked in exact bytes and never exceeds its budget. Budgets
-    no plan meets are skipped.
-    """
-    groups = list(options)
-    unit = max(1.0, sum(max(o.nbytes for o in options[g]) for g in groups) / DP_UNITS)
-    capacity = DP_UNITS
-    best = np.zeros(capacity + 1)
-    picks = []
-    for group in groups:
-        candidates = np.full((len(options[group]), capacity + 1), np.inf)
-        for index, option in enumerate(options[group]):
-            weight = int(round(option.nbytes / unit))
-            candidates[index, weight:] = best[: capacity + 1 - weight] + option.estimate
-        picks.append(candidates.argmin(axis=0))
-        best = candidates.min(axis=0)
-    plans = []
-    for budget in budgets_bytes:
+    def __init__(self, options: dict[str, list[Option]]):
+        self.options, self.groups = options, list(options)
+        self.unit = max(1.0, sum(max(o.nbytes for o in options[g]) for g in self.groups) / DP_UNITS)
+        self.best = np.zeros(DP_UNITS + 1)  # least estimate with a table size of at most `room` units
+        self.picks = []
+        for group in self.groups:
+            candidates = np.full((len(options[group]), DP_UNITS + 1), np.inf)
+            for index, option in enumerate(options[group]):
+                weight = int(round(option.nbytes / self.unit))
+                candidates[index, weight:] = self.best[: DP_UNITS + 1 - weight] + option.estimate
+            self.picks.append(candidates.argmin(axis=0))
+            self.best = candidates.min(axis=0)
+
+    def plan(self, budget_bytes: int) -> dict[str, dict] | None:
+        """The best choices within `budget_bytes` (checked in exact bytes), or None if nothing fits."""
         # rounding moves a plan's table size by up to half a unit per group: search the rooms around
         # the budget, from the top, for the first plan whose exact size fits
-        for room in range(min(capacity, int(round(budget / unit)) + len(groups)), -1, -1):
-            if not np.isfinite(best[room]):
-                continue
-            choices, size = _backtrack(options, groups, picks, room, unit)
-            if size <= budget:
-                plans.append(choices)
-                break
-    return plans
+        for room in range(min(DP_UNITS, int(round(budget_bytes / self.unit)) + len(self.groups)), -1, -1):
+            if np.isfinite(self.best[room]):
+                choices, size = self._backtrack(room)
+                if size <= budget_bytes:
+                    return choices
+        return None
+
+    def informative_budgets(self, count: int, low_bytes: float, high_bytes: float) -> list[int]:
+        """`count` budgets in [low, high] whose best estimates are evenly spaced in log scale, so seeds
+        sit where quality changes with size rather than where every plan is already near lossless."""
+        rooms = np.arange(int(low_bytes / self.unit), min(DP_UNITS, int(high_bytes / self.unit)) + 1)
+        feasible = rooms[np.isfinite(self.best[rooms])]
+        if not len(feasible):
+            return []
+        worst, best = self.best[feasible[0]], self.best[feasible[-1]]
+        floor = max(best, worst * 1e-3, 1e-12)  # below a thousandth of the worst damage, more bytes buy nothing
+        targets = np.geomspace(max(worst, floor), floor, count)
+        return sorted({int(feasible[np.argmax(self.best[feasible] <= t)] * self.unit) for t in targets})
+
+    def _backtrack(self, room: int) -> tuple[dict[str, dict], int]:
+        choices, size = {}, 0
+        for group, pick in zip(reversed(self.groups), reversed(self.picks)):
+            option = self.options[group][pick[room]]
+            choices[group] = option.choice
+            size += option.nbytes
+            room -= int(round(option.nbytes / self.unit))
+        return choices, size
 
 
-def _backtrack(options: dict[str, list[Option]], groups: list[str], picks: list[np.ndarray], room: int,
-               unit: float) -> tuple[dict[str, dict], int]:
-    choices, size = {}, 0
-    for group, pick in zip(reversed(groups), reversed(picks)):
-        option = options[group][pick[room]]
-        choices[group] = option.choice
-        size += option.nbytes
-        room -= int(round(option.nbytes / unit))
-    return choices, size
+def best_plans_for_budgets(options: dict[str, list[Option]], budgets_bytes: list[int]) -> list[dict[str, dict]]:
+    """Per budget (bytes of the compressible layers), the choices minimizing the summed estimate;
+    budgets no plan meets are skipped."""
+    knapsack = Knapsack(options)
+    return [plan for plan in map(knapsack.plan, budgets_bytes) if plan is not None]
 
 
 def seed_study(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> int:
@@ -117,12 +130,13 @@ def seed_study(ctx: JobContext, study: optuna.Study, profile: Profile | None, tr
 
 
 def budget_seeds(ctx: JobContext, profile: Profile, count: int) -> list[dict[str, dict]]:
-    """Profile-optimal plans for `count` budgets spread from the smallest plan to the budget (or largest)."""
-    options = group_options(ctx, profile)
+    """Profile-optimal plans for `count` budgets between the smallest plan and the memory budget (or the
+    largest plan), placed where the estimated damage changes most (see `Knapsack.informative_budgets`)."""
     kept_bytes = ctx.plan_bytes(Plan()) - sum(layer.num_params for layer in ctx.layers) * 2  # outside the layers
     top = min(ctx.memory_budget_bytes or ctx.largest_plan_bytes, ctx.largest_plan_bytes)
-    targets = np.linspace(ctx.smallest_plan_bytes, top, count + 1)[1:]
-    return best_plans_for_budgets(options, [int(t - kept_bytes) for t in targets])
+    knapsack = Knapsack(group_options(ctx, profile))
+    budgets = knapsack.informative_budgets(count, ctx.smallest_plan_bytes - kept_bytes, top - kept_bytes)
+    return [plan for plan in map(knapsack.plan, budgets) if plan is not None]
 
 
 def params_of(choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
