@@ -101,10 +101,15 @@ def load_study(name: str, storage: BaseStorage) -> tuple[optuna.Study, JobSpec]:
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
-    """`study.ask()`; the driver keeps the trial heartbeats itself, outside `Study.optimize`."""
+    """`study.ask()`, plus: an enqueued trial (a seed, a retry) joins the genetic sampler's current
+    generation, which Optuna only does for trials it samples itself; otherwise NSGA-II would never
+    take the seeds as parents. (The driver keeps trial heartbeats itself, outside `Study.optimize`.)"""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-        return study.ask()
+        trial = study.ask()
+    if hasattr(study.sampler, "get_trial_generation"):  # NSGA-II/III: sets the generation when missing
+        study.sampler.get_trial_generation(study, study._storage.get_trial(trial._trial_id))
+    return trial
 
 
 def done_count(study: optuna.Study) -> int:
