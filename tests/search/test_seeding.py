@@ -88,3 +88,22 @@ def test_guided_children_preserve_size_and_budget(budget_fraction):
         largest_parent = max(ctx.plan_bytes(ctx.space.suggest_plan(optuna.trial.FixedTrial(p.params), ctx.layers))
                              for p in parents)
         assert size <= largest_parent
+
+
+def test_enqueued_seeds_become_the_first_parents():
+    from search.study import ask
+
+    parents_seen = []
+
+    def child(study, search_space, parents):
+        parents_seen.append(sorted(t.number for t in parents))
+        return {}
+
+    sampler = optuna.samplers.NSGAIISampler(population_size=4, seed=0, child_generation_strategy=child)
+    study = optuna.create_study(directions=["minimize"], sampler=sampler)
+    for value in (1.0, 2.0, 3.0, 4.0):
+        study.enqueue_trial({"x": value})
+    for _ in range(6):
+        trial = ask(study)
+        study.tell(trial, trial.suggest_float("x", 0, 10))
+    assert parents_seen and parents_seen[0] == [0, 1, 2, 3]  # the seeds, not random trials
