@@ -19,14 +19,19 @@ def input_norms(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
             squares[name] = squares[name] + total if name in squares else total
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in layer_names]
+    _forward_with_hooks(model, windows, {name: hook_for(name) for name in layer_names}, batch_size)
+    return {name: total.sqrt() for name, total in squares.items()}
+
+
+def _forward_with_hooks(model: nn.Module, windows: torch.Tensor, hooks: dict, batch_size: int) -> None:
+    """Run the calibration windows through the model batch by batch with a forward hook per named module."""
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
     try:
         for start in range(0, len(windows), batch_size):
             model(windows[start:start + batch_size])
     finally:
         for handle in handles:
             handle.remove()
-    return {name: total.sqrt() for name, total in squares.items()}
 
 
 def _shared_input_key(name: str) -> str:
@@ -66,12 +71,6 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, layer_names: list[st
             tokens[key] = tokens.get(key, 0) + x.shape[0]
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in layer_names]
-    try:
-        for start in range(0, len(windows), batch_size):
-            model(windows[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, windows, {name: hook_for(name) for name in layer_names}, batch_size)
     scaled = {key: total.div_(tokens[key]) for key, total in sums.items()}
     return {name: scaled[key] for name, key in keys.items() if key in scaled}

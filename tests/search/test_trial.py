@@ -7,12 +7,17 @@ from search.trial import TrialEvaluator
 from spaces.plan import LayerPlan, Plan
 
 
-def test_profile_kl_restores_the_base_model(tiny_model_dir):
-    tokenizer = load_tokenizer(str(tiny_model_dir))
+def _evaluator(model_dir):
+    tokenizer = load_tokenizer(str(model_dir))
     text, source = load_text(None)
     windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=2)
-    evaluator = TrialEvaluator(str(tiny_model_dir), windows.eval_ids, windows.calib_ids, batch_size=2,
+    evaluator = TrialEvaluator(str(model_dir), windows.eval_ids, windows.calib_ids, batch_size=2,
                                with_kl=False, with_latency=False)
+    return evaluator, windows
+
+
+def test_profile_kl_restores_the_base_model(tiny_model_dir):
+    evaluator, windows = _evaluator(tiny_model_dir)
     before = {name: param.clone() for name, param in evaluator.model.state_dict().items()}
     plans = [Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=2, group_size=32)}),
              Plan({"model.layers.1.mlp.down_proj": LayerPlan(rank_fraction=0.25, sparsity=0.5)}),
@@ -30,11 +35,7 @@ def test_skipping_unchanged_blocks_gives_the_full_forward_result(tiny_model_dir)
     from evaluators import base_log_probs, perplexity_and_kl
     from search.profiling import BlockReplay
 
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    text, source = load_text(None)
-    windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=2)
-    evaluator = TrialEvaluator(str(tiny_model_dir), windows.eval_ids, windows.calib_ids, batch_size=2,
-                               with_kl=False, with_latency=False)
+    evaluator, windows = _evaluator(tiny_model_dir)
     ids = windows.calib_ids
     base = base_log_probs(evaluator.model, ids, len(ids))
     replay = BlockReplay(evaluator.model, ids)
