@@ -30,6 +30,19 @@ def _kill_tree(process: subprocess.Popen) -> None:
     psutil.wait_procs(children, timeout=30)
 
 
+def _wait_for_first_trial(driver: subprocess.Popen, results, study: str, timeout_s: float = 300) -> None:
+    """Poll the study's storage until the driver has finished a trial (or stopped, or time ran out)."""
+    storage = open_storage(default_storage_url(results, study))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        try:
+            if done_count(load_study(study, storage)[0]) >= 1:
+                return
+        except Exception:  # the study is not created yet
+            continue
+
+
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=600)
 
@@ -86,15 +99,7 @@ def test_second_driver_is_refused_while_one_runs(tiny_model_dir, tmp_path):
                               *cli_args(tiny_model_dir, results, "busy", 200, "--workers", "1")],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        storage = open_storage(default_storage_url(results, "busy"))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            try:
-                if done_count(load_study("busy", storage)[0]) >= 1:
-                    break
-            except Exception:
-                continue
+        _wait_for_first_trial(first, results, "busy")
         second = _run_cli(["resume", "--study", "busy", "--results-dir", str(results), "--trials", "300"])
         assert second.returncode == 2
         assert "already running" in second.stderr and f"pid {first.pid}" in second.stderr
@@ -109,15 +114,7 @@ def test_local_ray_listens_on_loopback_only(tiny_model_dir, tmp_path):
                                *cli_args(tiny_model_dir, results, "loopback", 200, "--workers", "1")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        storage = open_storage(default_storage_url(results, "loopback"))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.5)
-            try:
-                if done_count(load_study("loopback", storage)[0]) >= 1:
-                    break
-            except Exception:
-                continue
+        _wait_for_first_trial(driver, results, "loopback")
         tree = {driver.pid} | {p.pid for p in psutil.Process(driver.pid).children(recursive=True)}
         listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN and c.pid in tree]
