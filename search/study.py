@@ -153,14 +153,19 @@ def beat(study: optuna.Study, in_flight: list[optuna.Trial], running: bool = Tru
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str) -> None:
-    """Fail a trial that was cut short (not by its own fault) and enqueue the same parameters again."""
+    """Fail a trial that was cut short (not by its own fault) and enqueue the same parameters again.
+
+    A trial stopped before its plan was drawn has no parameters: there is nothing to repeat, and the
+    driver asks for a new trial in its place anyway.
+    """
     number = trial.number
     frozen = study._storage.get_trial(trial._trial_id)
     if frozen.state == TrialState.RUNNING:
         study._storage.set_trial_user_attr(frozen._trial_id, INTERRUPTED_ATTR, reason)
         study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
-    study.enqueue_trial(frozen.params, user_attrs={"retry_of": number}, skip_if_exists=False)
-    log.info("trial %d interrupted (%s); re-queued", number, reason)
+    if frozen.params:
+        study.enqueue_trial(frozen.params, user_attrs={"retry_of": number}, skip_if_exists=False)
+    log.info("trial %d interrupted (%s)%s", number, reason, "; re-queued" if frozen.params else "")
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
