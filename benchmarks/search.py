@@ -83,7 +83,7 @@ def uniform_reference(args, workdir: Path) -> pd.DataFrame:
 
     def enqueue_all(ctx, study, _requeued):
         for choice in choices:
-            study.enqueue_trial({f"model:{knob}": value for knob, value in choice.items()}, skip_if_exists=True)
+            study.enqueue_trial(ctx.space.params_for({"model": choice}), skip_if_exists=True)
 
     options.on_ready = enqueue_all
     finished = workdir / spec.study / "trials.parquet"

@@ -19,7 +19,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
 from search.job import JobContext
-from search.seeding import group_nbytes, group_options, params_of
+from search.seeding import group_nbytes, group_options
 from search.sensitivity import Profile
 
 SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
@@ -52,7 +52,7 @@ class GuidedChildren:
             levels = self._switch(levels)
         if self.layer_budget is not None:
             levels = self._repair(levels, self.layer_budget)
-        params = params_of({group: self.options[group][level].choice for group, level in levels.items()})
+        params = self.ctx.space.params_for({group: self.options[group][level].choice for group, level in levels.items()})
         return {name: value for name, value in params.items() if name in search_space}
 
     def _levels(self, params: dict[str, Any]) -> dict[str, int]:

@@ -102,13 +102,6 @@ class Knapsack:
         return choices, size
 
 
-def best_plans_for_budgets(options: dict[str, list[Option]], budgets_bytes: list[int]) -> list[dict[str, dict]]:
-    """Per budget (bytes of the compressible layers), the choices minimizing the summed estimate;
-    budgets no plan meets are skipped."""
-    knapsack = Knapsack(options)
-    return [plan for plan in map(knapsack.plan, budgets_bytes) if plan is not None]
-
-
 def seed_study(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> int:
     """Enqueue the first trials once per study: profile-optimal plans across the budget range, then
     uniform plans; returns how many were enqueued."""
@@ -121,7 +114,7 @@ def seed_study(ctx: JobContext, study: optuna.Study, profile: Profile | None, tr
         groups = list(ctx.space.groups(ctx.layers))
         seeds += [("uniform", {group: choice for group in groups})
                   for choice in uniform_seed_choices(ctx, max(1, trials // 8))]
-    unique = {json.dumps(params_of(choices), sort_keys=True, default=str): kind for kind, choices in seeds}
+    unique = {json.dumps(ctx.space.params_for(choices), sort_keys=True, default=str): kind for kind, choices in seeds}
     chosen = list(unique.items())[:max(1, trials // 2)]
     for params_json, kind in chosen:
         study.enqueue_trial(json.loads(params_json), user_attrs={"seed": kind})
@@ -137,11 +130,6 @@ def budget_seeds(ctx: JobContext, profile: Profile, count: int) -> list[dict[str
     knapsack = Knapsack(group_options(ctx, profile))
     budgets = knapsack.informative_budgets(count, ctx.smallest_plan_bytes - kept_bytes, top - kept_bytes)
     return [plan for plan in map(knapsack.plan, budgets) if plan is not None]
-
-
-def params_of(choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Optuna parameters for per-group choices (the names `Space.suggest_plan` asks for)."""
-    return {f"{group}:{knob}": value for group, choice in choices.items() for knob, value in choice.items()}
 
 
 def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:

@@ -114,10 +114,9 @@ class Space:
                          lowrank_method=values["lowrank_method"] if rank_fraction < 1.0 else "svd",
                          channel_fraction=channel_fraction)
 
-    def params_for(self, layers: list[LayerInfo], choice: dict[str, Any]) -> dict[str, Any]:
-        """Optuna parameters that make every group take `choice` (for enqueueing a uniform plan)."""
-        knobs = self.knobs()
-        return {f"{group}:{knob}": choice[knob] for group in self.groups(layers) for knob in knobs}
+    def params_for(self, choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Optuna parameters for per-group choices: the names `suggest_plan` asks for (to enqueue a plan)."""
+        return {f"{group}:{knob}": value for group, choice in choices.items() for knob, value in choice.items()}
 
     def uniform_choices(self) -> Iterator[dict[str, Any]]:
         """Every combination of knob values: the plans where all groups choose alike."""

@@ -7,7 +7,7 @@ import pytest
 
 from search.guided import GuidedChildren
 from search.job import JobContext
-from search.seeding import best_plans_for_budgets, group_options, params_of
+from search.seeding import Knapsack, group_options
 from search.sensitivity import Profile, factor_options, option_key
 from search.spec import JobSpec
 from spaces.layers import LayerInfo
@@ -48,7 +48,8 @@ def test_knapsack_is_exact_and_within_budget():
     combos = list(itertools.product(*(options[g] for g in groups)))
     sizes = [sum(o.nbytes for o in combo) for combo in combos]
     for budget in np.linspace(min(sizes), max(sizes), 7).astype(int):
-        (plan,) = best_plans_for_budgets(options, [int(budget)])
+        plan = Knapsack(options).plan(int(budget))
+        assert plan is not None  # every budget from the smallest plan up has a plan
         chosen = [next(o for o in options[g] if o.choice == plan[g]) for g in groups]
         assert sum(o.nbytes for o in chosen) <= budget
         best = min(sum(o.estimate for o in combo) for combo, size in zip(combos, sizes) if size <= budget)
@@ -73,10 +74,10 @@ def test_guided_children_preserve_size_and_budget(budget_fraction):
     rng = np.random.default_rng(0)
     for _ in range(6):
         choices = {g: options[rng.integers(len(options))].choice for g, options in children.options.items()}
-        trial = optuna.trial.create_trial(params=params_of(choices), values=[1.0, 1.0],
+        trial = optuna.trial.create_trial(params=ctx.space.params_for(choices), values=[1.0, 1.0],
                                           distributions={k: optuna.distributions.CategoricalDistribution(
                                               [v for v in ctx.space.knobs()[k.split(":")[1]]])
-                                              for k in params_of(choices)})
+                                              for k in ctx.space.params_for(choices)})
         parents.append(trial)
     space = parents[0].distributions
     for _ in range(30):

@@ -44,7 +44,7 @@ def test_rank_that_saves_nothing_leaves_layer_full_rank():
 
 def test_params_for_enqueues_a_uniform_plan():
     space = SPACES["quant"]
-    params = space.params_for(LAYERS, {"bits": 4, "group_size": 64})
+    params = space.params_for({group: {"bits": 4, "group_size": 64} for group in space.groups(LAYERS)})
     plan = space.suggest_plan(optuna.trial.FixedTrial(params), LAYERS)
     assert {(lp.bits, lp.group_size) for lp in plan.layers.values()} == {(4, 64)}
 
