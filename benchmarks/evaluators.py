@@ -52,9 +52,8 @@ def benchmark_plans(names: list[str]) -> dict[str, Plan]:
         "4-bit g128": Plan.uniform(names, LayerPlan(bits=4, group_size=128)),
         "50% 2:4 (wanda)": Plan.uniform(names, LayerPlan(sparsity=0.5, pattern="2:4", prune_method="wanda")),
         "rank 50% MLP": Plan.uniform(mlp, LayerPlan(rank_fraction=0.5)),
+        "structured 25% MLP": Plan.uniform(mlp, LayerPlan(channel_fraction=0.75)),
     }
-    if "channel_fraction" in LayerPlan.__dataclass_fields__:  # structured pruning, where compress/ has it
-        plans["structured 25% MLP"] = Plan.uniform(mlp, LayerPlan(channel_fraction=0.75))
     return plans
 
 

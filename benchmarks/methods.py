@@ -8,7 +8,8 @@ layers with the same bytes, so within a group only the method differs:
 - 50% unstructured and 2:4 sparsity of every Linear: magnitude, Wanda, SparseGPT (and OWL's
   non-uniform 50% profile with Wanda);
 - low-rank of the MLP projections: plain SVD vs whitened (SVD-LLM) at equal ranks;
-- structured removal of 25% of every MLP's channels, with the measured forward time vs the base.
+- structured removal of 25% of every MLP's channels, of a third of the attention heads (one of each
+  key/value group's three), and both, with the measured forward time vs the base.
 Prints a table and writes benchmarks/results/methods.csv.
 
     python benchmarks/methods.py [--eval-windows 8] [--calib-windows 16] [--seq-len 256]
@@ -36,7 +37,7 @@ from compress.owl import owl_plan  # noqa: E402
 from evaluators import load_text, make_windows, perplexity_and_kl  # noqa: E402
 from search.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from spaces.layers import count_params, linear_layers  # noqa: E402
-from spaces.plan import LayerPlan, Plan  # noqa: E402
+from spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
 
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
 FAMILY_ORDER = {"base": 0, "quant": 1, "sparse": 2, "lowrank": 3, "structured": 4}
@@ -61,7 +62,12 @@ def plans(layers) -> list[tuple[str, str, str, Plan]]:
     lowrank = [("lowrank", method, f"MLP rank -{1 - fraction:.1%}", Plan.uniform(mlp, LayerPlan(
         rank_fraction=fraction, lowrank_method=method)))
         for fraction in (0.75, 0.5, 0.375) for method in ("svd", "whiten")]
-    structured = [("structured", "mlp-channels", "MLP channels -25%", Plan.uniform(mlp, LayerPlan(channel_fraction=0.75)))]
+    attention = [layer.name for layer in layers if layer.kind in ATTENTION_KINDS]
+    fewer_heads = Plan.uniform(attention, LayerPlan(head_fraction=2 / 3))  # 2 of each key/value group's 3 heads
+    structured = [("structured", "mlp-channels", "MLP channels -25%", Plan.uniform(mlp, LayerPlan(channel_fraction=0.75))),
+                  ("structured", "attention-heads", "heads -33% (6 of 9)", fewer_heads),
+                  ("structured", "mlp-channels+heads", "MLP -25% + heads -33%", Plan({
+                      **fewer_heads.layers, **{name: LayerPlan(channel_fraction=0.75) for name in mlp}}))]
     return [("base", "fp16", "-", Plan())] + quant(3) + sparse("unstructured") + lowrank + structured \
         + quant(2) + sparse("2:4")
 
@@ -98,7 +104,7 @@ def run(model, plan: Plan, layers, total: int, windows, norms, hessians, cache: 
     ppl = perplexity_and_kl(compressed, windows.eval_ids, batch_size)["ppl"]
     row = {"ppl": round(ppl, 3), "plan_bytes": plan_bytes, "bits_per_weight": round(plan_bits_per_weight(layers, plan), 3),
            "compress_s": round(compress_s, 1)}
-    if any(lp.channel_fraction < 1.0 for lp in plan.layers.values()):
+    if any(lp.is_structured for lp in plan.layers.values()):
         base_ms, row_ms = forward_ms([model, compressed], windows.eval_ids[:batch_size])
         row.update(forward_ms=round(row_ms, 1), base_forward_ms=round(base_ms, 1), forward_ratio=round(row_ms / base_ms, 3))
     return row

@@ -1,4 +1,4 @@
-"""Applying a `Plan` to a model: MLP channels, low-rank, sparsity, quantization, layer by layer."""
+"""Applying a `Plan` to a model: structure (MLP channels, attention heads), low-rank, sparsity, quantization."""
 from __future__ import annotations
 
 import logging
@@ -10,23 +10,23 @@ from compress.lowrank import LowRankLinear, factorize, whitened_svd
 from compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
 from compress.prune import kept_count
 from compress.storage import FLOAT_BITS
-from compress.structured import remove_mlp_channels_
-from spaces.layers import LayerInfo
-from spaces.plan import MLP_CHANNEL_COLS, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
+from compress.structured import regroup_heads_, remove_structure_
+from spaces.layers import LayerInfo, layer_info
+from spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
 
 __all__ = ["MatrixLayout", "StoredMatrix", "apply_plan_", "compress_matrix", "layer_layout", "layer_nbytes",
-           "plan_bits_per_weight", "plan_nbytes", "replace_with_low_rank_"]
+           "plan_bits_per_weight", "plan_nbytes", "shape_like_plan_"]
 
 log = logging.getLogger(__name__)
+_COLUMN_KINDS = {kind for _, cols in STRUCTURES.values() for kind in cols}  # lose input columns to structure
 
 
 def layer_layout(layer: LayerInfo, plan: LayerPlan) -> list[MatrixLayout]:
     """The matrices a layer is stored as under its plan: its weight, or two low-rank factors.
 
-    `layer` has the base model's shape; removed MLP channels shrink it first.
+    `layer` has the base model's shape; structured pruning shrinks it first.
     """
-    out_features, in_features = structured_shape(layer.name, layer.out_features, layer.in_features,
-                                                 plan.channel_fraction)
+    out_features, in_features = structured_shape(layer, plan)
     if plan.rank_fraction < 1.0:
         if not saves_params(out_features, in_features, plan.rank_fraction):
             raise PlanError(
@@ -47,7 +47,7 @@ def layer_layout(layer: LayerInfo, plan: LayerPlan) -> list[MatrixLayout]:
 
 def layer_nbytes(layer: LayerInfo, plan: LayerPlan) -> int:
     """Bytes of one layer under its plan, bias (kept at 16 bits) included."""
-    out_features, _ = structured_shape(layer.name, layer.out_features, layer.in_features, plan.channel_fraction)
+    out_features, _ = structured_shape(layer, plan)
     bias_bytes = out_features * FLOAT_BITS // 8 if layer.has_bias else 0
     return sum(m.nbytes for m in layer_layout(layer, plan)) + bias_bytes
 
@@ -77,7 +77,7 @@ def apply_plan_(
 
     Wanda pruning, k-means weighting and MLP channel ranking use `input_norms[layer name]`
     (calibration input L2 norms per input feature);
-    GPTQ, SparseGPT and whitened low-rank use `hessians[layer name]` (X^T X / tokens of the base
+    GPTQ, SparseGPT, whitened low-rank and head removal use `hessians[layer name]` (X^T X / tokens of the base
     model's inputs, `calibration.input_hessians`). The `up` factor of a low-rank layer reads the
     `down` factor's output: its Hessian is D H D^T, and it has no norms (Wanda falls back to magnitude).
     `svd_cache` (a per-process dict) is read and filled with what depends only on the base model --
@@ -88,8 +88,8 @@ def apply_plan_(
     stored: dict[str, StoredMatrix] = {}
     input_norms, hessians = input_norms or {}, hessians or {}
     _check_statistics(plan, input_norms, hessians)
-    infos = {name: _layer_info(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
-    kept_index = remove_mlp_channels_(model, plan, input_norms)
+    infos = {name: _planned_layer(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
+    kept_index = remove_structure_(model, plan, input_norms, hessians)
     for name, info in infos.items():
         layer_plan = plan[name]
         module = model.get_submodule(name)
@@ -110,11 +110,11 @@ def apply_plan_(
     return stored
 
 
-def _layer_info(model: nn.Module, name: str) -> LayerInfo:
-    module = model.get_submodule(name)
-    if not isinstance(module, nn.Linear):
-        raise PlanError(f"plan names {name!r}, which is a {type(module).__name__}, not a Linear layer")
-    return LayerInfo(name, module.out_features, module.in_features, module.bias is not None)
+def _planned_layer(model: nn.Module, name: str) -> LayerInfo:
+    try:
+        return layer_info(model, name)
+    except ValueError as error:
+        raise PlanError(f"the plan names {error}") from None
 
 
 def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
@@ -123,7 +123,7 @@ def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
             raise PlanError(f"{name} uses Wanda, k-means or MLP channel pruning, which need calibration input "
                             "norms (compress.input_norms); compute them first")
         if layer_plan.needs_hessian and name not in hessians:
-            raise PlanError(f"{name} uses GPTQ, SparseGPT or whitened low-rank, which need calibration "
+            raise PlanError(f"{name} uses GPTQ, SparseGPT, whitened low-rank or head removal, which need calibration "
                             "Hessians (compress.input_hessians); compute them first")
 
 
@@ -133,10 +133,10 @@ def _matrix_stats(name: str, plan: LayerPlan, input_norms: dict, hessians: dict,
     # Only what the plan needs: a layer's result never depends on which statistics the caller had at hand.
     norms = input_norms.get(name) if plan.needs_norms else None
     hessian = hessians.get(name) if plan.needs_hessian else None
-    if index is not None and name.rsplit(".", 1)[-1] in MLP_CHANNEL_COLS:
+    if index is not None and name.rsplit(".", 1)[-1] in _COLUMN_KINDS:
         norms = norms[index] if norms is not None else None
         hessian = hessian[index][:, index] if hessian is not None else None
-    return MatrixStats(norms, hessian, cache, f"{name}#hinv@{plan.channel_fraction}")
+    return MatrixStats(norms, hessian, cache, f"{name}#hinv@{plan.structure_key}")
 
 
 def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: LayerPlan,
@@ -144,7 +144,7 @@ def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: Lay
                 svd_cache: dict | None) -> tuple[list[nn.Linear], list[MatrixStats]]:
     rank, out_features, in_features = layouts[0].rows, layouts[1].rows, layouts[0].cols
     whiten = plan.lowrank_method == "whiten"
-    key = f"{layer.name}#{plan.lowrank_method}@{plan.channel_fraction}"
+    key = f"{layer.name}#{plan.lowrank_method}@{plan.structure_key}"
     svd = svd_cache.get(key) if svd_cache is not None else None
     if svd is None:
         weight = module.weight.data.float()
@@ -163,8 +163,9 @@ def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: Lay
     return [low_rank.down, low_rank.up], [stats, MatrixStats(None, up_hessian)]
 
 
-def replace_with_low_rank_(model: nn.Module, layers: list[LayerInfo], plan: Plan) -> None:
-    """Give `model` the module structure of a compressed one (thinned MLPs, low-rank layers), weights left as they are."""
+def shape_like_plan_(model: nn.Module, layers: list[LayerInfo], plan: Plan) -> None:
+    """Give `model` the module structure of a compressed one (thinned MLPs and attentions, low-rank
+    layers), weights left as they are: the shell a checkpoint loads into."""
     for layer in layers:
         layer_plan = plan[layer.name]
         layouts = layer_layout(layer, layer_plan)
@@ -173,5 +174,9 @@ def replace_with_low_rank_(model: nn.Module, layers: list[LayerInfo], plan: Plan
         if len(layouts) == 2:
             model.set_submodule(layer.name, LowRankLinear(
                 layouts[0].cols, layouts[1].rows, layouts[0].rows, layer.has_bias, **kwargs))
-        elif layer_plan.channel_fraction < 1.0:
+        elif layer_plan.is_structured:
             model.set_submodule(layer.name, nn.Linear(layouts[0].cols, layouts[0].rows, bias=layer.has_bias, **kwargs))
+    by_name = {layer.name: layer for layer in layers}
+    for attention, fraction in plan.structured_fractions("head_fraction").items():
+        q_proj = by_name[f"{attention}.q_proj"]
+        regroup_heads_(model.get_submodule(attention), q_proj.heads, q_proj.kv_heads, fraction)

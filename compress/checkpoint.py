@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.apply import MatrixLayout, StoredMatrix, replace_with_low_rank_
+from compress.apply import MatrixLayout, StoredMatrix, shape_like_plan_
 from compress.kmeans import PalettizedMatrix
 from compress.quantize import dequantize
 from compress.storage import FLOAT_BITS, NO_EXACT_ZERO, pack_bits, uses_mask_format, unpack_bits
@@ -88,7 +88,7 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
             raise ValueError(f"{path / WEIGHTS_FILE} is not a compsearch checkpoint (format {metadata.get('format')!r})")
         plan = Plan.from_json(metadata["plan"])
         layouts = {key: MatrixLayout(**value) for key, value in json.loads(metadata["matrices"]).items()}
-        replace_with_low_rank_(model, linear_layers(model, include_lm_head=True), plan)
+        shape_like_plan_(model, linear_layers(model, include_lm_head=True), plan)
         state = {key: _unpack_matrix(archive, key, layout) for key, layout in layouts.items()}
         packed_parts = {f"{key}.{part}" for key in layouts for part in PACKED_PARTS}
         for name in archive.keys():

@@ -4,7 +4,9 @@ A plan's latency is predicted as the sum, over every Linear of the model, of the
 it becomes (its shape after structured pruning and low-rank factorization, on the kernel its choice
 runs on: `evaluators.kernels.layer_kernel`), plus a fixed overhead for everything that is not a Linear
 (attention, norms, embeddings, Python). Linear times are micro-benchmarked one shape and kernel at a
-time; the overhead is calibrated once as the measured base model minus its predicted Linear time.
+time; the overhead is calibrated once as the measured base model minus its predicted Linear time
+(so removed attention heads are credited for their smaller projections, not for the attention scores
+they no longer compute: the prediction errs high there, and the measured latency is the one to trust).
 Three scenarios are predicted: a batch-1 decode step, a decode step at the configured batch, and a
 batch-1 prefill of the prompt (`latency_ms`, from which `predicted_prefill_tok_s`).
 
@@ -27,21 +29,17 @@ from torch import nn
 
 from evaluators.kernels import layer_kernel
 from evaluators.latency import LatencySettings, device_name
-from spaces.plan import LayerPlan, Plan, rank_for
+from spaces.layers import LayerInfo, linear_layers
+from spaces.plan import LayerPlan, Plan, rank_for, structured_shape
 
 log = logging.getLogger(__name__)
 BENCH_REPEATS, BENCH_CALLS, BENCH_WARMUP = 15, 5, 3
 COLD_BYTES, MAX_COPIES = 64 * 2**20, 64  # weights cycled per benchmark: more than a CPU's last-level cache
 
 
-def layer_matrices(name: str, out_features: int, in_features: int, plan: LayerPlan, device_type: str
-                   ) -> list[tuple[int, int, str]]:
+def layer_matrices(layer: LayerInfo, plan: LayerPlan, device_type: str) -> list[tuple[int, int, str]]:
     """(rows, cols, kernel) of the matrices a Linear runs as under its plan ('dense' for simulated choices)."""
-    rows, cols = out_features, in_features
-    if getattr(plan, "channel_fraction", 1.0) < 1.0:
-        from spaces.plan import structured_shape
-
-        rows, cols = structured_shape(name, rows, cols, plan.channel_fraction)
+    rows, cols = structured_shape(layer, plan)
     kernel = layer_kernel(plan, device_type)
     kernel = kernel if kernel in ("int8", "int4", "sparse24") else "dense"
     if plan.rank_fraction < 1.0:
@@ -57,11 +55,11 @@ class LatencyCostModel:
     def __init__(self, model: nn.Module, model_ref: str, settings: LatencySettings, cache_dir: Path | None = None):
         self.model, self.settings = model, settings
         self.device = next(model.parameters()).device
-        self.linears = [(name, module.out_features, module.in_features) for name, module in model.named_modules()
-                        if isinstance(module, nn.Linear)]
+        self.linears = linear_layers(model, include_lm_head=True)
         self.key = {"device": device_name(self.device), "device_type": self.device.type,
                     "threads": torch.get_num_threads(), "torch": torch.__version__, "model": str(model_ref),
-                    "shapes": hashlib.sha256(repr(self.linears).encode()).hexdigest()[:16], **settings.to_dict()}
+                    "shapes": hashlib.sha256(repr([(layer.name, layer.out_features, layer.in_features)
+                                                   for layer in self.linears]).encode()).hexdigest()[:16], **settings.to_dict()}
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(cache_dir or os.environ.get("COMPSEARCH_CACHE", Path.home() / ".cache" / "compsearch"))
         self.path = root / "latency" / f"{digest}.json"
@@ -98,8 +96,8 @@ class LatencyCostModel:
     def linear_sum_ms(self, plan: Plan, tokens: int) -> float:
         """Predicted time of every Linear of the model under `plan` for one call over `tokens` tokens."""
         total = 0.0
-        for name, out_features, in_features in self.linears:
-            for rows, cols, kernel in layer_matrices(name, out_features, in_features, plan[name], self.device.type):
+        for layer in self.linears:
+            for rows, cols, kernel in layer_matrices(layer, plan[layer.name], self.device.type):
                 total += self.linear_ms(rows, cols, kernel, tokens)
         return total
 

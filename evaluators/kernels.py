@@ -33,10 +33,9 @@ INT4_GROUP_SIZES = (32, 64, 128)
 def layer_kernel(plan: LayerPlan, device_type: str) -> str:
     """The kernel a layer's choice runs on: 'dense' (nothing to exploit), 'int8', 'int4', 'sparse24',
     'lowrank', 'structured' (real, smaller matrices), or 'simulated' (no fast kernel for it here)."""
-    channel_fraction = getattr(plan, "channel_fraction", 1.0)
-    shrunk = plan.rank_fraction < 1.0 or channel_fraction < 1.0
-    base = "lowrank" if plan.rank_fraction < 1.0 else "structured" if channel_fraction < 1.0 else "dense"
-    uniform = getattr(plan, "quant_method", "rtn") in UNIFORM_GRID_METHODS
+    shrunk = plan.rank_fraction < 1.0 or plan.is_structured
+    base = "lowrank" if plan.rank_fraction < 1.0 else "structured" if plan.is_structured else "dense"
+    uniform = plan.quant_method in UNIFORM_GRID_METHODS
     if plan.sparsity > 0:
         if device_type == "cuda" and plan.pattern == "2:4" and plan.bits == 16 and not shrunk:
             return "sparse24"

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--lowrank-methods", type=_strings, help="factorizations to search: svd,whiten")
     submit.add_argument("--mlp-channels", dest="channel_fractions", type=_floats,
                         help="kept fractions of MLP channels (structured pruning; block granularity), e.g. 1,0.75")
+    submit.add_argument("--attention-heads", dest="head_fractions", type=_floats,
+                        help="kept fractions of attention heads (structured pruning; block granularity; rounded to "
+                             "whole heads per key/value group), e.g. 1,0.75")
     submit.add_argument("--ranks", dest="rank_fractions", type=_floats, help="override rank fractions, e.g. 1,0.5")
     submit.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
                         help=f"comma-separated: {', '.join(OBJECTIVES)} (minimized), or a task metric column such "
@@ -174,7 +177,8 @@ def _submit(args: argparse.Namespace) -> int:
 
     fields = {name: getattr(args, name) for name in (
         "model", "data", "space", "granularity", "tie_fused", "include_lm_head", "bits", "group_sizes", "sparsities",
-        "prune_methods", "rank_fractions", "quant_methods", "lowrank_methods", "channel_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
+        "prune_methods", "rank_fractions", "quant_methods", "lowrank_methods", "channel_fractions",
+        "head_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
         "population_size", "uniform_seeds", "guided", "profile_windows", "profile_seq_len", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
         "decode_batch", "latency_repeats", "kl_top_k", "latency_prompt_tokens")}

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FACTORS = {"quant": ("bits", "group_size", "quant_method"), "sparsity": ("sparsity", "prune_method"),
            "lowrank": ("rank_fraction", "lowrank_method")}
 # The value of a knob that turns its factor off.
-OFF = {"bits": 16, "sparsity": "0", "rank_fraction": 1.0, "channel_fraction": 1.0}
+OFF = {"bits": 16, "sparsity": "0", "rank_fraction": 1.0, "channel_fraction": 1.0, "head_fraction": 1.0}
 
 
 def factor_options(space: Space) -> dict[str, list[dict[str, Any]]]:

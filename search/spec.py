@@ -66,6 +66,7 @@ class JobSpec:
     quant_methods: tuple[str, ...] | None = None
     lowrank_methods: tuple[str, ...] | None = None
     channel_fractions: tuple[float, ...] | None = None
+    head_fractions: tuple[float, ...] | None = None
     objectives: tuple[str, ...] = ("ppl", "memory")
     memory_budget: str | None = None
     latency_budget_ms: float | None = None
@@ -94,7 +95,7 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         for name in ("bits", "group_sizes", "sparsities", "prune_methods", "rank_fractions", "objectives",
-                     "quant_methods", "lowrank_methods", "channel_fractions"):
+                     "quant_methods", "lowrank_methods", "channel_fractions", "head_fractions"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -166,7 +167,8 @@ class JobSpec:
                 bits=self.bits, group_sizes=self.group_sizes, sparsities=self.sparsities,
                 prune_methods=self.prune_methods, rank_fractions=self.rank_fractions,
                 quant_methods=self.quant_methods, lowrank_methods=self.lowrank_methods,
-                channel_fractions=self.channel_fractions, granularity=self.granularity, tie_fused=self.tie_fused,
+                channel_fractions=self.channel_fractions, head_fractions=self.head_fractions,
+                granularity=self.granularity, tie_fused=self.tie_fused,
             )
         except SpaceError as err:
             raise UserError(str(err)) from None

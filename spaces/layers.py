@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from spaces.plan import ATTENTION_KINDS
+
 GRANULARITIES = ("layer", "block", "type", "model")
 # Projections that read the same input and are usually fused in inference kernels.
 TIED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
@@ -15,12 +17,19 @@ _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """Name and shape of one Linear layer."""
+    """Name and shape of one Linear layer; for an attention projection, the attention's head geometry.
+
+    `heads`, `kv_heads` and `head_dim` are the attention's query heads, key/value heads and head width
+    (0 outside attention, or where the attention does not expose them: its heads cannot be pruned).
+    """
 
     name: str
     out_features: int
     in_features: int
     has_bias: bool = False
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
 
     @property
     def num_params(self) -> int:
@@ -44,14 +53,32 @@ class LayerInfo:
 def linear_layers(model: nn.Module, include_lm_head: bool = False) -> list[LayerInfo]:
     """Every nn.Linear of the model, in module order; the output head only when asked for."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if module is head and not include_lm_head:
-            continue
-        layers.append(LayerInfo(name, module.out_features, module.in_features, module.bias is not None))
-    return layers
+    return [layer_info(model, name) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (module is not head or include_lm_head)]
+
+
+def layer_info(model: nn.Module, name: str) -> LayerInfo:
+    """The `LayerInfo` of the Linear at `name`, with its attention's head geometry where it has one."""
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{name!r} is a {type(module).__name__}, not a Linear layer")
+    geometry = attention_geometry(model, name.rpartition(".")[0]) if name.rsplit(".", 1)[-1] in ATTENTION_KINDS else None
+    return LayerInfo(name, module.out_features, module.in_features, module.bias is not None, *(geometry or ()))
+
+
+def attention_geometry(model: nn.Module, attention: str) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head width) of an attention module with q/k/v/o projections
+    that reads its head count from the projections' shapes (`head_dim` and `num_key_value_groups`
+    attributes, as the Llama family has); None for any other module."""
+    module = model.get_submodule(attention) if attention else model
+    head_dim = getattr(module, "head_dim", None)
+    groups = getattr(module, "num_key_value_groups", None)
+    projections = [getattr(module, kind, None) for kind in ATTENTION_KINDS]
+    if not (isinstance(head_dim, int) and isinstance(groups, int) and head_dim > 0 and groups > 0
+            and all(isinstance(p, nn.Linear) for p in projections)):
+        return None
+    heads = projections[0].out_features // head_dim
+    return heads, heads // groups, head_dim
 
 
 def head_is_tied(model: nn.Module) -> bool:

@@ -47,6 +47,10 @@ PLANS = {
         channel_fraction=0.5 if "mlp" in name else 1.0, bits=[3, 16][i % 2], quant_method=["gptq", "rtn"][i % 3 % 2],
         rank_fraction=0.25 if name.endswith("down_proj") else 1.0, lowrank_method="whiten")
         for i, name in enumerate(names)}),
+    "attention heads 50% + mlp channels + gptq": lambda names: Plan({name: LayerPlan(
+        head_fraction=0.5 if "self_attn" in name else 1.0, channel_fraction=0.75 if "mlp" in name else 1.0,
+        bits=[4, 16][i % 2], quant_method="gptq", rank_fraction=0.5 if name.endswith("o_proj") else 1.0)
+        for i, name in enumerate(names)}),
     "mixed": lambda names: Plan({name: [LayerPlan(bits=2, group_size=32), LayerPlan(bits=16, rank_fraction=0.25),
                                         LayerPlan(bits=5, sparsity=0.75, rank_fraction=0.25), LayerPlan()][i % 4]
                                  for i, name in enumerate(names)}),

@@ -21,12 +21,15 @@ def test_profile_kl_restores_the_base_model(tiny_model_dir):
     before = {name: param.clone() for name, param in evaluator.model.state_dict().items()}
     plans = [Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=2, group_size=32)}),
              Plan({"model.layers.1.mlp.down_proj": LayerPlan(rank_fraction=0.25, sparsity=0.5)}),
-             Plan({"model.layers.1.mlp.down_proj": LayerPlan(bits=8)})]
+             Plan({"model.layers.1.mlp.down_proj": LayerPlan(bits=8)}),
+             Plan({f"model.layers.0.self_attn.{kind}": LayerPlan(head_fraction=0.5)
+                   for kind in ("q_proj", "k_proj", "v_proj", "o_proj")})]
     kls = evaluator.profile_kl([plan.to_json() for plan in plans], windows=2, seq_len=16)
-    assert kls[0] > kls[2] >= 0 and kls[1] > kls[2]  # 8 bits barely moves the output
+    assert kls[0] > kls[2] >= 0 and kls[1] > kls[2] and kls[3] > kls[2]  # 8 bits barely moves the output
     after = evaluator.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
+    assert evaluator.model.model.layers[0].self_attn.num_key_value_groups == 2  # the attention's grouping too
     again = evaluator.profile_kl([plans[0].to_json()], windows=2, seq_len=16)
     assert again[0] == kls[0]  # deterministic, and measured on the restored model
 
