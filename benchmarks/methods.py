@@ -8,8 +8,8 @@ layers with the same bytes, so within a group only the method differs:
 - 50% unstructured and 2:4 sparsity of every Linear: magnitude, Wanda, SparseGPT (and OWL's
   non-uniform 50% profile with Wanda);
 - low-rank of the MLP projections: plain SVD vs whitened (SVD-LLM) at equal ranks;
-- structured removal of 25% of every MLP's channels, of a third of the attention heads (one of each
-  key/value group's three), and both, with the measured forward time vs the base.
+- structured removal of 25% and 50% of every MLP's channels, of a third of the attention heads (one
+  of each key/value group's three), and both, with the measured forward time vs the base.
 Prints a table and writes benchmarks/results/methods.csv.
 
     python benchmarks/methods.py [--eval-windows 8] [--calib-windows 16] [--seq-len 256]
@@ -64,7 +64,8 @@ def plans(layers) -> list[tuple[str, str, str, Plan]]:
         for fraction in (0.75, 0.5, 0.375) for method in ("svd", "whiten")]
     attention = [layer.name for layer in layers if layer.kind in ATTENTION_KINDS]
     fewer_heads = Plan.uniform(attention, LayerPlan(head_fraction=2 / 3))  # 2 of each key/value group's 3 heads
-    structured = [("structured", "mlp-channels", "MLP channels -25%", Plan.uniform(mlp, LayerPlan(channel_fraction=0.75))),
+    structured = [("structured", "mlp-channels", f"MLP channels -{1 - kept:.0%}", Plan.uniform(mlp, LayerPlan(
+                      channel_fraction=kept))) for kept in (0.75, 0.5)] + [
                   ("structured", "attention-heads", "heads -33% (6 of 9)", fewer_heads),
                   ("structured", "mlp-channels+heads", "MLP -25% + heads -33%", Plan({
                       **fewer_heads.layers, **{name: LayerPlan(channel_fraction=0.75) for name in mlp}}))]

@@ -10,9 +10,11 @@ Methods, each run as a real study (Optuna + Ray workers + Parquet) on the same m
 Quality is the hypervolume of the feasible front in (memory / 16-bit memory, perplexity), computed with
 Optuna's own hypervolume function against the fixed reference point (1.0, REF_PPL_RATIO x base ppl).
 `trials_to_beat_uniform` is the first trial count at which a method's front has a larger hypervolume
-than the front of *every* uniform plan of the space (measured exhaustively once).
+than the front of *every* uniform plan of the space (measured exhaustively once); `repeated_plans`
+counts trials that measured a plan an earlier trial of the study had already measured.
 
-Writes benchmarks/results/search.csv and search_bpw.csv and prints the tables.
+Writes benchmarks/results/search.csv and search_bpw.csv (rows of the methods and seeds run replace
+theirs; the others are kept) and prints the tables.
 
     python benchmarks/search.py --trials 32 --seeds 0 1 2 [--workdir DIR to resume an interrupted run]
 """
@@ -125,8 +127,10 @@ def main() -> None:
             trials, search_s, profile_s = run_method(name, seed, args, workdir)
             hv = [hypervolume(trials.head(n), base_bytes, reference) for n in range(1, len(trials) + 1)]
             beat = next((n for n, value in enumerate(hv, 1) if value > uniform_hv + 1e-12), None)
+            repeated = int(trials.loc[trials["state"] == "COMPLETE", "plan_json"].duplicated().sum())
             rows.append({"method": name, "seed": seed, "trials": len(trials), "hypervolume": hv[-1],
-                         "trials_to_beat_uniform": beat, "search_s": search_s, "profile_s": profile_s})
+                         "trials_to_beat_uniform": beat, "repeated_plans": repeated, "search_s": search_s,
+                         "profile_s": profile_s})
             for target in BPW_TARGETS:
                 bpw_rows.append({"method": name, "seed": seed, "bpw_target": target,
                                  "best_ppl": _best_ppl_at(trials, target)})
@@ -138,13 +142,25 @@ def main() -> None:
                          "best_ppl": float(smallest["ppl"].iloc[0]) if len(smallest) else None,
                          "uniform_bpw": float(smallest["bits_per_weight"].iloc[0]) if len(smallest) else None})
     RESULTS.mkdir(exist_ok=True)
-    table, bpw = pd.DataFrame(rows), pd.DataFrame(bpw_rows)
-    table.to_csv(RESULTS / "search.csv", index=False)
-    bpw.to_csv(RESULTS / "search_bpw.csv", index=False)
+    table = _merged(RESULTS / "search.csv", pd.DataFrame(rows))
+    bpw = _merged(RESULTS / "search_bpw.csv", pd.DataFrame(bpw_rows))
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print("\n" + table.groupby("method")[["hypervolume", "trials_to_beat_uniform", "search_s", "profile_s"]].mean().to_string())
+    print("\n" + table.groupby("method")[["hypervolume", "trials_to_beat_uniform", "repeated_plans", "search_s",
+                                          "profile_s"]].mean().to_string())
     print("\n" + bpw.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     ray.shutdown()
+
+
+def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """`new` written over the rows of the same (method, seed) in the CSV at `path`; the others kept."""
+    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["method", "seed"])
+    replaced = set(zip(new["method"], new["seed"]))
+    kept = old[[(method, seed) not in replaced for method, seed in zip(old["method"], old["seed"])]]
+    table = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+    order = {name: index for index, name in enumerate([*METHODS, "uniform-all"])}
+    table = table.sort_values(["method", "seed"], key=lambda col: col.map(order) if col.name == "method" else col)
+    table.to_csv(path, index=False)
+    return table
 
 
 def _best_ppl_at(trials: pd.DataFrame, bpw_target: float) -> float | None:

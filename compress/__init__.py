@@ -11,7 +11,11 @@ from compress.apply import (
 from compress.calibration import input_hessians, input_norms
 from compress.checkpoint import load_compressed, save_compressed
 
+# Bumped whenever a method's numerics change (2: structured pruning ranks units by output energy and
+# corrects the kept columns): measurements made by another version are neither reused nor mixed.
+COMPRESS_VERSION = 2
+
 __all__ = [
-    "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",
+    "COMPRESS_VERSION", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",
     "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed",
 ]

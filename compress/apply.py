@@ -75,9 +75,9 @@ def apply_plan_(
 ) -> dict[str, StoredMatrix]:
     """Compress the planned layers of `model` in place.
 
-    Wanda pruning, k-means weighting and MLP channel ranking use `input_norms[layer name]`
-    (calibration input L2 norms per input feature);
-    GPTQ, SparseGPT, whitened low-rank and head removal use `hessians[layer name]` (X^T X / tokens of the base
+    Wanda pruning and k-means weighting use `input_norms[layer name]` (calibration input L2 norms
+    per input feature); GPTQ, SparseGPT, whitened low-rank and structured pruning (MLP channels,
+    attention heads) use `hessians[layer name]` (X^T X / tokens of the base
     model's inputs, `calibration.input_hessians`). The `up` factor of a low-rank layer reads the
     `down` factor's output: its Hessian is D H D^T, and it has no norms (Wanda falls back to magnitude).
     `svd_cache` (a per-process dict) is read and filled with what depends only on the base model --
@@ -89,7 +89,7 @@ def apply_plan_(
     input_norms, hessians = input_norms or {}, hessians or {}
     _check_statistics(plan, input_norms, hessians)
     infos = {name: _planned_layer(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
-    kept_index = remove_structure_(model, plan, input_norms, hessians)
+    kept_index = remove_structure_(model, plan, hessians)
     for name, info in infos.items():
         layer_plan = plan[name]
         module = model.get_submodule(name)
@@ -120,10 +120,10 @@ def _planned_layer(model: nn.Module, name: str) -> LayerInfo:
 def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
     for name, layer_plan in plan.layers.items():
         if layer_plan.needs_norms and name not in input_norms:
-            raise PlanError(f"{name} uses Wanda, k-means or MLP channel pruning, which need calibration input "
+            raise PlanError(f"{name} uses Wanda or k-means, which need calibration input "
                             "norms (compress.input_norms); compute them first")
         if layer_plan.needs_hessian and name not in hessians:
-            raise PlanError(f"{name} uses GPTQ, SparseGPT, whitened low-rank or head removal, which need calibration "
+            raise PlanError(f"{name} uses GPTQ, SparseGPT, whitened low-rank or structured pruning, which need calibration "
                             "Hessians (compress.input_hessians); compute them first")
 
 

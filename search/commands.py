@@ -11,7 +11,7 @@ from typing import Callable
 import optuna
 import pandas as pd
 
-from compress import load_compressed, save_compressed
+from compress import COMPRESS_VERSION, load_compressed, save_compressed
 from evaluators import perplexity_and_kl
 from search.errors import UserError
 from search.job import JobContext, check_writable, prepare_job
@@ -78,10 +78,15 @@ def resume(study_name: str, trials: int, options: RunOptions) -> pd.DataFrame:
     if driver:
         raise UserError(f"study {study_name!r} is already running ({driver}); wait for it or stop that driver")
     ctx = prepare_job(spec, options.cache_dir)
-    recorded = study.user_attrs.get("protocol", {}).get("data_sha256")
-    if recorded and recorded != ctx.windows.protocol.data_sha256:
-        raise UserError(f"the data of study {study_name!r} changed since it was submitted (sha256 {recorded[:12]}... "
-                        f"now {ctx.windows.protocol.data_sha256[:12]}...); restore it or submit a new study")
+    recorded = study.user_attrs.get("protocol", {})
+    if recorded.get("data_sha256", ctx.windows.protocol.data_sha256) != ctx.windows.protocol.data_sha256:
+        raise UserError(f"the data of study {study_name!r} changed since it was submitted (sha256 "
+                        f"{recorded['data_sha256'][:12]}... now {ctx.windows.protocol.data_sha256[:12]}...); "
+                        "restore it or submit a new study")
+    if recorded.get("compress_version", COMPRESS_VERSION) != COMPRESS_VERSION:
+        raise UserError(f"study {study_name!r} was measured with compression version {recorded['compress_version']}, "
+                        f"this compsearch has version {COMPRESS_VERSION}: new trials would not be comparable with "
+                        "its old ones; submit a new study")
     return _run(ctx, study, trials, options, requeued=requeue_interrupted(study))
 
 

@@ -7,7 +7,10 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    cheaper one, the total size not above the child's (a mutation that preserves the budget, as in
    EvoPress); among a few random switches the profile's best wins, even when it is a little worse
    than the parent: the estimate is only additive, the measurement decides;
-3. a child over the memory budget is repaired by the cheapest downgrades per byte saved.
+3. a child over the memory budget is repaired by the cheapest downgrades per byte saved;
+4. a child that repeats a plan the study already holds (measured, running or queued) is drawn again
+   with one more switch each time (a few times at most): a repeat costs a whole trial and teaches
+   nothing, and when a parent's near neighbourhood is used up the step has to widen.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from search.sensitivity import Profile
 
 SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
 CROSSOVER_PROB = 0.3
+REDRAWS = 8  # children drawn at most before a repeat of a known plan is accepted
 
 
 class GuidedChildren:
@@ -41,6 +45,15 @@ class GuidedChildren:
 
     def __call__(self, study: optuna.Study, search_space: dict[str, BaseDistribution],
                  parents: list[FrozenTrial]) -> dict[str, Any]:
+        known = {_plan_key(trial.params, search_space) for trial in study.get_trials(deepcopy=False)}
+        for extra_switches in range(REDRAWS):
+            child = self._child(search_space, parents, extra_switches)
+            if _plan_key(child, search_space) not in known:
+                break
+        return child
+
+    def _child(self, search_space: dict[str, BaseDistribution], parents: list[FrozenTrial],
+               extra_switches: int = 0) -> dict[str, Any]:
         parent = parents[int(self.rng.integers(len(parents)))]
         levels = self._levels(parent.params)
         others = [p for p in parents if p is not parent]
@@ -48,7 +61,7 @@ class GuidedChildren:
             size = self._size(levels)
             nearest = self._levels(min(others, key=lambda p: abs(self._size(self._levels(p.params)) - size)).params)
             levels = {group: levels[group] if self.rng.random() < 0.5 else nearest[group] for group in levels}
-        for _ in range(int(self.rng.integers(1, 3))):
+        for _ in range(int(self.rng.integers(1, 3)) + extra_switches):
             levels = self._switch(levels)
         if self.layer_budget is not None:
             levels = self._repair(levels, self.layer_budget)
@@ -105,3 +118,8 @@ class GuidedChildren:
 
     def _estimate(self, levels: dict[str, int]) -> float:
         return sum(self.options[group][level].estimate for group, level in levels.items())
+
+
+def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:
+    """The searched parameters of a trial, comparable across trials."""
+    return tuple(sorted((name, value) for name, value in params.items() if name in search_space))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress import plan_nbytes
+from compress import COMPRESS_VERSION, plan_nbytes
 from evaluators import DataError, Windows, load_text, make_windows
 from search.errors import UserError
 from search.models import load_config, load_tokenizer, resolve_model
@@ -43,10 +43,14 @@ class JobContext:
     def plan_bytes(self, plan: Plan) -> int:
         return plan_nbytes(self.layers, plan, self.total_params)
 
+    def protocol(self) -> dict:
+        """What a trial's numbers depend on besides its plan: the data protocol and the compression version."""
+        return {**self.windows.protocol.to_dict(), "compress_version": COMPRESS_VERSION}
+
     def study_attrs(self) -> dict:
         return {"layers": [layer.to_dict() for layer in self.layers], "total_params": self.total_params,
                 "base_bytes": self.base_bytes, "memory_budget_bytes": self.memory_budget_bytes,
-                "latency_budget_ms": self.spec.latency_budget_ms, "protocol": self.windows.protocol.to_dict(),
+                "latency_budget_ms": self.spec.latency_budget_ms, "protocol": self.protocol(),
                 "model_ref": self.model_ref}
 
 

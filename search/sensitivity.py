@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import ray
 
+from compress import COMPRESS_VERSION
 from search.job import JobContext
 from search.models import default_cache_dir, model_fingerprint
 from spaces.layers import LayerInfo
@@ -100,7 +101,7 @@ def cache_path(ctx: JobContext, cache_dir: Path | None) -> Path:
     calib = ctx.windows.calib_ids[: ctx.spec.profile_windows, : ctx.spec.profile_seq_len]
     data_key = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "sensitivity"
-    return folder / f"{model_fingerprint(ctx.model_ref)}-{data_key}.json"
+    return folder / f"{model_fingerprint(ctx.model_ref)}-{data_key}-v{COMPRESS_VERSION}.json"
 
 
 def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,

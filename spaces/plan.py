@@ -163,9 +163,8 @@ class LayerPlan:
 
     @property
     def needs_norms(self) -> bool:
-        """Whether applying this plan uses the calibration inputs' L2 norms (Wanda, k-means, MLP channels)."""
-        return ((self.sparsity > 0 and self.prune_method == "wanda")
-                or (self.bits < 16 and self.quant_method == "kmeans") or self.channel_fraction < 1.0)
+        """Whether applying this plan uses the calibration inputs' L2 norms (Wanda, k-means)."""
+        return (self.sparsity > 0 and self.prune_method == "wanda") or (self.bits < 16 and self.quant_method == "kmeans")
 
     @property
     def is_structured(self) -> bool:
@@ -180,8 +179,8 @@ class LayerPlan:
     @property
     def needs_hessian(self) -> bool:
         """Whether applying this plan uses the calibration inputs' second moments (GPTQ, SparseGPT,
-        whitened low-rank, attention heads)."""
-        return (self.head_fraction < 1.0 or (self.bits < 16 and self.quant_method in HESSIAN_METHODS)
+        whitened low-rank, structured pruning)."""
+        return (self.is_structured or (self.bits < 16 and self.quant_method in HESSIAN_METHODS)
                 or (self.sparsity > 0 and self.prune_method in HESSIAN_METHODS)
                 or (self.rank_fraction < 1.0 and self.lowrank_method in HESSIAN_METHODS))
 

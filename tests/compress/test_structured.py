@@ -1,4 +1,4 @@
-"""MLP channel removal, OWL sparsity profiles, calibration statistics and the plan fields behind them."""
+"""MLP channel and attention head removal, OWL sparsity profiles, calibration statistics and the plan fields behind them."""
 import copy
 import json
 
@@ -34,10 +34,9 @@ def test_removing_dead_channels_keeps_the_outputs(tiny):
         dead = torch.arange(index % 2, mlp.gate_proj.out_features, 2)  # every other channel, never active
         mlp.up_proj.weight.data[dead] = 0.0
     names = [layer.name for layer in layers]
-    norms = input_norms(base, windows.calib_ids, names)
     plan = _mlp_plan(layers, 0.5)
     thinned = copy.deepcopy(base)
-    apply_plan_(thinned, plan, norms)
+    apply_plan_(thinned, plan, hessians=input_hessians(base, windows.calib_ids, names))
     for layer in layers:
         if ".mlp." in layer.name:
             (layout,) = layer_layout(layer, plan[layer.name])
@@ -217,3 +216,15 @@ def test_kept_columns_absorb_removed_ones_by_least_squares():
     assert torch.allclose(inputs[:, kept] @ compensated.T, inputs @ weight.T, atol=1e-8)
     plain_error = (inputs[:, kept] @ weight[:, kept].T - inputs @ weight.T).norm()
     assert plain_error > 1.0  # dropping the column without compensation loses its share
+
+
+def test_unit_energy_is_each_units_share_of_the_output():
+    from compress.structured import unit_energy
+
+    torch.manual_seed(0)
+    inputs, weight = torch.randn(512, 12, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64)
+    hessian = inputs.T @ inputs / len(inputs)
+    for width in (1, 4):
+        expected = [(inputs[:, u * width:(u + 1) * width] @ weight[:, u * width:(u + 1) * width].T).square().sum() / 512
+                    for u in range(12 // width)]
+        assert torch.allclose(unit_energy(weight, hessian, width), torch.stack(expected))

@@ -108,3 +108,21 @@ def test_enqueued_seeds_become_the_first_parents():
         trial = ask(study)
         study.tell(trial, trial.suggest_float("x", 0, 10))
     assert parents_seen and parents_seen[0] == [0, 1, 2, 3]  # the seeds, not random trials
+
+
+def test_guided_children_do_not_repeat_known_plans():
+    ctx = _context()
+    children = GuidedChildren(ctx, _profile(ctx), seed=3)
+    distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
+                     for group in children.options for knob, choices in ctx.space.knobs().items()}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    start = {g: options[len(options) // 2].choice for g, options in children.options.items()}
+    study.add_trial(optuna.trial.create_trial(params=ctx.space.params_for(start), values=[1.0, 1.0],
+                                              distributions=distributions))
+    parents = study.get_trials()
+    seen = {tuple(sorted(parents[0].params.items()))}
+    for _ in range(10):  # from one parent, local moves revisit plans from the 3rd child on unless redrawn
+        params = children(study, distributions, parents)
+        assert tuple(sorted(params.items())) not in seen
+        seen.add(tuple(sorted(params.items())))
+        study.add_trial(optuna.trial.create_trial(params=params, values=[1.0, 1.0], distributions=distributions))

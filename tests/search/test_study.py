@@ -95,6 +95,22 @@ def test_resume_continues_to_the_new_total(finished_study):
     assert len(pd.read_parquet(results / "e2e" / "trials.parquet")) == 13
 
 
+def test_resume_refuses_a_study_measured_by_another_compression_version(finished_study):
+    from search.errors import UserError
+
+    _, _, options, _, _ = finished_study
+    study, _ = load_study("e2e", open_storage(options.storage_url("e2e")))
+    protocol = study.user_attrs["protocol"]
+    assert "compress_version" in protocol
+    study.set_user_attr("protocol", {**protocol, "compress_version": -1})
+    try:
+        with pytest.raises(UserError, match="compression version -1"):
+            resume("e2e", 20, options)
+    finally:
+        study.set_user_attr("protocol", protocol)
+    assert done_count(study) == 13  # refused before any trial ran
+
+
 def test_trial_that_cannot_be_built_is_recorded_and_study_goes_on(tiny_model_dir, ray_session, tmp_path):
     spec = tiny_spec(tiny_model_dir, "fails", space="quant", uniform_seeds=False)
     options = RunOptions(results_dir=tmp_path, workers=2)
