@@ -25,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import write_table  # noqa: E402
 from compress import apply_plan_, input_hessians, input_norms  # noqa: E402
 from evaluators import load_text, make_windows  # noqa: E402
 from search.models import load_tokenizer, resolve_model  # noqa: E402
@@ -102,10 +103,7 @@ def main() -> None:
     table["calib_tokens"] = windows.calib_ids.numel()
     table["statistics_gib"] = round(statistics_gib, 2)
     table["threads"] = torch.get_num_threads()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
-    print(table.to_string(index=False))
-    print(f"\nwrote {args.out}")
+    write_table(table, args.out)
 
 
 if __name__ == "__main__":

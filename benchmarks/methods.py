@@ -34,8 +34,8 @@ import torch  # noqa: E402
 
 from compress import apply_plan_, input_hessians, plan_bits_per_weight, plan_nbytes  # noqa: E402
 from compress.owl import owl_plan  # noqa: E402
-from evaluators import load_text, make_windows, perplexity_and_kl  # noqa: E402
-from search.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from benchmarks.common import default_model_and_windows, write_table  # noqa: E402
+from evaluators import perplexity_and_kl  # noqa: E402
 from spaces.layers import count_params, linear_layers  # noqa: E402
 from spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
 
@@ -122,10 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.csv")
     args = parser.parse_args()
 
-    ref = resolve_model("smollm2-135m")
-    model, tokenizer = load_model(ref), load_tokenizer(ref)
-    text, source = load_text(None)
-    windows = make_windows(tokenizer, text, source, args.seq_len, args.eval_windows, args.calib_windows)
+    model, _, windows = default_model_and_windows(args.seq_len, args.eval_windows, args.calib_windows)
     layers = linear_layers(model)
     names, total = [layer.name for layer in layers], count_params(model)
     started = time.perf_counter()
@@ -149,12 +146,10 @@ def main() -> None:
         table = table.sort_values("family", key=lambda f: f.map(FAMILY_ORDER), kind="stable")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)  # after every row: a stopped run keeps what it measured
-        print(table.iloc[-1].to_dict() if False else {"family": family, "method": method, "setting": setting, **row},
-              flush=True)
+        print({"family": family, "method": method, "setting": setting, **row}, flush=True)
     print(f"\nSmolLM2-135M, {args.eval_windows} x {args.seq_len}-token eval windows, "
           f"{args.calib_windows} x {args.seq_len} calibration windows\n")
-    print(table.to_string(index=False))
-    print(f"\nwrote {args.out}")
+    write_table(table, args.out)
 
 
 if __name__ == "__main__":

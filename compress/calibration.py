@@ -34,7 +34,7 @@ def _forward_with_hooks(model: nn.Module, windows: torch.Tensor, hooks: dict, ba
             handle.remove()
 
 
-def _shared_input_key(name: str) -> str:
+def shared_input_key(name: str) -> str:
     """Layers of one fused set (q/k/v, gate/up) read the same input: they share one statistic."""
     prefix, _, kind = name.rpartition(".")
     for tied in TIED_PROJECTIONS:
@@ -57,7 +57,7 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, layer_names: list[st
     """
     sums: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
-    keys = {name: _shared_input_key(name) for name in layer_names}
+    keys = {name: shared_input_key(name) for name in layer_names}
     first_reader = {key: name for name, key in reversed(list(keys.items()))}
 
     def hook_for(name: str):

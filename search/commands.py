@@ -1,9 +1,11 @@
 """What each CLI command does, as functions that return data (the CLI prints it)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -12,15 +14,17 @@ import optuna
 import pandas as pd
 
 from compress import COMPRESS_VERSION, load_compressed, save_compressed
+from compress.distill import DistillSettings, distill_
 from evaluators import perplexity_and_kl
 from search.errors import UserError
 from search.job import JobContext, check_writable, prepare_job
 from search.models import load_tokenizer
-from search.results import BEST_DIR, LAYERS_FILE, PARETO_FILE, TRIALS_FILE, trials_frame, write_results
+from search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, TRIALS_FILE, trials_frame,
+                            write_results)
 from search.runner import TrialEvent, run_study
 from search.spec import JobSpec
-from search.study import (SPEC_ATTR, create_study, default_storage_url, done_count, live_driver, load_study,
-                          open_storage, requeue_interrupted, study_exists)
+from search.study import (create_study, default_storage_url, done_count, live_driver, load_study, open_storage,
+                          requeue_interrupted, study_exists)
 from search.trial import TrialEvaluator
 from spaces.plan import Plan
 
@@ -125,8 +129,16 @@ def leaderboard(study_name: str, options: RunOptions, top: int = 10) -> pd.DataF
 
 
 def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, checkpoint: bool = False,
-           verify: bool = False) -> dict:
-    """Write the plan ranked `rank` (and with `checkpoint` the compressed model) to `out_dir`."""
+           verify: bool = False, distill: DistillSettings | None = None,
+           on_status: Callable[[str], None] | None = None) -> dict:
+    """Write the plan ranked `rank` (and with `checkpoint` the compressed model) to `out_dir`.
+
+    With `distill`, the checkpoint's model is first distilled from the base model on the study's
+    calibration split (`compress.distill`); its perplexity before and after, on the evaluation
+    split, goes to export.json and to the study (`distilled_ppl` in the trials table).
+    """
+    if distill is not None and not checkpoint:
+        raise UserError("distillation changes the model's weights: add --checkpoint to keep them")
     study, spec = _open_existing(study_name, options)
     trials = trials_frame(study)
     ranked = trials[trials["rank"] == rank]
@@ -142,22 +154,48 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
                "spec": spec.to_dict(), "protocol": study.user_attrs.get("protocol")}
     (out_dir / "plan.json").write_text(plan.to_json() + "\n")
     if checkpoint:
-        summary.update(_export_checkpoint(spec, plan, out_dir, options, verify))
+        summary.update(_export_checkpoint(spec, plan, out_dir, options, verify, distill, on_status or log.info))
+    if "distilled_ppl" in summary:
+        study.set_user_attr(f"{DISTILLED_ATTR}:{int(row['trial'])}", {
+            key: summary[key] for key in ("distilled_ppl", "distill_steps", "distill_final_loss")})
+        write_results(study, options.results_dir)
     (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
-def _export_checkpoint(spec: JobSpec, plan: Plan, out_dir: Path, options: RunOptions, verify: bool) -> dict:
+def _export_checkpoint(spec: JobSpec, plan: Plan, out_dir: Path, options: RunOptions, verify: bool,
+                       distill: DistillSettings | None, say: Callable[[str], None]) -> dict:
     ctx = prepare_job(spec, options.cache_dir)
     evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, batch_size=spec.batch_size,
                                with_kl=False, with_latency=False, trust_remote_code=spec.trust_remote_code)
     model, stored = evaluator.compressed_model(plan, keep_stored=True)
+    result = {}
+    if distill is not None:
+        result.update(_distill(evaluator, model, stored, distill, say))
     path = save_compressed(model, plan, stored, out_dir, load_tokenizer(ctx.model_ref, spec.trust_remote_code))
-    result = {"checkpoint": str(path), "checkpoint_bytes": path.stat().st_size, "plan_bytes": ctx.plan_bytes(plan)}
+    result.update(checkpoint=str(path), checkpoint_bytes=path.stat().st_size, plan_bytes=ctx.plan_bytes(plan))
     if verify:
         loaded, _ = load_compressed(out_dir, spec.trust_remote_code)
         result["checkpoint_ppl"] = perplexity_and_kl(loaded, ctx.windows.eval_ids, spec.batch_size)["ppl"]
     return result
+
+
+def _distill(evaluator: TrialEvaluator, model, stored: dict, settings: DistillSettings,
+             say: Callable[[str], None]) -> dict:
+    """Distill the compressed `model` from the evaluator's base model; its perplexity before and after."""
+    before = perplexity_and_kl(model, evaluator.eval_ids, evaluator.batch_size)["ppl"]
+    every = max(1, settings.steps // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == settings.steps:
+            say(f"distillation step {step}/{settings.steps}: KL to the base model {loss:.4f}")
+
+    started = time.perf_counter()
+    losses = distill_(model, evaluator.model, stored, evaluator.calib_ids, settings, progress)
+    after = perplexity_and_kl(model, evaluator.eval_ids, evaluator.batch_size)["ppl"]
+    return {"ppl_before_distill": before, "distilled_ppl": after, "distill_steps": settings.steps,
+            "distill_final_loss": losses[-1], "distill_s": time.perf_counter() - started,
+            "distill_settings": dataclasses.asdict(settings)}
 
 
 def _open_existing(study_name: str, options: RunOptions) -> tuple[optuna.Study, JobSpec]:

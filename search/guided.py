@@ -8,9 +8,10 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    EvoPress); among a few random switches the profile's best wins, even when it is a little worse
    than the parent: the estimate is only additive, the measurement decides;
 3. a child over the memory budget is repaired by the cheapest downgrades per byte saved;
-4. a child that repeats a plan the study already holds (measured, running or queued) is drawn again
-   with one more switch each time (a few times at most): a repeat costs a whole trial and teaches
-   nothing, and when a parent's near neighbourhood is used up the step has to widen.
+4. a child that repeats a plan the study already holds (measured, running or queued) is drawn again,
+   a few times at most: a repeat costs a whole trial and teaches nothing. The first redraws stay
+   local (other parents, other random switches); later ones take one more switch each, for when a
+   parent's near neighbourhood is used up.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from search.sensitivity import Profile
 SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
 CROSSOVER_PROB = 0.3
 REDRAWS = 8  # children drawn at most before a repeat of a known plan is accepted
+LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
 
 
 class GuidedChildren:
@@ -46,8 +48,8 @@ class GuidedChildren:
     def __call__(self, study: optuna.Study, search_space: dict[str, BaseDistribution],
                  parents: list[FrozenTrial]) -> dict[str, Any]:
         known = {_plan_key(trial.params, search_space) for trial in study.get_trials(deepcopy=False)}
-        for extra_switches in range(REDRAWS):
-            child = self._child(search_space, parents, extra_switches)
+        for attempt in range(REDRAWS):
+            child = self._child(search_space, parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
             if _plan_key(child, search_space) not in known:
                 break
         return child

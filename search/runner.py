@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from compress import plan_bits_per_weight
+from search.capacity import memory_warning
 from search.errors import UserError
 from search.job import JobContext
 from search.results import TASK_SCORES_ATTR, trials_frame, write_results
@@ -139,6 +140,9 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
     started_ray = start_ray(address, workers * cpus_per_worker)
     try:
         check_resources(WorkerResources(cpus_per_worker, gpus_per_worker, worker_resources or {}), started_ray)
+        warning = memory_warning(ctx, workers) if started_ray else None
+        if warning:
+            say(f"warning: {warning}")
 
         def spawn(count: int) -> list:
             return start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator)

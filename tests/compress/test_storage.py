@@ -6,7 +6,6 @@ import torch
 from safetensors import safe_open
 
 from compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, plan_nbytes, save_compressed
-from compress.checkpoint import WEIGHTS_FILE
 from compress.storage import matrix_nbytes, pack_bits, unpack_bits
 from evaluators import load_text, make_windows, perplexity_and_kl
 from search.models import load_model, load_tokenizer

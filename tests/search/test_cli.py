@@ -72,6 +72,9 @@ def test_read_commands(existing, capsys, tmp_path):
     assert "rank" in capsys.readouterr().out
     assert "--rank 99 does not exist" in _error(
         capsys, ["export", "--study", "kept", "--results-dir", str(existing), "--rank", "99", "--out", str(tmp_path)])
+    export = ["export", "--study", "kept", "--results-dir", str(existing), "--out", str(tmp_path)]
+    assert "add --checkpoint" in _error(capsys, export + ["--distill-steps", "5"])
+    assert "steps >= 1" in _error(capsys, export + ["--checkpoint", "--distill-steps", "-2"])
     assert "no study 'ghost'" in _error(capsys, ["status", "--study", "ghost", "--results-dir", str(existing)])
     assert "no study 'ghost'" in _error(
         capsys, ["resume", "--study", "ghost", "--results-dir", str(existing), "--trials", "3"])

@@ -2,7 +2,6 @@
 import json
 import math
 
-import optuna
 import pandas as pd
 import pytest
 
@@ -83,6 +82,22 @@ def test_export_checkpoint_reproduces_trial_perplexity(finished_study, tmp_path)
     assert math.isclose(summary["checkpoint_ppl"], summary["metrics"]["ppl"], rel_tol=1e-5)
     assert abs(summary["checkpoint_bytes"] - summary["plan_bytes"]) < 0.02 * summary["plan_bytes"] + 64 * 1024
     assert (tmp_path / "plan.json").exists() and (tmp_path / "export.json").exists()
+
+
+def test_export_distills_and_records_the_result(finished_study, tmp_path):
+    from compress.distill import DistillSettings
+    from search.errors import UserError
+
+    _, results, options, _, _ = finished_study
+    with pytest.raises(UserError, match="--checkpoint"):
+        export("e2e", 1, tmp_path, options, distill=DistillSettings(steps=2))
+    summary = export("e2e", 2, tmp_path, options, checkpoint=True, verify=True,
+                     distill=DistillSettings(steps=3, batch_size=2))
+    assert summary["distill_steps"] == 3 and summary["ppl_before_distill"] == pytest.approx(summary["metrics"]["ppl"])
+    assert summary["checkpoint_ppl"] == pytest.approx(summary["distilled_ppl"], rel=1e-6)  # the checkpoint is the distilled model
+    table = pd.read_parquet(results / "e2e" / "trials.parquet")
+    assert table.loc[table["trial"] == summary["trial"], "distilled_ppl"].item() == pytest.approx(summary["distilled_ppl"])
+    assert table["distilled_ppl"].notna().sum() == 1
 
 
 def test_resume_continues_to_the_new_total(finished_study):
