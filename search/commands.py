@@ -193,6 +193,9 @@ def _distill(evaluator: TrialEvaluator, model, stored: dict, settings: DistillSe
     started = time.perf_counter()
     losses = distill_(model, evaluator.model, stored, evaluator.calib_ids, settings, progress)
     after = perplexity_and_kl(model, evaluator.eval_ids, evaluator.batch_size)["ppl"]
+    if after >= before:
+        say(f"warning: distillation did not help (perplexity {before:.3f} -> {after:.3f}); export without "
+            "--distill-steps, or try a lower --distill-lr")
     return {"ppl_before_distill": before, "distilled_ppl": after, "distill_steps": settings.steps,
             "distill_final_loss": losses[-1], "distill_s": time.perf_counter() - started,
             "distill_settings": dataclasses.asdict(settings)}
