@@ -5,7 +5,7 @@ space uses calibration Hessians (GPTQ, SparseGPT, whitened low-rank, structured 
 every distinct layer input plus about as much again in cached inverse factors and SVDs. Checked
 against the memory available before the workers start (local Ray only: a cluster's nodes differ),
 so a job that would be killed by the out-of-memory monitor is told how many workers fit instead.
-Measured on SmolLM2-135M (structured space, 2 workers): peaks of 3.2-3.9 GiB per worker; estimated 3.3 GiB.
+Measured on SmolLM2-135M (structured space, 2 workers): peaks of 3.2-4.1 GiB per worker; estimated 3.8 GiB.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from compress.calibration import shared_input_key
 from search.job import JobContext
 
 FLOAT32_BYTES = 4
-RUNTIME_BYTES = int(1.5 * 2**30)  # torch, transformers, Ray's worker, evaluation activations
+RUNTIME_BYTES = 2 * 2**30  # torch, transformers, Ray's worker, evaluation activations
 GIB = 2**30
 
 
