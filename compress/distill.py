@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.matrix import StoredMatrix
-from compress.quantize import QuantizedMatrix, dequantize
-from compress.storage import NO_EXACT_ZERO
+from compress.matrix import StoredMatrix, quantized_values
+from compress.quantize import QuantizedMatrix
 
 
 @dataclass(frozen=True)
@@ -51,31 +50,23 @@ class _TrainableGrid:
 
     def __init__(self, module: nn.Linear, matrix: StoredMatrix):
         self.module, self.matrix = module, matrix
-        quantized = matrix.quantized
-        self.values = quantized.scales if isinstance(quantized, QuantizedMatrix) else quantized.codebook
+        self.field = "scales" if isinstance(matrix.quantized, QuantizedMatrix) else "codebook"
+        self.values = getattr(matrix.quantized, self.field)
         self.factor = nn.Parameter(torch.ones(self.values.shape, dtype=torch.float32, device=module.weight.device))
         del module.weight  # the frozen Parameter; a tensor computed from the factor takes its place
         self.handle = module.register_forward_pre_hook(lambda m, _args: setattr(m, "weight", self.weight()))
 
-    def weight(self, factor: torch.Tensor | None = None) -> torch.Tensor:
-        quantized = self.matrix.quantized
-        values = self.values.float() * (self.factor if factor is None else factor)
-        if isinstance(quantized, QuantizedMatrix):
-            weight = dequantize(quantized.codes, values, quantized.zeros, quantized.group_size)
-        else:
-            weight = values.gather(1, quantized.codes.long())
-        if self.matrix.mask is not None and self.matrix.layout.quant_method in NO_EXACT_ZERO:
-            weight = weight * self.matrix.mask
-        return weight
+    def weight(self) -> torch.Tensor:
+        """The weight on the grid with the factored scales (or codebook), differentiable in the factor."""
+        trained = dataclasses.replace(self.matrix.quantized, **{self.field: self.values.float() * self.factor})
+        return quantized_values(trained, self.matrix.mask, self.matrix.layout.quant_method)
 
     def finish(self) -> StoredMatrix:
         """Round the trained values to fp16, give the module its Parameter back, return the new stored form."""
         self.handle.remove()
         rounded = (self.values.float() * self.factor.detach()).half()
-        field = "scales" if isinstance(self.matrix.quantized, QuantizedMatrix) else "codebook"
-        quantized = dataclasses.replace(self.matrix.quantized, **{field: rounded})
-        self.values = rounded
-        weight = self.weight(torch.ones_like(self.factor)).detach()
+        quantized = dataclasses.replace(self.matrix.quantized, **{self.field: rounded})
+        weight = quantized_values(quantized, self.matrix.mask, self.matrix.layout.quant_method)
         del self.module.weight
         self.module.weight = nn.Parameter(weight, requires_grad=False)
         return StoredMatrix(self.matrix.layout, weight, self.matrix.mask, quantized)

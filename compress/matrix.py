@@ -85,12 +85,17 @@ def compress_matrix(weight: torch.Tensor, layout: MatrixLayout, plan: LayerPlan,
         mask, values = _prune(values, plan, stats, layout.key)
     quantized = _quantize(values, plan, stats, mask, layout.key) if plan.bits < FLOAT_BITS else None
     if quantized is not None:
-        values = quantized.dequantize()
-        if mask is not None and plan.quant_method in NO_EXACT_ZERO:
-            values = values * mask  # the mask format stores no value for pruned weights: they load as 0
+        values = quantized_values(quantized, mask, plan.quant_method)
     else:
         values = values.half().float()
     return StoredMatrix(layout, values, mask, quantized)
+
+
+def quantized_values(quantized: AnyQuantized, mask: torch.Tensor | None, quant_method: str) -> torch.Tensor:
+    """The values a quantized matrix computes with: its dequantized grid, and 0 at pruned positions on
+    grids without an exact 0 (the mask format stores no value for pruned weights: they load as 0)."""
+    values = quantized.dequantize()
+    return values * mask if mask is not None and quant_method in NO_EXACT_ZERO else values
 
 
 def _prune(values: torch.Tensor, plan: LayerPlan, stats: MatrixStats, key: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,8 +80,10 @@ class TrialEvaluator:
     def _base_with_plan(self, plan: Plan):
         """The base model itself with `plan` applied, restored on exit: for plans touching few layers,
         cheaper than copying the whole model."""
-        # Attentions that lose heads also change an attribute (their key/value grouping): restored last, whole.
-        changed = [*plan.layers, *plan.structured_fractions("head_fraction")]
+        # Attentions that lose heads also change an attribute (their key/value grouping): they are saved
+        # and restored whole, their projections with them.
+        attentions = plan.structured_fractions("head_fraction")
+        changed = [name for name in plan.layers if name.rpartition(".")[0] not in attentions] + list(attentions)
         saved = {name: copy.deepcopy(self.model.get_submodule(name)) for name in changed}
         try:
             self._compress_(self.model, plan, keep_stored=False)
