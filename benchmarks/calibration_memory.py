@@ -18,19 +18,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import write_table  # noqa: E402
-from compress import apply_plan_, input_hessians, input_norms  # noqa: E402
-from evaluators import load_text, make_windows  # noqa: E402
-from search.models import load_tokenizer, resolve_model  # noqa: E402
-from spaces.layers import count_params, linear_layers  # noqa: E402
-from spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
+from common import write_table  # noqa: E402
+from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa: E402
+from compsearch.evaluators import load_text, make_windows  # noqa: E402
+from compsearch.search.models import load_tokenizer, resolve_model  # noqa: E402
+from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
+from compsearch.spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
 
 # Published configurations (config.json of each checkpoint), tied embeddings as released.
 SHAPES = {

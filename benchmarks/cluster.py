@@ -22,15 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: loopback only
 
 import pandas as pd
 
-from search.commands import RunOptions, submit
-from search.results import write_results
-from search.study import default_storage_url, load_study, open_storage
-from search.spec import DEFAULT_MODEL, JobSpec
+from compsearch.search.commands import RunOptions, submit
+from compsearch.search.results import write_results
+from compsearch.search.study import default_storage_url, load_study, open_storage
+from compsearch.search.spec import DEFAULT_MODEL, JobSpec
 
 
 def run_once(args: argparse.Namespace, workers: int, folder: Path) -> dict:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluators import Windows, load_text, make_windows
-from search.models import load_model, load_tokenizer, resolve_model
+from compsearch.evaluators import Windows, load_text, make_windows
+from compsearch.search.models import load_model, load_tokenizer, resolve_model
 
 
 def default_model_and_windows(seq_len: int, eval_windows: int, calib_windows: int):

@@ -18,19 +18,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from compress import apply_plan_, input_hessians, plan_nbytes  # noqa: E402
-from compress.distill import DistillSettings, distill_  # noqa: E402
-from benchmarks.common import default_model_and_windows, write_table  # noqa: E402
-from evaluators import perplexity_and_kl  # noqa: E402
-from spaces.layers import count_params, linear_layers  # noqa: E402
-from spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
+from compsearch.compress import apply_plan_, input_hessians, plan_nbytes  # noqa: E402
+from compsearch.compress.distill import DistillSettings, distill_  # noqa: E402
+from common import default_model_and_windows, write_table  # noqa: E402
+from compsearch.evaluators import perplexity_and_kl  # noqa: E402
+from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
+from compsearch.spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
 
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -27,12 +26,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from compress import plan_nbytes, save_compressed  # noqa: E402
-from evaluators import load_text, make_windows  # noqa: E402
-from search.models import load_tokenizer, resolve_model  # noqa: E402
-from search.trial import TrialEvaluator  # noqa: E402
-from spaces.layers import count_params, linear_layers  # noqa: E402
-from spaces.plan import LayerPlan, Plan  # noqa: E402
+from compsearch.compress import plan_nbytes, save_compressed  # noqa: E402
+from compsearch.evaluators import load_text, make_windows  # noqa: E402
+from compsearch.search.models import load_tokenizer, resolve_model  # noqa: E402
+from compsearch.search.trial import TrialEvaluator  # noqa: E402
+from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
+from compsearch.spaces.plan import LayerPlan, Plan  # noqa: E402
 
 HYPERBATON = Path(os.environ.get("COMPSEARCH_SHARED", ROOT.parent / "shared")) / "data" / "bigbench" / "hyperbaton_2k.json"
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
@@ -142,9 +141,9 @@ def kl_gap(threads: int, windows_count: int = 8) -> None:
     """Compact (top-k + rest) KL against the exact KL on the default model, for two plans."""
     import copy
 
-    from compress import apply_plan_
-    from evaluators import base_log_probs, perplexity_and_kl
-    from search.models import load_model
+    from compsearch.compress import apply_plan_
+    from compsearch.evaluators import base_log_probs, perplexity_and_kl
+    from compsearch.search.models import load_model
 
     torch.set_num_threads(threads)
     model_ref = resolve_model("smollm2-135m")

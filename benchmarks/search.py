@@ -27,8 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-# This file's name is the `search` package's: keep its folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: loopback only
 
 import numpy as np
@@ -37,9 +35,9 @@ import pandas as pd
 import ray
 from optuna._hypervolume import compute_hypervolume
 
-from search.commands import RunOptions, submit
-from search.runner import start_ray
-from search.spec import JobSpec
+from compsearch.search.commands import RunOptions, submit
+from compsearch.search.runner import start_ray
+from compsearch.search.spec import JobSpec
 
 RESULTS = Path(__file__).parent / "results"
 REF_PPL_RATIO = 3.0  # plans worse than 3x the base perplexity add nothing to the hypervolume

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, save_compressed
-from compress.distill import DistillSettings, distill_
-from compress.quantize import QuantizedMatrix
-from evaluators import base_log_probs, load_text, make_windows, perplexity_and_kl
-from search.models import load_model, load_tokenizer
-from spaces.layers import linear_layers
-from spaces.plan import LayerPlan, Plan
+from compsearch.compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, save_compressed
+from compsearch.compress.distill import DistillSettings, distill_
+from compsearch.compress.quantize import QuantizedMatrix
+from compsearch.evaluators import base_log_probs, load_text, make_windows, perplexity_and_kl
+from compsearch.search.models import load_model, load_tokenizer
+from compsearch.spaces.layers import linear_layers
+from compsearch.spaces.plan import LayerPlan, Plan
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import torch
 
-from compress.lowrank import LowRankLinear, factorize
+from compsearch.compress.lowrank import LowRankLinear, factorize
 
 
 def test_svd_error_equals_discarded_singular_values():

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from compress.gptq import inverse_hessian_factor, quantize_gptq
-from compress.hqq import quantize_hqq
-from compress.kmeans import palettize
-from compress.lowrank import factorize, whitened_svd
-from compress.prune import keep_mask, kept_count
-from compress.quantize import quantize_rtn
-from compress.sparsegpt import prune_sparsegpt
+from compsearch.compress.gptq import inverse_hessian_factor, quantize_gptq
+from compsearch.compress.hqq import quantize_hqq
+from compsearch.compress.kmeans import palettize
+from compsearch.compress.lowrank import factorize, whitened_svd
+from compsearch.compress.prune import keep_mask, kept_count
+from compsearch.compress.quantize import quantize_rtn
+from compsearch.compress.sparsegpt import prune_sparsegpt
 
 
 @pytest.fixture(scope="module")

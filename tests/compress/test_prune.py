@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.prune import keep_mask, kept_count
+from compsearch.compress.prune import keep_mask, kept_count
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.5, 0.75, 0.9])

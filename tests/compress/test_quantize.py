@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.quantize import quantize_rtn
+from compsearch.compress.quantize import quantize_rtn
 
 
 def _relative_error(weight, bits, group_size=128):

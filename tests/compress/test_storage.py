@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, plan_nbytes, save_compressed
-from compress.storage import matrix_nbytes, pack_bits, unpack_bits
-from evaluators import load_text, make_windows, perplexity_and_kl
-from search.models import load_model, load_tokenizer
-from spaces.layers import count_params, linear_layers
-from spaces.plan import LayerPlan, Plan
+from compsearch.compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, plan_nbytes, save_compressed
+from compsearch.compress.storage import matrix_nbytes, pack_bits, unpack_bits
+from compsearch.evaluators import load_text, make_windows, perplexity_and_kl
+from compsearch.search.models import load_model, load_tokenizer
+from compsearch.spaces.layers import count_params, linear_layers
+from compsearch.spaces.plan import LayerPlan, Plan
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from compress import apply_plan_, input_hessians, input_norms, layer_layout
-from compress.owl import owl_plan, owl_sparsities
-from evaluators import load_text, make_windows
-from search.models import load_model, load_tokenizer
-from spaces.layers import linear_layers
-from spaces.plan import PLAN_VERSION, LayerPlan, Plan, PlanError
+from compsearch.compress import apply_plan_, input_hessians, input_norms, layer_layout
+from compsearch.compress.owl import owl_plan, owl_sparsities
+from compsearch.evaluators import load_text, make_windows
+from compsearch.search.models import load_model, load_tokenizer
+from compsearch.spaces.layers import linear_layers
+from compsearch.spaces.plan import PLAN_VERSION, LayerPlan, Plan, PlanError
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,8 @@ def test_owl_plan_is_a_valid_non_uniform_plan(tiny):
 def test_spaces_offer_the_methods_and_keep_structure_consistent():
     import optuna
 
-    from spaces.layers import LayerInfo
-    from spaces.space import SPACES, SpaceError
+    from compsearch.spaces.layers import LayerInfo
+    from compsearch.spaces.space import SPACES, SpaceError
 
     heads = {"heads": 4, "kv_heads": 2, "head_dim": 16}
     layers = [LayerInfo(f"model.layers.{b}.{n}", o, i, **(heads if "attn" in n else {})) for b in range(2) for n, o, i in [
@@ -162,7 +162,7 @@ def test_removing_dead_heads_keeps_the_outputs(kv_heads):
 
 
 def test_heads_are_chosen_within_each_key_value_group():
-    from compress.structured import kept_head_index
+    from compsearch.compress.structured import kept_head_index
 
     scores = torch.tensor([5.0, 1.0, 0.0, 9.0, 8.0, 7.0])  # 2 groups of 3 query heads
     assert kept_head_index(scores, 2, 2 / 3).tolist() == [0, 1, 3, 4]  # the group's best, not the global best
@@ -170,7 +170,7 @@ def test_heads_are_chosen_within_each_key_value_group():
 
 
 def test_kept_heads_round_to_whole_heads_per_group():
-    from spaces.plan import kept_heads
+    from compsearch.spaces.plan import kept_heads
 
     assert kept_heads(9, 3, 0.5) == (6, 3) and kept_heads(9, 3, 1 / 3) == (3, 3)  # SmolLM2-135M's 3 groups of 3
     assert kept_heads(32, 8, 0.75) == (24, 8) and kept_heads(4, 2, 0.1) == (2, 2)  # at least one per group
@@ -188,8 +188,8 @@ def test_head_fraction_needs_the_whole_attention():
 
 
 def test_space_rounds_head_fractions_and_refuses_models_without_head_layout():
-    from spaces.layers import LayerInfo
-    from spaces.space import Space, SpaceError
+    from compsearch.spaces.layers import LayerInfo
+    from compsearch.spaces.space import Space, SpaceError
 
     layers = [LayerInfo(f"model.layers.0.self_attn.{kind}", out, 576, heads=9, kv_heads=3, head_dim=64)
               for kind, out in (("q_proj", 576), ("k_proj", 192), ("v_proj", 192), ("o_proj", 576))]
@@ -204,7 +204,7 @@ def test_space_rounds_head_fractions_and_refuses_models_without_head_layout():
 
 
 def test_kept_columns_absorb_removed_ones_by_least_squares():
-    from compress.structured import compensated_columns
+    from compsearch.compress.structured import compensated_columns
 
     torch.manual_seed(0)
     inputs = torch.randn(4096, 8, dtype=torch.float64)
@@ -219,7 +219,7 @@ def test_kept_columns_absorb_removed_ones_by_least_squares():
 
 
 def test_unit_energy_is_each_units_share_of_the_output():
-    from compress.structured import unit_energy
+    from compsearch.compress.structured import unit_energy
 
     torch.manual_seed(0)
     inputs, weight = torch.randn(512, 12, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64)

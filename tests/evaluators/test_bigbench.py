@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from evaluators.bigbench import TaskError, convert_task, format_example, task_files
+from compsearch.evaluators.bigbench import TaskError, convert_task, format_example, task_files
 
 # Four examples: a plain one, two equally best answers (the first of them is the target), a generative
 # example (no target_scores: skipped), and graded scores (the highest wins).

@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from evaluators import TopKLogProbs, base_log_probs, load_text, make_windows, perplexity_and_kl
-from search.models import load_model, load_tokenizer
+from compsearch.evaluators import TopKLogProbs, base_log_probs, load_text, make_windows, perplexity_and_kl
+from compsearch.search.models import load_model, load_tokenizer
 from tests.conftest import TINY_VOCAB
 
 

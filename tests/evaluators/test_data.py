@@ -1,7 +1,7 @@
 import pytest
 
-from evaluators import DataError, load_text, make_windows
-from search.models import load_tokenizer
+from compsearch.evaluators import DataError, load_text, make_windows
+from compsearch.search.models import load_tokenizer
 
 
 def test_default_text_is_pydoc_topics():

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-from compress import apply_plan_
-from evaluators import LatencySettings, measure_generation
-from evaluators.costmodel import LatencyCostModel
-from evaluators.kernels import kernel_summary, timing_model
-from search.models import load_model
-from spaces.plan import LayerPlan, Plan
+from compsearch.compress import apply_plan_
+from compsearch.evaluators import LatencySettings, measure_generation
+from compsearch.evaluators.costmodel import LatencyCostModel
+from compsearch.evaluators.kernels import kernel_summary, timing_model
+from compsearch.search.models import load_model
+from compsearch.spaces.plan import LayerPlan, Plan
 
 SETTINGS = LatencySettings(prompt_tokens=16, decode_tokens=4, decode_batch=2, warmup=1, repeats=3)
 

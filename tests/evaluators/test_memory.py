@@ -4,9 +4,9 @@ import time
 import pytest
 import torch
 
-from evaluators import PeakMemory, auto_batch_size
-from evaluators import memory as memory_module
-from search.models import load_model
+from compsearch.evaluators import PeakMemory, auto_batch_size
+from compsearch.evaluators import memory as memory_module
+from compsearch.search.models import load_model
 
 ALLOCATED = 64 * 2**20
 

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from evaluators import base_log_probs, load_text, make_windows, perplexity_and_kl
-from evaluators import quality
-from search.models import load_model, load_tokenizer
+from compsearch.evaluators import base_log_probs, load_text, make_windows, perplexity_and_kl
+from compsearch.evaluators import quality
+from compsearch.search.models import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

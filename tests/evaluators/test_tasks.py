@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from evaluators.tasks import TaskSuite, local_task_names, score_tasks, task_column, task_metrics
-from search.models import load_model, load_tokenizer
+from compsearch.evaluators.tasks import TaskSuite, local_task_names, score_tasks, task_column, task_metrics
+from compsearch.search.models import load_model, load_tokenizer
 from tests.evaluators.test_bigbench import EXPECTED, write_task
 
 

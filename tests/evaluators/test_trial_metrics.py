@@ -3,13 +3,13 @@ import pandas as pd
 import pytest
 import torch
 
-from evaluators import load_text, make_windows
-from search.errors import UserError
-from search.models import load_tokenizer
-from search.results import rank_trials
-from search.spec import OBJECTIVES, objective_sign
-from search.trial import TrialEvaluator
-from spaces.plan import LayerPlan, Plan
+from compsearch.evaluators import load_text, make_windows
+from compsearch.search.errors import UserError
+from compsearch.search.models import load_tokenizer
+from compsearch.search.results import rank_trials
+from compsearch.search.spec import OBJECTIVES, objective_sign
+from compsearch.search.trial import TrialEvaluator
+from compsearch.spaces.plan import LayerPlan, Plan
 from tests.evaluators.test_bigbench import write_task
 from tests.search.helpers import tiny_spec
 

@@ -1,7 +1,7 @@
 """Small builders shared by the search tests."""
 from pathlib import Path
 
-from search.spec import JobSpec
+from compsearch.search.spec import JobSpec
 
 TINY_RUN = dict(seq_len=32, eval_windows=4, calib_windows=4, batch_size=4, population_size=4)
 

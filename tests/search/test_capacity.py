@@ -1,6 +1,6 @@
 """Worker memory estimates and the warning that says how many workers fit."""
-from search.capacity import GIB, memory_warning, needs_hessians, worker_memory_bytes
-from search.job import prepare_job
+from compsearch.search.capacity import GIB, memory_warning, needs_hessians, worker_memory_bytes
+from compsearch.search.job import prepare_job
 from tests.search.helpers import tiny_spec
 
 
@@ -16,7 +16,7 @@ def test_hessian_spaces_cost_more_and_the_warning_names_the_workers_that_fit(tin
 
 
 def test_estimate_matches_the_measured_worker_of_the_default_model():
-    from search.spec import JobSpec
+    from compsearch.search.spec import JobSpec
 
     ctx = prepare_job(JobSpec(study="estimate", space="structured"))  # shapes only: no weights are loaded
     # workers of a structured-space study on SmolLM2-135M peaked at 3.2-4.1 GiB (trials.parquet peak_rss)

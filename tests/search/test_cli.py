@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from search.cli import main
+from compsearch.search.cli import main
 from tests.search.helpers import cli_args
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.cli import _parser
-from search.cluster import IN_JOB_ENV, is_jobs_address, job_argv, jobs_client, use_token_auth
-from search.errors import UserError
-from search.runner import WorkerResources
+from compsearch.search.cli import _parser
+from compsearch.search.cluster import IN_JOB_ENV, is_jobs_address, job_argv, jobs_client, use_token_auth
+from compsearch.search.errors import UserError
+from compsearch.search.runner import WorkerResources
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from search.study import default_storage_url, done_count, load_study, open_storage
+from compsearch.search.study import default_storage_url, done_count, load_study, open_storage
 from tests.search.helpers import cli_args
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def two_nodes():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "compsearch.search.cli", *args], capture_output=True, text=True,
                           timeout=300, env=_env())
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from search.commands import RunOptions, submit
-from search.errors import UserError
-from search.job import prepare_job
-from search.runner import WorkerResources, _RayTrialEvaluator, check_resources, run_study
-from search.study import create_study, default_storage_url, done_count, open_storage
+from compsearch.search.commands import RunOptions, submit
+from compsearch.search.errors import UserError
+from compsearch.search.job import prepare_job
+from compsearch.search.runner import WorkerResources, _RayTrialEvaluator, check_resources, run_study
+from compsearch.search.study import create_study, default_storage_url, done_count, open_storage
 from tests.search.helpers import tiny_spec
 
 pytestmark = pytest.mark.slow

@@ -3,10 +3,10 @@ import math
 
 import pytest
 
-from evaluators import load_text, make_windows, perplexity_and_kl
-from search.errors import UserError
-from search.models import ensure_default_model, load_model, load_tokenizer, resolve_model
-from search.spec import DEFAULT_MODEL
+from compsearch.evaluators import load_text, make_windows, perplexity_and_kl
+from compsearch.search.errors import UserError
+from compsearch.search.models import ensure_default_model, load_model, load_tokenizer, resolve_model
+from compsearch.search.spec import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_default_model_converts_once_and_evaluates_sensibly(tmp_path_factory):
 
 
 def test_unknown_model_is_a_user_error():
-    from search.models import load_config
+    from compsearch.search.models import load_config
 
     with pytest.raises(UserError, match="neither a local model folder"):
         load_config("no-such-org/no-such-model")

@@ -18,8 +18,8 @@ import pytest
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from search.commands import RunOptions, resume, status, submit
-from search.study import done_count, load_study, open_storage
+from compsearch.search.commands import RunOptions, resume, status, submit
+from compsearch.search.study import done_count, load_study, open_storage
 from tests.search.helpers import tiny_spec
 
 pytestmark = pytest.mark.slow

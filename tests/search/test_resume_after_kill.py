@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from search.study import done_count, load_study, open_storage, default_storage_url
+from compsearch.search.study import done_count, load_study, open_storage, default_storage_url
 from tests.search.helpers import cli_args
 
 pytestmark = pytest.mark.slow
@@ -44,13 +44,13 @@ def _wait_for_first_trial(driver: subprocess.Popen, results, study: str, timeout
 
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "compsearch.search.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_resume_after_sigkill_reaches_exact_total(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
     storage = open_storage(default_storage_url(results, "killed"))
-    driver = subprocess.Popen([sys.executable, "-m", "search.cli",
+    driver = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",
                                *cli_args(tiny_model_dir, results, "killed", TARGET, "--workers", "2")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -98,7 +98,7 @@ def test_resume_after_sigkill_reaches_exact_total(tiny_model_dir, tmp_path):
 
 def test_second_driver_is_refused_while_one_runs(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
-    first = subprocess.Popen([sys.executable, "-m", "search.cli",
+    first = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",
                               *cli_args(tiny_model_dir, results, "busy", 200, "--workers", "1")],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -113,7 +113,7 @@ def test_second_driver_is_refused_while_one_runs(tiny_model_dir, tmp_path):
 def test_local_ray_listens_on_loopback_only(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
     env = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    driver = subprocess.Popen([sys.executable, "-m", "search.cli",  # the CLI itself must keep Ray on loopback
+    driver = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",  # the CLI itself must keep Ray on loopback
                                *cli_args(tiny_model_dir, results, "loopback", 200, "--workers", "1")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -5,14 +5,14 @@ import numpy as np
 import optuna
 import pytest
 
-from search.guided import GuidedChildren
-from search.job import JobContext
-from search.seeding import Knapsack, group_options
-from search.sensitivity import Profile, factor_options, option_key
-from search.spec import JobSpec
-from spaces.layers import LayerInfo
-from spaces.plan import Plan
-from spaces.space import SPACES
+from compsearch.search.guided import GuidedChildren
+from compsearch.search.job import JobContext
+from compsearch.search.seeding import Knapsack, group_options
+from compsearch.search.sensitivity import Profile, factor_options, option_key
+from compsearch.search.spec import JobSpec
+from compsearch.spaces.layers import LayerInfo
+from compsearch.spaces.plan import Plan
+from compsearch.spaces.space import SPACES
 
 LAYERS = [LayerInfo(f"model.layers.{b}.mlp.{kind}", 128, 64) for b in range(3) for kind in ("up_proj", "gate_proj")]
 
@@ -92,7 +92,7 @@ def test_guided_children_preserve_size_and_budget(budget_fraction):
 
 
 def test_enqueued_seeds_become_the_first_parents():
-    from search.study import ask
+    from compsearch.search.study import ask
 
     parents_seen = []
 

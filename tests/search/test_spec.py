@@ -1,7 +1,7 @@
 import pytest
 
-from search.errors import UserError
-from search.spec import JobSpec, parse_memory_budget
+from compsearch.search.errors import UserError
+from compsearch.search.spec import JobSpec, parse_memory_budget
 
 
 @pytest.mark.parametrize("text, expected", [

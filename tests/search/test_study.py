@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from search.commands import RunOptions, export, leaderboard, resume, status, submit
-from search.study import done_count, load_study, open_storage
+from compsearch.search.commands import RunOptions, export, leaderboard, resume, status, submit
+from compsearch.search.study import done_count, load_study, open_storage
 from tests.search.helpers import tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -85,8 +85,8 @@ def test_export_checkpoint_reproduces_trial_perplexity(finished_study, tmp_path)
 
 
 def test_export_distills_and_records_the_result(finished_study, tmp_path):
-    from compress.distill import DistillSettings
-    from search.errors import UserError
+    from compsearch.compress.distill import DistillSettings
+    from compsearch.search.errors import UserError
 
     _, results, options, _, _ = finished_study
     with pytest.raises(UserError, match="--checkpoint"):
@@ -111,7 +111,7 @@ def test_resume_continues_to_the_new_total(finished_study):
 
 
 def test_resume_refuses_a_study_measured_by_another_compression_version(finished_study):
-    from search.errors import UserError
+    from compsearch.search.errors import UserError
 
     _, _, options, _, _ = finished_study
     study, _ = load_study("e2e", open_storage(options.storage_url("e2e")))

@@ -1,10 +1,10 @@
 """The worker-side evaluator: sensitivity measurements leave the base model exactly as it was."""
 import torch
 
-from evaluators import load_text, make_windows
-from search.models import load_tokenizer
-from search.trial import TrialEvaluator
-from spaces.plan import LayerPlan, Plan
+from compsearch.evaluators import load_text, make_windows
+from compsearch.search.models import load_tokenizer
+from compsearch.search.trial import TrialEvaluator
+from compsearch.spaces.plan import LayerPlan, Plan
 
 
 def _evaluator(model_dir):
@@ -35,8 +35,8 @@ def test_profile_kl_restores_the_base_model(tiny_model_dir):
 
 
 def test_skipping_unchanged_blocks_gives_the_full_forward_result(tiny_model_dir):
-    from evaluators import base_log_probs, perplexity_and_kl
-    from search.profiling import BlockReplay
+    from compsearch.evaluators import base_log_probs, perplexity_and_kl
+    from compsearch.search.profiling import BlockReplay
 
     evaluator, windows = _evaluator(tiny_model_dir)
     ids = windows.calib_ids

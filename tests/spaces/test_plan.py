@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from spaces.plan import LayerPlan, Plan, PlanError, rank_for, saves_params
+from compsearch.spaces.plan import LayerPlan, Plan, PlanError, rank_for, saves_params
 
 
 def test_plan_round_trips_through_json_exactly():

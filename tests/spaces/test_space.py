@@ -1,8 +1,8 @@
 import optuna
 import pytest
 
-from spaces.layers import LayerInfo, group_layers
-from spaces.space import SPACES, Space, SpaceError, get_space
+from compsearch.spaces.layers import LayerInfo, group_layers
+from compsearch.spaces.space import SPACES, Space, SpaceError, get_space
 
 LAYERS = [
     LayerInfo("model.layers.0.self_attn.q_proj", 64, 64), LayerInfo("model.layers.0.self_attn.k_proj", 32, 64),

@@ -1,0 +1,21 @@
+"""Applying compression plans to models, and storing the result."""
+from compsearch.compress.apply import (
+    MatrixLayout,
+    StoredMatrix,
+    apply_plan_,
+    layer_layout,
+    layer_nbytes,
+    plan_bits_per_weight,
+    plan_nbytes,
+)
+from compsearch.compress.calibration import input_hessians, input_norms
+from compsearch.compress.checkpoint import load_compressed, save_compressed
+
+# Bumped whenever a method's numerics change (2: structured pruning ranks units by output energy and
+# corrects the kept columns): measurements made by another version are neither reused nor mixed.
+COMPRESS_VERSION = 2
+
+__all__ = [
+    "COMPRESS_VERSION", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",
+    "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed",
+]

@@ -1,0 +1,182 @@
+"""Applying a `Plan` to a model: structure (MLP channels, attention heads), low-rank, sparsity, quantization."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from compsearch.compress.lowrank import LowRankLinear, factorize, whitened_svd
+from compsearch.compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
+from compsearch.compress.prune import kept_count
+from compsearch.compress.storage import FLOAT_BITS
+from compsearch.compress.structured import regroup_heads_, remove_structure_
+from compsearch.spaces.layers import LayerInfo, layer_info
+from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
+
+__all__ = ["MatrixLayout", "StoredMatrix", "apply_plan_", "compress_matrix", "layer_layout", "layer_nbytes",
+           "plan_bits_per_weight", "plan_nbytes", "shape_like_plan_"]
+
+log = logging.getLogger(__name__)
+_COLUMN_KINDS = {kind for _, cols in STRUCTURES.values() for kind in cols}  # lose input columns to structure
+
+
+def layer_layout(layer: LayerInfo, plan: LayerPlan) -> list[MatrixLayout]:
+    """The matrices a layer is stored as under its plan: its weight, or two low-rank factors.
+
+    `layer` has the base model's shape; structured pruning shrinks it first.
+    """
+    out_features, in_features = structured_shape(layer, plan)
+    if plan.rank_fraction < 1.0:
+        if not saves_params(out_features, in_features, plan.rank_fraction):
+            raise PlanError(
+                f"rank_fraction={plan.rank_fraction} on {layer.name} ({out_features}x{in_features}) "
+                "stores more weights than the dense matrix; use a smaller rank_fraction or 1.0"
+            )
+        rank = rank_for(out_features, in_features, plan.rank_fraction)
+        shapes = [(f"{layer.name}.down.weight", rank, in_features),
+                  (f"{layer.name}.up.weight", out_features, rank)]
+    else:
+        shapes = [(f"{layer.name}.weight", out_features, in_features)]
+    return [
+        MatrixLayout(key, rows, cols, kept_count(rows, cols, plan.sparsity, plan.pattern), plan.bits,
+                     plan.group_size, plan.quant_method)
+        for key, rows, cols in shapes
+    ]
+
+
+def layer_nbytes(layer: LayerInfo, plan: LayerPlan) -> int:
+    """Bytes of one layer under its plan, bias (kept at 16 bits) included."""
+    out_features, _ = structured_shape(layer, plan)
+    bias_bytes = out_features * FLOAT_BITS // 8 if layer.has_bias else 0
+    return sum(m.nbytes for m in layer_layout(layer, plan)) + bias_bytes
+
+
+def plan_nbytes(layers: list[LayerInfo], plan: Plan, total_params: int) -> int:
+    """Bytes of the whole model under a plan; everything outside `layers` is kept at 16 bits."""
+    layer_params = sum(layer.num_params for layer in layers)
+    other_bytes = (total_params - layer_params) * FLOAT_BITS // 8
+    return other_bytes + sum(layer_nbytes(layer, plan[layer.name]) for layer in layers)
+
+
+def plan_bits_per_weight(layers: list[LayerInfo], plan: Plan) -> float:
+    """Average stored bits per original weight of the planned layers, metadata included."""
+    total_bits = 8 * sum(layer_nbytes(layer, plan[layer.name]) for layer in layers)
+    return total_bits / sum(layer.num_params for layer in layers)
+
+
+def apply_plan_(
+    model: nn.Module,
+    plan: Plan,
+    input_norms: dict[str, torch.Tensor] | None = None,
+    keep_stored: bool = False,
+    svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> dict[str, StoredMatrix]:
+    """Compress the planned layers of `model` in place.
+
+    Wanda pruning and k-means weighting use `input_norms[layer name]` (calibration input L2 norms
+    per input feature); GPTQ, SparseGPT, whitened low-rank and structured pruning (MLP channels,
+    attention heads) use `hessians[layer name]` (X^T X / tokens of the base
+    model's inputs, `calibration.input_hessians`). The `up` factor of a low-rank layer reads the
+    `down` factor's output: its Hessian is D H D^T, and it has no norms (Wanda falls back to magnitude).
+    `svd_cache` (a per-process dict) is read and filled with what depends only on the base model --
+    each layer's SVD (plain or whitened) and inverse-Hessian factor -- so a worker that compresses
+    the same base model many times computes each once.
+    Returns the stored matrices by state-dict key when `keep_stored` (needed to write a checkpoint).
+    """
+    stored: dict[str, StoredMatrix] = {}
+    input_norms, hessians = input_norms or {}, hessians or {}
+    _check_statistics(plan, input_norms, hessians)
+    infos = {name: _planned_layer(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
+    kept_index = remove_structure_(model, plan, hessians)
+    for name, info in infos.items():
+        layer_plan = plan[name]
+        module = model.get_submodule(name)
+        layouts = layer_layout(info, layer_plan)
+        stats = _matrix_stats(name, layer_plan, input_norms, hessians, kept_index.get(name), svd_cache)
+        if len(layouts) == 2:
+            targets, all_stats = _factorize_(model, module, info, layer_plan, layouts, stats, svd_cache)
+        else:
+            targets, all_stats = [module], [stats]
+        for layout, linear, matrix_stats in zip(layouts, targets, all_stats):
+            matrix = compress_matrix(linear.weight.data, layout, layer_plan, matrix_stats)
+            linear.weight.data.copy_(matrix.weight)
+            if keep_stored:
+                stored[layout.key] = matrix
+        bias = targets[-1].bias
+        if bias is not None:
+            bias.data.copy_(bias.data.half().float())
+    return stored
+
+
+def _planned_layer(model: nn.Module, name: str) -> LayerInfo:
+    try:
+        return layer_info(model, name)
+    except ValueError as error:
+        raise PlanError(f"the plan names {error}") from None
+
+
+def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
+    for name, layer_plan in plan.layers.items():
+        if layer_plan.needs_norms and name not in input_norms:
+            raise PlanError(f"{name} uses Wanda or k-means, which need calibration input "
+                            "norms (compress.input_norms); compute them first")
+        if layer_plan.needs_hessian and name not in hessians:
+            raise PlanError(f"{name} uses GPTQ, SparseGPT, whitened low-rank or structured pruning, which need calibration "
+                            "Hessians (compress.input_hessians); compute them first")
+
+
+def _matrix_stats(name: str, plan: LayerPlan, input_norms: dict, hessians: dict, index: torch.Tensor | None,
+                  cache: dict | None) -> MatrixStats:
+    """The layer's input statistics, restricted to the input columns structured pruning kept."""
+    # Only what the plan needs: a layer's result never depends on which statistics the caller had at hand.
+    norms = input_norms.get(name) if plan.needs_norms else None
+    hessian = hessians.get(name) if plan.needs_hessian else None
+    if index is not None and name.rsplit(".", 1)[-1] in _COLUMN_KINDS:
+        norms = norms[index] if norms is not None else None
+        hessian = hessian[index][:, index] if hessian is not None else None
+    return MatrixStats(norms, hessian, cache, f"{name}#hinv@{plan.structure_key}")
+
+
+def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: LayerPlan,
+                layouts: list[MatrixLayout], stats: MatrixStats,
+                svd_cache: dict | None) -> tuple[list[nn.Linear], list[MatrixStats]]:
+    rank, out_features, in_features = layouts[0].rows, layouts[1].rows, layouts[0].cols
+    whiten = plan.lowrank_method == "whiten"
+    key = f"{layer.name}#{plan.lowrank_method}@{plan.structure_key}"
+    svd = svd_cache.get(key) if svd_cache is not None else None
+    if svd is None:
+        weight = module.weight.data.float()
+        svd = whitened_svd(weight, stats.hessian) if whiten else torch.linalg.svd(weight, full_matrices=False)
+        if svd_cache is not None:
+            svd_cache[key] = svd
+    down, up = factorize(module.weight.data, rank, svd)
+    low_rank = LowRankLinear(in_features, out_features, rank, module.bias is not None,
+                             dtype=module.weight.dtype, device=module.weight.device)
+    low_rank.down.weight.data.copy_(down)
+    low_rank.up.weight.data.copy_(up)
+    if module.bias is not None:
+        low_rank.up.bias.data.copy_(module.bias.data)
+    model.set_submodule(layer.name, low_rank)
+    up_hessian = down @ stats.hessian @ down.T if stats.hessian is not None else None
+    return [low_rank.down, low_rank.up], [stats, MatrixStats(None, up_hessian)]
+
+
+def shape_like_plan_(model: nn.Module, layers: list[LayerInfo], plan: Plan) -> None:
+    """Give `model` the module structure of a compressed one (thinned MLPs and attentions, low-rank
+    layers), weights left as they are: the shell a checkpoint loads into."""
+    for layer in layers:
+        layer_plan = plan[layer.name]
+        layouts = layer_layout(layer, layer_plan)
+        module = model.get_submodule(layer.name)
+        kwargs = {"dtype": module.weight.dtype, "device": module.weight.device}
+        if len(layouts) == 2:
+            model.set_submodule(layer.name, LowRankLinear(
+                layouts[0].cols, layouts[1].rows, layouts[0].rows, layer.has_bias, **kwargs))
+        elif layer_plan.is_structured:
+            model.set_submodule(layer.name, nn.Linear(layouts[0].cols, layouts[0].rows, bias=layer.has_bias, **kwargs))
+    by_name = {layer.name: layer for layer in layers}
+    for attention, fraction in plan.structured_fractions("head_fraction").items():
+        q_proj = by_name[f"{attention}.q_proj"]
+        regroup_heads_(model.get_submodule(attention), q_proj.heads, q_proj.kv_heads, fraction)

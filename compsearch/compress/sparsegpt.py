@@ -1,0 +1,53 @@
+"""SparseGPT: pruning with optimal-brain-surgeon weight updates from the inputs' Hessian.
+
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (2023).
+Columns are processed left to right in blocks of 128; within a block the mask is chosen by the OBS
+saliency w^2 / [H^-1]_jj^2 on the weights as already updated, and every removed weight's error is
+spread over the columns not yet processed. One difference from the reference: unstructured masks
+remove the same number of weights from every row (as `prune.keep_mask` does), so the stored
+accounting (`kept_count`) is exact; each block removes its share of each row's count.
+"""
+from __future__ import annotations
+
+import torch
+
+from compsearch.compress.gptq import BLOCK_COLUMNS
+from compsearch.compress.prune import pruned_per_row
+
+
+def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str,
+                    hinv_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weights with zeros at pruned positions, boolean keep mask) of a (rows, cols) matrix."""
+    rows, cols = weight.shape
+    n, m = (int(part) for part in pattern.split(":")) if pattern != "unstructured" else (0, 0)
+    if m and cols % m:
+        raise ValueError(f"pattern {pattern} needs the input size ({cols}) to be a multiple of {m}")
+    work = weight.float().clone()
+    mask = torch.ones(rows, cols, dtype=torch.bool)
+    for start in range(0, cols, BLOCK_COLUMNS):
+        end = min(start + BLOCK_COLUMNS, cols)
+        block, factor = work[:, start:end].clone(), hinv_factor[start:end, start:end]
+        diag = torch.diagonal(factor).square()
+        errors = torch.zeros_like(block)
+        if not m:
+            drop = pruned_per_row(end, sparsity) - pruned_per_row(start, sparsity)
+            _drop_lowest_(mask[:, start:end], block.square() / diag, drop)
+        for i in range(end - start):
+            col = start + i
+            if m and i % m == 0:
+                _drop_lowest_(mask[:, col:col + m], block[:, i:i + m].square() / diag[i:i + m], m - n)
+            column = block[:, i]
+            kept = column * mask[:, col]
+            error = (column - kept) / factor[i, i]
+            block[:, i:] -= error.unsqueeze(1) * factor[i, i:].unsqueeze(0)
+            block[:, i] = kept
+            errors[:, i] = error
+        work[:, start:end] = block
+        work[:, end:] -= errors @ hinv_factor[start:end, end:]
+    return work * mask, mask
+
+
+def _drop_lowest_(mask: torch.Tensor, scores: torch.Tensor, drop: int) -> None:
+    """Clear the `drop` lowest-scoring entries of every row of `mask` (a view, changed in place)."""
+    if drop > 0:
+        mask.scatter_(1, scores.topk(drop, dim=1, largest=False).indices, False)

@@ -1,0 +1,243 @@
+"""What each CLI command does, as functions that return data (the CLI prints it)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import pandas as pd
+
+from compsearch.compress import COMPRESS_VERSION, load_compressed, save_compressed
+from compsearch.compress.distill import DistillSettings, distill_
+from compsearch.evaluators import perplexity_and_kl
+from compsearch.search.errors import UserError
+from compsearch.search.job import JobContext, check_writable, prepare_job
+from compsearch.search.models import load_tokenizer
+from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, TRIALS_FILE, trials_frame,
+                            write_results)
+from compsearch.search.runner import TrialEvent, run_study
+from compsearch.search.spec import JobSpec
+from compsearch.search.study import (create_study, default_storage_url, done_count, live_driver, load_study, open_storage,
+                          requeue_interrupted, study_exists)
+from compsearch.search.trial import TrialEvaluator
+from compsearch.spaces.plan import Plan
+
+log = logging.getLogger(__name__)
+TARGET_ATTR = "target_trials"
+
+
+@dataclass
+class RunOptions:
+    """How to run a job, as opposed to what it searches (`JobSpec`)."""
+
+    results_dir: Path = Path("results")
+    storage: str | None = None
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    worker_resources: dict[str, float] | None = None  # custom Ray resources each worker asks for
+    address: str | None = None  # a cluster address for the driver here (auto, HOST:PORT, ray://...)
+    cache_dir: Path | None = None
+    on_trial: Callable[[TrialEvent], None] | None = field(default=None, repr=False)
+    on_ready: Callable[[JobContext, optuna.Study, list[int]], None] | None = field(default=None, repr=False)
+    on_status: Callable[[str], None] | None = field(default=None, repr=False)
+
+    def storage_url(self, study: str) -> str:
+        return self.storage or default_storage_url(self.results_dir, study)
+
+
+def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False) -> pd.DataFrame:
+    """Start a new study and run it to `trials` trials."""
+    _check_counts(trials, options)
+    check_writable(options.results_dir)
+    ctx = prepare_job(spec, options.cache_dir)  # every input error surfaces before the storage is touched
+    storage = open_storage(options.storage_url(spec.study))
+    if study_exists(storage, spec.study):
+        existing, old_spec = load_study(spec.study, storage)
+        driver = live_driver(existing)
+        if driver:  # checked first: --force never replaces a study under a live driver
+            raise UserError(f"study {spec.study!r} is already running ({driver}); a second submit is refused, "
+                            f"with or without --force. Follow it with `compsearch status --study {spec.study}`, "
+                            "or stop that driver first")
+        if not force:
+            raise UserError(_exists_message(spec, old_spec))
+        optuna.delete_study(study_name=spec.study, storage=storage)
+        _remove_tables(options.results_dir / spec.study)
+    study = create_study(spec, storage, ctx.study_attrs())
+    return _run(ctx, study, trials, options, requeued=[])
+
+
+def resume(study_name: str, trials: int, options: RunOptions) -> pd.DataFrame:
+    """Continue a study until it has `trials` trials done; interrupted trials run again first."""
+    _check_counts(trials, options)
+    check_writable(options.results_dir)
+    study, spec = _open_existing(study_name, options)
+    driver = live_driver(study)
+    if driver:
+        raise UserError(f"study {study_name!r} is already running ({driver}); wait for it or stop that driver")
+    ctx = prepare_job(spec, options.cache_dir)
+    recorded = study.user_attrs.get("protocol", {})
+    if recorded.get("data_sha256", ctx.windows.protocol.data_sha256) != ctx.windows.protocol.data_sha256:
+        raise UserError(f"the data of study {study_name!r} changed since it was submitted (sha256 "
+                        f"{recorded['data_sha256'][:12]}... now {ctx.windows.protocol.data_sha256[:12]}...); "
+                        "restore it or submit a new study")
+    if recorded.get("compress_version", COMPRESS_VERSION) != COMPRESS_VERSION:
+        raise UserError(f"study {study_name!r} was measured with compression version {recorded['compress_version']}, "
+                        f"this compsearch has version {COMPRESS_VERSION}: new trials would not be comparable with "
+                        "its old ones; submit a new study")
+    return _run(ctx, study, trials, options, requeued=requeue_interrupted(study))
+
+
+def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions, requeued: list[int]) -> pd.DataFrame:
+    study.set_user_attr(TARGET_ATTR, trials)
+    if options.on_ready:
+        options.on_ready(ctx, study, requeued)
+    if done_count(study) >= trials:
+        return write_results(study, options.results_dir)
+    return run_study(ctx, study, trials, options.workers, options.results_dir, options.cpus_per_worker,
+                     options.address, options.on_trial, options.on_status, options.cache_dir,
+                     gpus_per_worker=options.gpus_per_worker, worker_resources=options.worker_resources)
+
+
+def status(study_name: str, options: RunOptions) -> dict:
+    """Trial counts by state, the target, whether a driver is running, and the best feasible trial."""
+    study, spec = _open_existing(study_name, options)
+    trials = trials_frame(study)
+    ranked = trials[trials["rank"].notna()]
+    return {
+        "study": study_name, "spec": spec, "target": study.user_attrs.get(TARGET_ATTR), "done": done_count(study),
+        "states": trials["state"].value_counts().to_dict(), "driver": live_driver(study),
+        "feasible": int((trials["feasible"] == True).sum()),  # noqa: E712
+        "front": int(trials["on_front"].sum()), "base": study.user_attrs.get("base_metrics"),
+        "best": ranked.iloc[0].to_dict() if len(ranked) else None,
+        "memory_budget_bytes": study.user_attrs.get("memory_budget_bytes"),
+        "base_bytes": study.user_attrs.get("base_bytes"),
+    }
+
+
+def leaderboard(study_name: str, options: RunOptions, top: int = 10) -> pd.DataFrame:
+    """The ranked completed trials (feasible front first), best `top` rows."""
+    study, _ = _open_existing(study_name, options)
+    trials = trials_frame(study)
+    return trials[trials["rank"].notna()].head(top)
+
+
+def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, checkpoint: bool = False,
+           verify: bool = False, distill: DistillSettings | None = None,
+           on_status: Callable[[str], None] | None = None) -> dict:
+    """Write the plan ranked `rank` (and with `checkpoint` the compressed model) to `out_dir`.
+
+    With `distill`, the checkpoint's model is first distilled from the base model on the study's
+    calibration split (`compress.distill`); its perplexity before and after, on the evaluation
+    split, goes to export.json and to the study (`distilled_ppl` in the trials table).
+    """
+    if distill is not None and not checkpoint:
+        raise UserError("distillation changes the model's weights: add --checkpoint to keep them")
+    study, spec = _open_existing(study_name, options)
+    trials = trials_frame(study)
+    ranked = trials[trials["rank"] == rank]
+    if ranked.empty:
+        count = int(trials["rank"].notna().sum())
+        raise UserError(f"--rank {rank} does not exist: study {study_name!r} has {count} ranked trials (1..{count})")
+    row = ranked.iloc[0]
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    plan = Plan.from_json(row["plan_json"])
+    metrics = {key: _plain(row[key]) for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
+    summary = {"study": study_name, "trial": int(row["trial"]), "rank": rank, "metrics": metrics,
+               "spec": spec.to_dict(), "protocol": study.user_attrs.get("protocol")}
+    (out_dir / "plan.json").write_text(plan.to_json() + "\n")
+    if checkpoint:
+        summary.update(_export_checkpoint(spec, plan, out_dir, options, verify, distill, on_status or log.info))
+    if "distilled_ppl" in summary:
+        study.set_user_attr(f"{DISTILLED_ATTR}:{int(row['trial'])}", {
+            key: summary[key] for key in ("distilled_ppl", "distill_steps", "distill_final_loss")})
+        write_results(study, options.results_dir)
+    (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _export_checkpoint(spec: JobSpec, plan: Plan, out_dir: Path, options: RunOptions, verify: bool,
+                       distill: DistillSettings | None, say: Callable[[str], None]) -> dict:
+    ctx = prepare_job(spec, options.cache_dir)
+    evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, batch_size=spec.batch_size,
+                               with_kl=False, with_latency=False, trust_remote_code=spec.trust_remote_code)
+    model, stored = evaluator.compressed_model(plan, keep_stored=True)
+    result = {}
+    if distill is not None:
+        result.update(_distill(evaluator, model, stored, distill, say))
+    path = save_compressed(model, plan, stored, out_dir, load_tokenizer(ctx.model_ref, spec.trust_remote_code))
+    result.update(checkpoint=str(path), checkpoint_bytes=path.stat().st_size, plan_bytes=ctx.plan_bytes(plan))
+    if verify:
+        loaded, _ = load_compressed(out_dir, spec.trust_remote_code)
+        result["checkpoint_ppl"] = perplexity_and_kl(loaded, ctx.windows.eval_ids, spec.batch_size)["ppl"]
+    return result
+
+
+def _distill(evaluator: TrialEvaluator, model, stored: dict, settings: DistillSettings,
+             say: Callable[[str], None]) -> dict:
+    """Distill the compressed `model` from the evaluator's base model; its perplexity before and after."""
+    before = perplexity_and_kl(model, evaluator.eval_ids, evaluator.batch_size)["ppl"]
+    every = max(1, settings.steps // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == settings.steps:
+            say(f"distillation step {step}/{settings.steps}: KL to the base model {loss:.4f}")
+
+    started = time.perf_counter()
+    losses = distill_(model, evaluator.model, stored, evaluator.calib_ids, settings, progress)
+    after = perplexity_and_kl(model, evaluator.eval_ids, evaluator.batch_size)["ppl"]
+    if after >= before:
+        say(f"warning: distillation did not help (perplexity {before:.3f} -> {after:.3f}); export without "
+            "--distill-steps, or try a lower --distill-lr")
+    return {"ppl_before_distill": before, "distilled_ppl": after, "distill_steps": settings.steps,
+            "distill_final_loss": losses[-1], "distill_s": time.perf_counter() - started,
+            "distill_settings": dataclasses.asdict(settings)}
+
+
+def _open_existing(study_name: str, options: RunOptions) -> tuple[optuna.Study, JobSpec]:
+    url = options.storage_url(study_name)
+    if options.storage is None and not (Path(options.results_dir) / study_name / "study.db").exists():
+        raise UserError(f"no study {study_name!r} under {options.results_dir}/ (looked for "
+                        f"{options.results_dir}/{study_name}/study.db); check --study, --results-dir or --storage")
+    return load_study(study_name, open_storage(url))
+
+
+def _exists_message(spec: JobSpec, old: JobSpec) -> str:
+    new, before = spec.to_dict(), old.to_dict()
+    changed = [key for key in new if new[key] != before.get(key)]
+    if not changed:
+        return (f"study {spec.study!r} already exists; continue it with `compsearch resume --study {spec.study} "
+                f"--trials N`, or pass --force to start it over")
+    diffs = ", ".join(f"{key}: {before.get(key)!r} -> {new[key]!r}" for key in changed[:4])
+    return (f"study {spec.study!r} already exists with a different spec ({diffs}); pick another --study, "
+            f"or pass --force to delete it and start over")
+
+
+def _remove_tables(folder: Path) -> None:
+    for name in (TRIALS_FILE, LAYERS_FILE, PARETO_FILE):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / BEST_DIR, ignore_errors=True)
+
+
+def _check_counts(trials: int, options: RunOptions) -> None:
+    if trials < 1:
+        raise UserError(f"--trials {trials}: give the number of trials to reach, at least 1")
+    if options.workers < 1 or options.cpus_per_worker < 1:
+        raise UserError(f"--workers {options.workers} / --cpus-per-worker {options.cpus_per_worker}: both must be >= 1")
+    if not 0 <= options.gpus_per_worker:
+        raise UserError(f"--gpus-per-worker {options.gpus_per_worker}: give 0 (CPU), a fraction like 0.5, or whole GPUs")
+    bad = {name: amount for name, amount in (options.worker_resources or {}).items()
+           if not isinstance(amount, (int, float)) or amount < 0}
+    if bad:
+        raise UserError(f"--worker-resources {bad}: amounts must be non-negative numbers, e.g. '{{\"node_b\": 1}}'")
+
+
+def _plain(value):
+    return None if value is None or pd.isna(value) else value.item() if hasattr(value, "item") else value

@@ -1,0 +1,127 @@
+"""Guided NSGA-II children: local moves along the front, budget-preserving, ranked by the profile.
+
+NSGA-II keeps selecting parents on measured objectives; this only changes how a child is made:
+1. start from one parent; sometimes cross it with the parent nearest in size, taking each group's
+   whole choice from either (crossing very different sizes yields plans bad in both objectives);
+2. one or two level switches: one group up to its next more accurate option, another down to a
+   cheaper one, the total size not above the child's (a mutation that preserves the budget, as in
+   EvoPress); among a few random switches the profile's best wins, even when it is a little worse
+   than the parent: the estimate is only additive, the measurement decides;
+3. a child over the memory budget is repaired by the cheapest downgrades per byte saved;
+4. a child that repeats a plan the study already holds (measured, running or queued) is drawn again,
+   a few times at most: a repeat costs a whole trial and teaches nothing. The first redraws stay
+   local (other parents, other random switches); later ones take one more switch each, for when a
+   parent's near neighbourhood is used up.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial
+
+from compsearch.search.job import JobContext
+from compsearch.search.seeding import group_nbytes, group_options
+from compsearch.search.sensitivity import Profile
+
+SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
+CROSSOVER_PROB = 0.3
+REDRAWS = 8  # children drawn at most before a repeat of a known plan is accepted
+LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
+
+
+class GuidedChildren:
+    """A `child_generation_strategy` for `optuna.samplers.NSGAIISampler`."""
+
+    def __init__(self, ctx: JobContext, profile: Profile, seed: int | None = None):
+        self.ctx, self.members = ctx, ctx.space.groups(ctx.layers)
+        self.options = group_options(ctx, profile)
+        self.layer_budget = None
+        if ctx.memory_budget_bytes is not None:
+            kept = ctx.base_bytes - sum(layer.num_params for layer in ctx.layers) * 2
+            self.layer_budget = ctx.memory_budget_bytes - kept
+        self.knobs = list(ctx.space.knobs())
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, study: optuna.Study, search_space: dict[str, BaseDistribution],
+                 parents: list[FrozenTrial]) -> dict[str, Any]:
+        known = {_plan_key(trial.params, search_space) for trial in study.get_trials(deepcopy=False)}
+        for attempt in range(REDRAWS):
+            child = self._child(search_space, parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
+            if _plan_key(child, search_space) not in known:
+                break
+        return child
+
+    def _child(self, search_space: dict[str, BaseDistribution], parents: list[FrozenTrial],
+               extra_switches: int = 0) -> dict[str, Any]:
+        parent = parents[int(self.rng.integers(len(parents)))]
+        levels = self._levels(parent.params)
+        others = [p for p in parents if p is not parent]
+        if others and self.rng.random() < CROSSOVER_PROB:
+            size = self._size(levels)
+            nearest = self._levels(min(others, key=lambda p: abs(self._size(self._levels(p.params)) - size)).params)
+            levels = {group: levels[group] if self.rng.random() < 0.5 else nearest[group] for group in levels}
+        for _ in range(int(self.rng.integers(1, 3)) + extra_switches):
+            levels = self._switch(levels)
+        if self.layer_budget is not None:
+            levels = self._repair(levels, self.layer_budget)
+        params = self.ctx.space.params_for({group: self.options[group][level].choice for group, level in levels.items()})
+        return {name: value for name, value in params.items() if name in search_space}
+
+    def _levels(self, params: dict[str, Any]) -> dict[str, int]:
+        return {group: self._level(group, params) for group in self.options}
+
+    def _level(self, group: str, params: dict[str, Any]) -> int:
+        """The efficient option of `group` closest in size to the parent's choice for it."""
+        choice = {knob: params.get(f"{group}:{knob}") for knob in self.knobs}
+        options = self.options[group]
+        for index, option in enumerate(options):
+            if option.choice == choice:
+                return index
+        target = group_nbytes(self.ctx, self.members[group], choice)
+        return int(np.argmin([abs(o.nbytes - target) for o in options]))
+
+    def _switch(self, levels: dict[str, int]) -> dict[str, int]:
+        """The best (by the profile) of a few random up/down pairs that do not grow the plan; if none
+        fits, the cheapest single step down (the child moves down the front instead)."""
+        groups, size = list(levels), self._size(levels)
+        best, best_estimate = None, np.inf
+        for _ in range(SWITCH_CANDIDATES):
+            up, down = (groups[i] for i in self.rng.choice(len(groups), size=2, replace=len(groups) < 2))
+            moved = dict(levels)
+            moved[up] = min(moved[up] + 1, len(self.options[up]) - 1)
+            moved[down] = max(moved[down] - 1, 0)
+            if moved != levels and self._size(moved) <= size and self._estimate(moved) < best_estimate:
+                best, best_estimate = moved, self._estimate(moved)
+        return best if best is not None else self._step_down(levels)
+
+    def _step_down(self, levels: dict[str, int]) -> dict[str, int]:
+        moves = []
+        for group, level in levels.items():
+            if level > 0:
+                now, cheaper = self.options[group][level], self.options[group][level - 1]
+                moves.append(((cheaper.estimate - now.estimate) / max(1, now.nbytes - cheaper.nbytes), group))
+        if not moves:
+            return levels
+        return {**levels, min(moves)[1]: levels[min(moves)[1]] - 1}
+
+    def _repair(self, levels: dict[str, int], budget: int) -> dict[str, int]:
+        while self._size(levels) > budget:
+            lower = self._step_down(levels)
+            if lower == levels:
+                break
+            levels = lower
+        return levels
+
+    def _size(self, levels: dict[str, int]) -> int:
+        return sum(self.options[group][level].nbytes for group, level in levels.items())
+
+    def _estimate(self, levels: dict[str, int]) -> float:
+        return sum(self.options[group][level].estimate for group, level in levels.items())
+
+
+def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:
+    """The searched parameters of a trial, comparable across trials."""
+    return tuple(sorted((name, value) for name, value in params.items() if name in search_space))

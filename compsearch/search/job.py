@@ -1,0 +1,115 @@
+"""Preparing a job before any trial: the model's layers, the data, budgets, and what the space can reach."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compsearch.compress import COMPRESS_VERSION, plan_nbytes
+from compsearch.evaluators import DataError, Windows, load_text, make_windows
+from compsearch.search.errors import UserError
+from compsearch.search.models import load_config, load_tokenizer, resolve_model
+from compsearch.search.spec import JobSpec, parse_memory_budget
+from compsearch.spaces.layers import LayerInfo, count_params, head_is_tied, linear_layers, meta_model
+from compsearch.spaces.plan import Plan
+from compsearch.spaces.space import Space, SpaceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """What every part of a running job needs to know about the model, data and budgets."""
+
+    spec: JobSpec
+    model_ref: str
+    space: Space
+    layers: list[LayerInfo]
+    total_params: int
+    windows: Windows
+    memory_budget_bytes: int | None
+    smallest_plan_bytes: int
+    largest_plan_bytes: int
+    profile: Any = None  # the sensitivity profile, once measured (guided search)
+
+    @property
+    def base_bytes(self) -> int:
+        """The model with every parameter at 16 bits: what budgets given as fractions refer to."""
+        return self.total_params * 2
+
+    def plan_bytes(self, plan: Plan) -> int:
+        return plan_nbytes(self.layers, plan, self.total_params)
+
+    def protocol(self) -> dict:
+        """What a trial's numbers depend on besides its plan: the data protocol and the compression version."""
+        return {**self.windows.protocol.to_dict(), "compress_version": COMPRESS_VERSION}
+
+    def study_attrs(self) -> dict:
+        return {"layers": [layer.to_dict() for layer in self.layers], "total_params": self.total_params,
+                "base_bytes": self.base_bytes, "memory_budget_bytes": self.memory_budget_bytes,
+                "latency_budget_ms": self.spec.latency_budget_ms, "protocol": self.protocol(),
+                "model_ref": self.model_ref}
+
+
+def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
+    """Load what the job needs without loading weights, and refuse budgets no plan can meet."""
+    model_ref = resolve_model(spec.model, cache_dir)
+    config = load_config(model_ref, spec.trust_remote_code)
+    skeleton = meta_model(config, spec.trust_remote_code)
+    if spec.include_lm_head and head_is_tied(skeleton):
+        raise UserError("--include-lm-head: this model's output head shares its weight with the input embeddings, "
+                        "so it cannot be compressed on its own; leave the head out")
+    layers = linear_layers(skeleton, spec.include_lm_head)
+    if not layers:
+        raise UserError(f"model {spec.model!r} has no Linear layers to compress")
+    space = spec.search_space()
+    try:
+        space.check_layers(layers)
+    except SpaceError as err:
+        raise UserError(str(err)) from None
+    tokenizer = load_tokenizer(model_ref, spec.trust_remote_code)
+    try:
+        text, source = load_text(spec.data)
+        windows = make_windows(tokenizer, text, source, spec.seq_len, spec.eval_windows, spec.calib_windows)
+    except DataError as err:
+        raise UserError(str(err)) from None
+    total_params = count_params(skeleton)
+    smallest, largest = memory_range(space, layers, total_params)
+    budget = parse_memory_budget(spec.memory_budget, total_params * 2) if spec.memory_budget else None
+    if budget is not None and budget < smallest:
+        raise UserError(
+            f"memory budget {spec.memory_budget} ({budget / 1e6:.1f} MB) is below the smallest plan in space "
+            f"{spec.space!r}: {smallest / 1e6:.1f} MB ({smallest / (total_params * 2):.3f} of the 16-bit model); "
+            "raise the budget or allow fewer bits, more sparsity or lower ranks")
+    return JobContext(spec, model_ref, space, layers, total_params, windows, budget, smallest, largest)
+
+
+def memory_range(space: Space, layers: list[LayerInfo], total_params: int) -> tuple[int, int]:
+    """Bytes of the smallest and largest plan the space can produce (each group chooses freely)."""
+    choices = list(space.uniform_choices())
+    kept_bytes = plan_nbytes(layers, Plan(), total_params) - sum(layer.num_params * 2 for layer in layers)
+    smallest = largest = kept_bytes
+    for members in space.groups(layers).values():
+        sizes = [plan_nbytes(members, Plan({m.name: space.layer_plan(m, c) for m in members}), _params(members))
+                 for c in choices]
+        smallest, largest = smallest + min(sizes), largest + max(sizes)
+    return smallest, largest
+
+
+def _params(layers: list[LayerInfo]) -> int:
+    return sum(layer.num_params for layer in layers)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a results folder we cannot write into, before anything is started."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"results folder {str(folder)!r} is not writable ({err.strerror}); "
+                        "pass --results-dir with a folder you can write to") from None

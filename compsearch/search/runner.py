@@ -1,0 +1,335 @@
+"""The driver loop: Optuna asks, Ray workers compress and evaluate, Optuna is told, Parquet is rewritten."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import pandas as pd
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from compsearch.compress import plan_bits_per_weight
+from compsearch.search.capacity import memory_warning
+from compsearch.search.errors import UserError
+from compsearch.search.job import JobContext
+from compsearch.search.results import TASK_SCORES_ATTR, trials_frame, write_results
+from compsearch.search.spec import OBJECTIVES, objective_sign
+from compsearch.search.guided import GuidedChildren
+from compsearch.search.seeding import seed_study
+from compsearch.search.sensitivity import measure_profile
+from compsearch.search.study import ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue
+from compsearch.search.trial import TrialEvaluator
+from compsearch.spaces.plan import Plan
+
+log = logging.getLogger(__name__)
+BASE_METRICS_ATTR = "base_metrics"
+REWRITE_SHARE = 0.02  # the most of the driver's time that rebuilding the Parquet tables may take mid-study
+_LAST_REWRITE: dict[str, tuple[float, float]] = {}  # results/<study> -> (end of the last rebuild, its seconds)
+
+
+@dataclass
+class TrialEvent:
+    """What the progress display needs after each finished trial."""
+
+    done: int
+    target: int
+    trial: int
+    state: str
+    metrics: dict
+    feasible: bool | None
+    best: dict | None  # the best feasible trial so far by the first objective
+    feasible_count: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each worker (one Ray actor holding the base model) asks Ray for."""
+
+    cpus: int = 1
+    gpus: float = 0.0  # fractional packs workers on one GPU, e.g. 0.5: two per GPU
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. {"node_b": 1} to pin workers to nodes
+
+    def actor_options(self) -> dict:
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "resources": dict(self.custom), "max_restarts": 0}
+
+    def asked(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.custom}
+
+
+class _RayTrialEvaluator(TrialEvaluator):
+    """The Ray actor: the base model on the actor's device (CUDA when Ray gave it a GPU), kept across trials."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("device", "cuda" if ray.get_gpu_ids() else "cpu")
+        super().__init__(*args, **kwargs)
+
+    def evaluate(self, plan_json: str) -> dict:
+        metrics = super().evaluate(plan_json)
+        metrics["node_id"] = ray.get_runtime_context().get_node_id()
+        return metrics
+
+    def where(self) -> dict:
+        """The actor's process id, node id and device (for tests, and to find a worker to stop)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "device": self.device}
+
+
+def start_ray(address: str | None, num_cpus: int) -> bool:
+    """Connect to `address`, or start a local instance on loopback; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return False
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def check_resources(asked: WorkerResources, local: bool) -> None:
+    """Refuse workers that no node can host: at once on a local instance; on a cluster (which may
+    autoscale) only a warning, the workers wait for a node."""
+    total = ray.cluster_resources()
+    missing = {name: amount for name, amount in asked.asked().items() if total.get(name, 0) < amount}
+    if not missing:
+        return
+    have = ", ".join(f"{name}={total.get(name, 0):g}" for name in missing)
+    message = (f"each worker asks for {asked.asked()} but the Ray cluster has {have}; lower --gpus-per-worker / "
+               "--cpus-per-worker, fix --worker-resources, or add nodes that have them")
+    if local:
+        raise UserError(message)
+    log.warning("%s (waiting for the autoscaler)", message)
+
+
+def start_workers(ctx: JobContext, count: int, cpus_per_worker: int, gpus_per_worker: float = 0.0,
+                  resources: dict[str, float] | None = None, evaluator: type = _RayTrialEvaluator) -> list:
+    """`count` actors, each holding the base model on its device; `evaluator` is the class they run."""
+    spec = ctx.spec
+    eval_ref, calib_ref = ray.put(ctx.windows.eval_ids), ray.put(ctx.windows.calib_ids)
+    actor = ray.remote(**WorkerResources(cpus_per_worker, gpus_per_worker, resources or {}).actor_options())(evaluator)
+    return [actor.remote(ctx.model_ref, eval_ref, calib_ref, batch_size=spec.batch_size, with_kl=spec.needs_kl,
+                         with_latency=spec.needs_latency, latency_prompt_tokens=spec.latency_prompt_tokens,
+                         threads=max(1, int(cpus_per_worker)), trust_remote_code=spec.trust_remote_code,
+                         latency=spec.latency_settings, tasks=spec.task_settings,
+                         tasks_each_trial=spec.tasks_on == "all", kl_top_k=spec.kl_top_k or None,
+                         latency_budget_ms=spec.latency_budget_ms)
+            for _ in range(count)]
+
+
+def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,
+              cpus_per_worker: int = 1, address: str | None = None,
+              on_trial: Callable[[TrialEvent], None] | None = None,
+              on_status: Callable[[str], None] | None = None, cache_dir: Path | None = None,
+              gpus_per_worker: float = 0.0, worker_resources: dict[str, float] | None = None,
+              evaluator: type = _RayTrialEvaluator) -> pd.DataFrame:
+    """Run trials on Ray workers until `target` trials are done; returns the trials table.
+
+    Each of the `workers` actors asks for `cpus_per_worker` CPUs, `gpus_per_worker` GPUs (fractions
+    pack several on one GPU) and the custom `worker_resources`; a worker that dies is replaced.
+
+    Before the first trial: the base model is measured once per study, the sensitivity profile is
+    read from the cache or measured (guided studies), and the seed trials are enqueued (once per study).
+    """
+    say = on_status or log.info
+    started_ray = start_ray(address, workers * cpus_per_worker)
+    try:
+        check_resources(WorkerResources(cpus_per_worker, gpus_per_worker, worker_resources or {}), started_ray)
+        warning = memory_warning(ctx, workers) if started_ray else None
+        if warning:
+            say(f"warning: {warning}")
+
+        def spawn(count: int) -> list:
+            return start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator)
+
+        pool = spawn(workers)
+        beat(study, [])
+        if BASE_METRICS_ATTR not in study.user_attrs:
+            study.set_user_attr(BASE_METRICS_ATTR, _clean(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
+        _prepare_search(ctx, study, target, pool, workers, say, cache_dir)
+        _drive(ctx, study, target, pool, spawn, results_dir, on_trial or (lambda event: None))
+        _score_front_tasks(ctx, study, pool)
+    finally:
+        beat(study, [], running=False)
+        trials = write_results(study, results_dir)
+        if started_ray:
+            ray.shutdown()
+    return trials
+
+
+def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: list, workers: int,
+                    say: Callable[[str], None], cache_dir: Path | None) -> None:
+    if ctx.spec.guided:
+        def progress(done: int, total: int) -> None:
+            if done == total or done % 40 < 8:
+                say(f"sensitivity profile: {done}/{total} measurements")
+
+        ctx.profile, profile_s = measure_profile(ctx, pool, cache_dir, progress)
+        study.set_user_attr("profile_s", study.user_attrs.get("profile_s", 0.0) + profile_s)
+        say(f"sensitivity profile ready ({'cached' if not profile_s else f'measured in {profile_s:.0f}s'})")
+        if ctx.spec.sampler == "nsga2":
+            study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, ctx.spec.seed))
+    enqueued = seed_study(ctx, study, ctx.profile, target)
+    base = study.user_attrs[BASE_METRICS_ATTR]
+    per_trial_s = float(base.get("compress_s", 0)) + float(base.get("evaluate_s", 0))
+    remaining = max(0, target - done_count(study))
+    say(f"{enqueued} seed trials enqueued; about {per_trial_s:.0f}s per trial, "
+        f"{per_trial_s * remaining / max(1, workers) / 60:.1f} min for the {remaining} trials left")
+
+
+def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn: Callable[[int], list],
+           results_dir: Path, on_trial: Callable[[TrialEvent], None]) -> None:
+    idle = list(pool)
+    in_flight: dict = {}  # object ref -> (trial, worker)
+    last_beat = time.monotonic()
+    try:
+        while True:
+            done = done_count(study)
+            while idle and done + len(in_flight) < target:
+                trial = ask(study)
+                try:
+                    plan_json = _propose(ctx, trial)
+                except Exception as err:  # the trial boundary: record it, keep the study going
+                    _fail(study, trial, f"could not build a plan: {type(err).__name__}: {err}")
+                    _report(study, trial.number, target, ctx, results_dir, on_trial)
+                    done = done_count(study)
+                    continue
+                worker = idle.pop()
+                in_flight[worker.evaluate.remote(plan_json)] = (trial, worker)
+            if not in_flight:
+                return
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_S)
+            if time.monotonic() - last_beat >= HEARTBEAT_S or ready:
+                beat(study, [trial for trial, _ in in_flight.values()])
+                last_beat = time.monotonic()
+            for ref in ready:
+                trial, worker = in_flight.pop(ref)
+                idle.append(_finish(ctx, study, trial, ref, worker, spawn))
+                _report(study, trial.number, target, ctx, results_dir, on_trial)
+    except BaseException:
+        for trial, _ in in_flight.values():
+            requeue(study, trial, "the driver stopped before the trial finished")
+        raise
+
+
+def _propose(ctx: JobContext, trial: optuna.Trial) -> str:
+    """Turn an asked trial into a plan and record what is known before running it."""
+    plan = ctx.space.suggest_plan(trial, ctx.layers)
+    memory = ctx.plan_bytes(plan)
+    if ctx.profile is not None:
+        knobs = ctx.space.knobs()
+        choices = {group: {knob: trial.params[f"{group}:{knob}"] for knob in knobs}
+                   for group in ctx.space.groups(ctx.layers)}
+        trial.set_user_attr("estimated_kl", ctx.profile.estimate(choices))
+    trial.set_user_attr("plan_json", plan.to_json())
+    trial.set_user_attr("memory_bytes", memory)
+    trial.set_user_attr("bits_per_weight", plan_bits_per_weight(ctx.layers, plan))
+    return plan.to_json()
+
+
+def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, worker, spawn: Callable[[int], list]):
+    """Tell Optuna how a trial ended; returns the worker to reuse (a fresh one if it died).
+
+    A dead worker (process killed, node lost) is not the trial's fault: the trial is failed as
+    interrupted, its parameters are enqueued again (asked first), and a new worker takes its place.
+    """
+    try:
+        metrics = ray.get(ref)
+    except RayActorError as err:
+        requeue(study, trial, f"worker died: {str(err).splitlines()[0]}")
+        return spawn(1)[0]
+    except RayTaskError as err:
+        _fail(study, trial, f"{type(err.cause).__name__}: {err.cause}")
+        return worker
+    metrics["memory_bytes"] = trial.user_attrs["memory_bytes"]
+    if "pruned" in metrics:  # the latency cost model ruled it out before it ran
+        for key, value in _clean(metrics).items():
+            trial.set_user_attr(key, value)
+        _fail(study, trial, f"pruned: {metrics['pruned']}")
+        return worker
+    values = [metrics.get(OBJECTIVES[name]) for name in ctx.spec.objectives]
+    bad = [f"{name}={value}" for name, value in zip(ctx.spec.objectives, values)
+           if value is None or not math.isfinite(value)]
+    for key, value in _clean(metrics).items():
+        trial.set_user_attr(key, value)
+    if bad:
+        _fail(study, trial, f"non-finite metrics: {', '.join(bad)} (the compressed model diverged)")
+        return worker
+    if ctx.memory_budget_bytes is not None:
+        trial.set_constraint("memory", (metrics["memory_bytes"] - ctx.memory_budget_bytes) / ctx.memory_budget_bytes)
+    if ctx.spec.latency_budget_ms is not None:
+        trial.set_constraint("latency", (metrics["latency_ms"] - ctx.spec.latency_budget_ms) / ctx.spec.latency_budget_ms)
+    study.tell(trial, [objective_sign(name) * value for name, value in zip(ctx.spec.objectives, values)])
+    return worker
+
+
+def _score_front_tasks(ctx: JobContext, study: optuna.Study, pool: list) -> None:
+    """With `--tasks-on pareto`: score the tasks on the feasible Pareto front, once the search is done.
+
+    Optuna refuses new attributes on finished trials, so the scores are kept as study attributes
+    (`task_scores:<trial>`), which the Parquet tables merge into the trials' rows.
+    """
+    if ctx.spec.tasks_on != "pareto" or ctx.spec.task_settings is None:
+        return
+    trials = trials_frame(study)
+    front = trials[trials["on_front"] & (trials["feasible"] == True)]  # noqa: E712
+    todo = [(int(row.trial), row.plan_json) for row in front.itertuples()
+            if f"{TASK_SCORES_ATTR}:{int(row.trial)}" not in study.user_attrs]
+    refs = {pool[i % len(pool)].score_tasks.remote(plan_json): number for i, (number, plan_json) in enumerate(todo)}
+    log.info("scoring tasks on %d Pareto candidates", len(refs))
+    for ref, number in refs.items():
+        try:
+            scores = ray.get(ref)
+        except RayTaskError as err:
+            log.warning("task scoring of trial %d failed: %s", number, err.cause)
+            scores = {"task_error": f"{type(err.cause).__name__}: {err.cause}"}
+        study.set_user_attr(f"{TASK_SCORES_ATTR}:{number}", _clean(scores))
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
+    log.warning("trial %d failed: %s", trial.number, error)
+    trial.set_user_attr(ERROR_ATTR, error)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _clean(metrics: dict) -> dict:
+    """JSON-safe metrics: non-finite floats become strings so storages accept them."""
+    return {key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
+            for key, value in metrics.items()}
+
+
+def _report(study: optuna.Study, number: int, target: int, ctx: JobContext, results_dir: Path,
+            on_trial: Callable[[TrialEvent], None]) -> None:
+    """Rewrite the tables after a trial ended (see `_rewrite_due`) and tell the caller."""
+    key = str(Path(results_dir) / study.study_name)
+    if _rewrite_due(key):
+        started = time.monotonic()
+        trials = write_results(study, results_dir)
+        _LAST_REWRITE[key] = (time.monotonic(), time.monotonic() - started)
+    else:
+        trials = trials_frame(study)
+    on_trial(_event(study, trials, number, target, ctx))
+
+
+def _rewrite_due(key: str) -> bool:
+    """Whether to rebuild the Parquet tables now. Each rebuild reads every trial from the storage, so it
+    grows with the study; rebuilding after every trial would make it a growing share of the driver's
+    time. Rebuilds are spaced so they take at most REWRITE_SHARE of it; `run_study` always rebuilds at
+    the end, and every rebuild is complete (nothing is appended), so no trial is missed or doubled."""
+    last_end, cost = _LAST_REWRITE.get(key, (0.0, 0.0))
+    return time.monotonic() - last_end >= cost / REWRITE_SHARE
+
+
+def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, ctx: JobContext) -> TrialEvent:
+    row = trials[trials["trial"] == number].iloc[0]
+    primary = OBJECTIVES[ctx.spec.objectives[0]]
+    feasible = trials[(trials["state"] == "COMPLETE") & (trials["feasible"] == True)]  # noqa: E712
+    ascending = objective_sign(ctx.spec.objectives[0]) > 0
+    best = feasible.sort_values(primary, ascending=ascending).iloc[0].to_dict() if len(feasible) else None
+    metrics = {key: row[key] for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
+    return TrialEvent(done_count(study), target, number, row["state"], metrics, row["feasible"], best, len(feasible), row["error"])

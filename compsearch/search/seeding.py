@@ -1,0 +1,157 @@
+"""The first trials of a study: uniform baselines, and the best plans the sensitivity profile predicts per budget."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+
+from compsearch.compress import layer_nbytes
+from compsearch.search.job import JobContext
+from compsearch.search.sensitivity import Profile, group_plan
+from compsearch.spaces.layers import LayerInfo
+from compsearch.spaces.plan import Plan
+
+log = logging.getLogger(__name__)
+SEEDED_ATTR = "seeded"
+DP_UNITS = 4096  # byte resolution of the knapsack: 1/4096 of the compressible layers' largest size
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice for one group: the bytes its layers take and the profile's KL estimate."""
+
+    choice: dict[str, Any]
+    nbytes: int
+    estimate: float
+
+
+def group_options(ctx: JobContext, profile: Profile) -> dict[str, list[Option]]:
+    """Every choice of every group, with exact bytes and estimated damage; dominated choices dropped.
+
+    A choice is dominated when another takes no more bytes and is estimated to do no more damage.
+    """
+    options = {}
+    for group, members in ctx.space.groups(ctx.layers).items():
+        every = [Option(choice, group_nbytes(ctx, members, choice), profile.group_estimate(group, choice))
+                 for choice in ctx.space.uniform_choices()]
+        every.sort(key=lambda o: (o.nbytes, o.estimate))
+        kept: list[Option] = []
+        for option in every:  # ascending bytes: keep only strict improvements in the estimate
+            if not kept or option.estimate < kept[-1].estimate:
+                kept.append(option)
+        options[group] = kept
+    return options
+
+
+def group_nbytes(ctx: JobContext, members: list[LayerInfo], choice: dict[str, Any]) -> int:
+    """Bytes of a group's layers under one choice."""
+    return sum(layer_nbytes(layer, ctx.space.layer_plan(layer, choice)) for layer in members)
+
+
+class Knapsack:
+    """Least summed estimate per layer budget: a multiple-choice knapsack solved once by dynamic
+    programming over bytes rounded to 1/4096 of the largest plan, then read for any budget."""
+
+    def __init__(self, options: dict[str, list[Option]]):
+        self.options, self.groups = options, list(options)
+        self.unit = max(1.0, sum(max(o.nbytes for o in options[g]) for g in self.groups) / DP_UNITS)
+        self.best = np.zeros(DP_UNITS + 1)  # least estimate with a table size of at most `room` units
+        self.picks = []
+        for group in self.groups:
+            candidates = np.full((len(options[group]), DP_UNITS + 1), np.inf)
+            for index, option in enumerate(options[group]):
+                weight = int(round(option.nbytes / self.unit))
+                candidates[index, weight:] = self.best[: DP_UNITS + 1 - weight] + option.estimate
+            self.picks.append(candidates.argmin(axis=0))
+            self.best = candidates.min(axis=0)
+
+    def plan(self, budget_bytes: int) -> dict[str, dict] | None:
+        """The best choices within `budget_bytes` (checked in exact bytes), or None if nothing fits."""
+        # rounding moves a plan's table size by up to half a unit per group: search the rooms around
+        # the budget, from the top, for the first plan whose exact size fits
+        for room in range(min(DP_UNITS, int(round(budget_bytes / self.unit)) + len(self.groups)), -1, -1):
+            if np.isfinite(self.best[room]):
+                choices, size = self._backtrack(room)
+                if size <= budget_bytes:
+                    return choices
+        return None
+
+    def informative_budgets(self, count: int, low_bytes: float, high_bytes: float) -> list[int]:
+        """`count` budgets in [low, high] whose best estimates are evenly spaced in log scale, so seeds
+        sit where quality changes with size rather than where every plan is already near lossless."""
+        rooms = np.arange(int(low_bytes / self.unit), min(DP_UNITS, int(high_bytes / self.unit)) + 1)
+        feasible = rooms[np.isfinite(self.best[rooms])]
+        if not len(feasible):
+            return []
+        worst, best = self.best[feasible[0]], self.best[feasible[-1]]
+        floor = max(best, worst * 1e-3, 1e-12)  # below a thousandth of the worst damage, more bytes buy nothing
+        targets = np.geomspace(max(worst, floor), floor, count)
+        return sorted({int(feasible[np.argmax(self.best[feasible] <= t)] * self.unit) for t in targets})
+
+    def _backtrack(self, room: int) -> tuple[dict[str, dict], int]:
+        choices, size = {}, 0
+        for group, pick in zip(reversed(self.groups), reversed(self.picks)):
+            option = self.options[group][pick[room]]
+            choices[group] = option.choice
+            size += option.nbytes
+            room -= int(round(option.nbytes / self.unit))
+        return choices, size
+
+
+def seed_study(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> int:
+    """Enqueue the first trials once per study: profile-optimal plans across the budget range, then
+    uniform plans; returns how many were enqueued."""
+    if study.user_attrs.get(SEEDED_ATTR):
+        return 0
+    seeds: list[tuple[str, dict[str, dict]]] = []  # (kind, per-group choices)
+    if profile is not None:
+        seeds += [("profile", choices) for choices in budget_seeds(ctx, profile, max(2, trials // 4))]
+    if ctx.spec.uniform_seeds:
+        groups = list(ctx.space.groups(ctx.layers))
+        seeds += [("uniform", {group: choice for group in groups})
+                  for choice in uniform_seed_choices(ctx, max(1, trials // 8))]
+    unique = {json.dumps(ctx.space.params_for(choices), sort_keys=True, default=str): kind for kind, choices in seeds}
+    chosen = list(unique.items())[:max(1, trials // 2)]
+    for params_json, kind in chosen:
+        study.enqueue_trial(json.loads(params_json), user_attrs={"seed": kind})
+    study.set_user_attr(SEEDED_ATTR, True)
+    return len(chosen)
+
+
+def budget_seeds(ctx: JobContext, profile: Profile, count: int) -> list[dict[str, dict]]:
+    """Profile-optimal plans for `count` budgets between the smallest plan and the memory budget (or the
+    largest plan), placed where the estimated damage changes most (see `Knapsack.informative_budgets`)."""
+    kept_bytes = ctx.plan_bytes(Plan()) - sum(layer.num_params for layer in ctx.layers) * 2  # outside the layers
+    top = min(ctx.memory_budget_bytes or ctx.largest_plan_bytes, ctx.largest_plan_bytes)
+    knapsack = Knapsack(group_options(ctx, profile))
+    budgets = knapsack.informative_budgets(count, ctx.smallest_plan_bytes - kept_bytes, top - kept_bytes)
+    return [plan for plan in map(knapsack.plan, budgets) if plan is not None]
+
+
+def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
+    """Choices for up to `count` plans where every layer uses one technique alike, spread over feasible sizes.
+
+    These are the baselines users start from (uniform 4-bit, uniform 50% sparsity, ...). The
+    uncompressed plan is left out: it is measured anyway.
+    """
+    sized = []
+    for choice in ctx.space.uniform_choices():
+        plan = group_plan(ctx.space, ctx.layers, choice)
+        techniques = {(lp.bits < 16, lp.sparsity > 0, lp.rank_fraction < 1) for lp in plan.layers.values()}
+        if any(sum(used) > 1 for used in techniques) or not any(any(used) for used in techniques):
+            continue
+        size = ctx.plan_bytes(plan)
+        if ctx.memory_budget_bytes is None or size <= ctx.memory_budget_bytes:
+            sized.append((size, choice))
+    sized.sort(key=lambda item: item[0])
+    if count <= 0 or not sized:
+        return []
+    if count >= len(sized):
+        return [choice for _, choice in sized]
+    step = (len(sized) - 1) / max(1, count - 1)
+    picks = sorted({round(len(sized) - 1 - i * step) for i in range(count)})
+    return [sized[i][1] for i in picks]

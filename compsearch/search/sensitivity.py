@@ -1,0 +1,151 @@
+"""Measure-once sensitivity: the damage each group of layers takes from each option, with nothing else changed.
+
+The damage is the mean per-token KL divergence of the final logits to the base model's on a few
+calibration windows. Options are measured per *factor* (quantization, sparsity, low-rank), each with
+the other factors off; a choice that combines factors is estimated as the sum (an approximation:
+errors do not simply add up, which is why every estimate is shown next to the measured value).
+Measurements are cached on disk keyed by model, data and the exact per-layer plan, so studies,
+budgets and resumes reuse them.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+
+from compsearch.compress import COMPRESS_VERSION
+from compsearch.search.job import JobContext
+from compsearch.search.models import default_cache_dir, model_fingerprint
+from compsearch.spaces.layers import LayerInfo
+from compsearch.spaces.plan import Plan
+from compsearch.spaces.space import Space
+
+log = logging.getLogger(__name__)
+# Knobs that only make sense together are measured together.
+FACTORS = {"quant": ("bits", "group_size", "quant_method"), "sparsity": ("sparsity", "prune_method"),
+           "lowrank": ("rank_fraction", "lowrank_method")}
+# The value of a knob that turns its factor off.
+OFF = {"bits": 16, "sparsity": "0", "rank_fraction": 1.0, "channel_fraction": 1.0, "head_fraction": 1.0}
+
+
+def factor_options(space: Space) -> dict[str, list[dict[str, Any]]]:
+    """For each factor with a searched knob: every combination of its searched knobs' values."""
+    knobs = space.knobs()
+    factors = {name: [k for k in members if k in knobs] for name, members in FACTORS.items()}
+    known = {k for members in FACTORS.values() for k in members}
+    factors.update({knob: [knob] for knob in knobs if knob not in known})
+    return {name: [dict(zip(members, values)) for values in itertools.product(*(knobs[k] for k in members))]
+            for name, members in factors.items() if members}
+
+
+def off_choice(space: Space) -> dict[str, Any]:
+    """A choice that leaves a layer uncompressed, for every searched knob."""
+    return {knob: OFF.get(knob, choices[0]) for knob, choices in space.knobs().items()}
+
+
+def group_plan(space: Space, members: list[LayerInfo], choice: dict[str, Any]) -> Plan:
+    return Plan({layer.name: space.layer_plan(layer, choice) for layer in members})
+
+
+def option_key(option: dict[str, Any]) -> str:
+    return json.dumps(option, sort_keys=True)
+
+
+@dataclass
+class Profile:
+    """kl[group][factor][option key]: the measured damage of one factor option on one group alone."""
+
+    kl: dict[str, dict[str, dict[str, float]]]
+
+    def group_estimate(self, group: str, choice: dict[str, Any]) -> float:
+        total = 0.0
+        for factor, options in self.kl[group].items():
+            members = [k for k in FACTORS.get(factor, (factor,)) if k in choice]
+            total += options.get(option_key({k: choice[k] for k in members}), 0.0)
+        return total
+
+    def estimate(self, choices: dict[str, dict[str, Any]]) -> float:
+        """Additive estimate of a plan's KL from its per-group choices."""
+        return sum(self.group_estimate(group, choice) for group, choice in choices.items())
+
+
+class SensitivityCache:
+    """A JSON file of measured KLs keyed by a hash of the exact plan, one file per model and data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    @staticmethod
+    def key(plan_json: str) -> str:
+        return hashlib.sha256(plan_json.encode()).hexdigest()[:24]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(handle, "w") as out:
+            json.dump(self.values, out, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def cache_path(ctx: JobContext, cache_dir: Path | None) -> Path:
+    calib = ctx.windows.calib_ids[: ctx.spec.profile_windows, : ctx.spec.profile_seq_len]
+    data_key = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
+    folder = Path(cache_dir or default_cache_dir()) / "sensitivity"
+    return folder / f"{model_fingerprint(ctx.model_ref)}-{data_key}-v{COMPRESS_VERSION}.json"
+
+
+def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Profile, float]:
+    """The study's profile: cached entries are read, missing ones measured on the Ray workers in parallel.
+
+    Returns the profile and the seconds spent measuring (0 when everything was cached).
+    """
+    groups = ctx.space.groups(ctx.layers)
+    off = off_choice(ctx.space)
+    items = []  # (group, factor, option key, plan json)
+    for (factor, options), (group, members) in itertools.product(factor_options(ctx.space).items(), groups.items()):
+        for option in options:
+            plan = group_plan(ctx.space, members, {**off, **option})
+            if any(not lp.is_identity for lp in plan.layers.values()):
+                items.append((group, factor, option_key(option), plan.to_json()))
+    cache = SensitivityCache(cache_path(ctx, cache_dir))
+    missing = sorted({plan_json for *_, plan_json in items if cache.key(plan_json) not in cache.values})
+    started = time.perf_counter()
+    if missing:
+        _measure_(cache, missing, pool, (ctx.spec.profile_windows, ctx.spec.profile_seq_len), on_progress)
+    profile: dict[str, dict[str, dict[str, float]]] = {group: {} for group in groups}
+    for group, factor, key, plan_json in items:
+        profile[group].setdefault(factor, {})[key] = cache.values[cache.key(plan_json)]
+    return Profile(profile), time.perf_counter() - started if missing else 0.0
+
+
+def _measure_(cache: SensitivityCache, plans: list[str], pool: list, window_shape: tuple[int, int],
+              on_progress: Callable[[int, int], None] | None) -> None:
+    """Spread the plans over the workers in small batches; save after every batch (a crash loses little)."""
+    batches = [plans[i:i + 8] for i in range(0, len(plans), 8)]
+    pending: dict = {}
+    idle = list(pool)
+    done = 0
+    while batches or pending:
+        while idle and batches:
+            worker, batch = idle.pop(), batches.pop(0)
+            pending[worker.profile_kl.remote(batch, *window_shape)] = (worker, batch)
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        worker, batch = pending.pop(ready[0])
+        for plan_json, kl in zip(batch, ray.get(ready[0])):
+            cache.values[cache.key(plan_json)] = kl
+        cache.save()
+        idle.append(worker)
+        done += len(batch)
+        if on_progress:
+            on_progress(done, len(plans))

@@ -1,0 +1,212 @@
+"""What the user asked for: `JobSpec`, its validation, and budgets with units."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from compsearch.search.errors import UserError
+from compsearch.spaces import SpaceError, get_space
+from compsearch.spaces.layers import GRANULARITIES
+from compsearch.spaces.space import Space
+
+DEFAULT_MODEL = "smollm2-135m"
+TASK_PREFIX = "task_"
+# Task metrics that are better when lower; every other task metric (acc, acc_norm, f1, ...) is maximized.
+LOWER_IS_BETTER_TASK_METRICS = ("perplexity", "bits_per_byte", "loss")
+TASKS_ON = ("all", "pareto")
+
+
+class _Objectives(dict):
+    """Objective name -> the metric it optimizes; a task metric (`task_<task>_<metric>`) names itself."""
+
+    def __missing__(self, name: str) -> str:
+        if isinstance(name, str) and name.startswith(TASK_PREFIX) and len(name) > len(TASK_PREFIX):
+            return name
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (isinstance(name, str) and name.startswith(TASK_PREFIX)
+                                                 and len(name) > len(TASK_PREFIX))
+
+
+# Objective name -> its metric. Optuna minimizes every objective: a maximized one (a task accuracy) is
+# told as its negation (`objective_sign` -1), and reported everywhere else with its own sign.
+OBJECTIVES = _Objectives({"ppl": "ppl", "kl": "kl", "memory": "memory_bytes", "latency": "latency_ms"})
+
+
+def objective_sign(name: str) -> int:
+    """+1 for an objective minimized as is, -1 for one maximized (task metrics such as accuracy)."""
+    if name.startswith(TASK_PREFIX) and not any(word in name for word in LOWER_IS_BETTER_TASK_METRICS):
+        return -1
+    return 1
+QUALITY_OBJECTIVES = ("ppl", "kl")
+SAMPLERS = ("nsga2", "tpe", "random")
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that defines a study's search; a study keeps its spec for its whole life."""
+
+    study: str
+    model: str = DEFAULT_MODEL
+    data: str | None = None
+    space: str = "joint"
+    granularity: str = "block"
+    tie_fused: bool = True
+    include_lm_head: bool = False
+    bits: tuple[int, ...] | None = None
+    group_sizes: tuple[int, ...] | None = None
+    sparsities: tuple[str, ...] | None = None
+    prune_methods: tuple[str, ...] | None = None
+    rank_fractions: tuple[float, ...] | None = None
+    quant_methods: tuple[str, ...] | None = None
+    lowrank_methods: tuple[str, ...] | None = None
+    channel_fractions: tuple[float, ...] | None = None
+    head_fractions: tuple[float, ...] | None = None
+    objectives: tuple[str, ...] = ("ppl", "memory")
+    memory_budget: str | None = None
+    latency_budget_ms: float | None = None
+    sampler: str = "nsga2"
+    seed: int = 0
+    population_size: int = 8
+    uniform_seeds: bool = True
+    guided: bool = True
+    profile_windows: int = 2
+    profile_seq_len: int = 128
+    seq_len: int = 256
+    eval_windows: int = 16
+    calib_windows: int = 16
+    batch_size: int = 0  # windows per forward pass; 0 = chosen from free memory on each worker
+    latency_prompt_tokens: int = 64
+    trust_remote_code: bool = False
+    tasks: tuple[str, ...] | None = None  # lm-eval task names and bigbench:PATH entries
+    task_paths: tuple[str, ...] | None = None  # folders of the user's lm-eval task YAML files
+    tasks_on: str = "all"  # score tasks on every trial, or only on the final Pareto front
+    task_limit: int | None = None  # first N examples of every task
+    measure_latency: bool = False  # measure latency on every trial even without a latency objective/budget
+    decode_tokens: int = 16
+    decode_batch: int = 4
+    latency_repeats: int = 5
+    kl_top_k: int = 1024  # base-model tokens kept per position for KL; 0 keeps the full distribution
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "group_sizes", "sparsities", "prune_methods", "rank_fractions", "objectives",
+                     "quant_methods", "lowrank_methods", "channel_fractions", "head_fractions"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if not _STUDY_NAME.match(self.study):
+            raise UserError(f"study name {self.study!r} must be 1-100 letters, digits, '_', '.' or '-'")
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise UserError(f"objectives {','.join(self.objectives)!r} are not valid; choose distinct names "
+                            f"from {sorted(OBJECTIVES)}, e.g. --objectives ppl,memory")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {SAMPLERS}")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"granularity {self.granularity!r} is unknown; choose one of {GRANULARITIES}")
+        if self.memory_budget is not None:
+            parse_memory_budget(self.memory_budget, base_bytes=1)
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise UserError(f"latency budget {self.latency_budget_ms!r} ms must be a positive number of milliseconds")
+        for name in ("seq_len", "eval_windows", "calib_windows", "population_size", "latency_prompt_tokens",
+                     "profile_windows", "profile_seq_len"):
+            if getattr(self, name) < (2 if name in ("seq_len", "population_size") else 1):
+                raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} is too small")
+        self._check_evaluators()
+        self.search_space()  # validates the choices
+
+    def _check_evaluators(self) -> None:
+        """Tasks, latency settings and batch size (0 = chosen from free memory)."""
+        for name in ("tasks", "task_paths"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.batch_size < 0:
+            raise UserError(f"batch-size={self.batch_size} must be a positive number, or 0 to fit free memory")
+        for name in ("decode_tokens", "decode_batch", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be at least 1")
+        if self.kl_top_k < 0 or self.task_limit is not None and self.task_limit < 1:
+            raise UserError(f"kl-top-k={self.kl_top_k} / task-limit={self.task_limit} must be positive")
+        if self.tasks_on not in TASKS_ON:
+            raise UserError(f"tasks-on {self.tasks_on!r} is unknown; choose one of {TASKS_ON}")
+        task_objectives = [o for o in self.objectives if o.startswith(TASK_PREFIX)]
+        if task_objectives and not (self.tasks or self.task_paths):
+            raise UserError(f"objective {task_objectives[0]} needs tasks: add --tasks (e.g. bigbench:FILE.json)")
+        if task_objectives and self.tasks_on != "all":
+            raise UserError(f"objective {task_objectives[0]} needs every trial scored: use --tasks-on all")
+        for task in self.tasks or ():
+            if task.startswith("bigbench:"):
+                from compsearch.evaluators.bigbench import TaskError, task_files
+
+                try:
+                    task_files(task)
+                except TaskError as err:
+                    raise UserError(str(err)) from None
+
+    @property
+    def task_settings(self) -> dict | None:
+        """The `TaskSuite` fields of the study's tasks, or None without tasks."""
+        if not (self.tasks or self.task_paths):
+            return None
+        return {"tasks": tuple(self.tasks or ()), "task_paths": tuple(self.task_paths or ()), "limit": self.task_limit}
+
+    @property
+    def latency_settings(self) -> dict:
+        """The `LatencySettings` fields of the study."""
+        return {"prompt_tokens": self.latency_prompt_tokens, "decode_tokens": self.decode_tokens,
+                "decode_batch": self.decode_batch, "repeats": self.latency_repeats}
+
+    def search_space(self) -> Space:
+        try:
+            return get_space(self.space).with_choices(
+                bits=self.bits, group_sizes=self.group_sizes, sparsities=self.sparsities,
+                prune_methods=self.prune_methods, rank_fractions=self.rank_fractions,
+                quant_methods=self.quant_methods, lowrank_methods=self.lowrank_methods,
+                channel_fractions=self.channel_fractions, head_fractions=self.head_fractions,
+                granularity=self.granularity, tie_fused=self.tie_fused,
+            )
+        except SpaceError as err:
+            raise UserError(str(err)) from None
+
+    @property
+    def needs_kl(self) -> bool:
+        """KL is measured when it is an objective, and in guided studies (next to the profile's estimate)."""
+        return "kl" in self.objectives or self.guided
+
+    @property
+    def needs_latency(self) -> bool:
+        return "latency" in self.objectives or self.latency_budget_ms is not None or self.measure_latency
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def parse_memory_budget(text: str, base_bytes: int) -> int:
+    """Bytes from '60MB', '1.2GiB', '350000000' with a unit, '35%' or a fraction like '0.35' of `base_bytes`."""
+    value = str(text).strip().lower().replace(" ", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?|\.\d+)([a-z%]*)", value)
+    if not match:
+        raise UserError(f"memory budget {text!r} is not a size; write e.g. 60MB, 1.2GiB, 35% or 0.35")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        number, unit = number / 100.0, ""
+    if unit == "":
+        if not 0.0 < number <= 1.0:
+            raise UserError(f"memory budget {text!r} has no unit; give a fraction of the base model in (0, 1] "
+                            "or bytes with a unit such as 60MB or 1.2GiB")
+        return int(number * base_bytes)
+    if unit not in _BYTE_UNITS:
+        raise UserError(f"memory budget {text!r} has unknown unit {unit!r}; use one of {sorted(_BYTE_UNITS)}")
+    if number <= 0:
+        raise UserError(f"memory budget {text!r} must be positive")
+    return int(number * _BYTE_UNITS[unit])

@@ -1,0 +1,149 @@
+"""One worker's side of a study: hold the base model once, compress a copy per trial, measure it."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import socket
+import time
+
+import torch
+
+from compsearch.compress import apply_plan_, input_hessians, input_norms
+from compsearch.evaluators import base_log_probs, perplexity_and_kl
+from compsearch.evaluators.latency import LatencySettings
+from compsearch.evaluators.measure import Measurements
+from compsearch.evaluators.memory import PeakMemory, auto_batch_size
+from compsearch.evaluators.tasks import TaskSuite
+from compsearch.search.models import load_model, load_tokenizer
+from compsearch.search.profiling import BlockReplay
+from compsearch.spaces.plan import Plan
+
+log = logging.getLogger(__name__)
+PRUNE_FACTOR = 1.5  # margin over the latency budget before a predicted-slow plan is skipped (cost model error)
+
+
+class TrialEvaluator:
+    """Holds the base model and its cached calibration statistics; `evaluate` runs one plan.
+
+    Plain Python: the Ray runner wraps it as an actor, tests and `export` use it directly.
+    """
+
+    def __init__(self, model_ref: str, eval_ids: torch.Tensor, calib_ids: torch.Tensor, *, batch_size: int,
+                 with_kl: bool, with_latency: bool, latency_prompt_tokens: int = 64, threads: int | None = None,
+                 trust_remote_code: bool = False, device: str = "cpu", latency: dict | None = None,
+                 tasks: dict | None = None, tasks_each_trial: bool = True, kl_top_k: int | None = 1024,
+                 latency_budget_ms: float | None = None, cache_dir: str | None = None):
+        """`batch_size` 0 picks one from free memory; `latency` holds `LatencySettings` fields, `tasks` the
+        `TaskSuite` fields (tasks, task_paths, limit); `kl_top_k` None caches the full base distribution."""
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_model(model_ref, trust_remote_code, device)
+        self.device = device
+        self.eval_ids, self.calib_ids = eval_ids.to(device), calib_ids.to(device)
+        batch_size = batch_size or auto_batch_size(self.model, self.eval_ids.shape[1], device)
+        self.batch_size, self.with_latency, self.latency_prompt_tokens = batch_size, with_latency, latency_prompt_tokens
+        self.base = base_log_probs(self.model, self.eval_ids, batch_size, kl_top_k) if with_kl else None
+        settings = LatencySettings(**(latency or {"prompt_tokens": latency_prompt_tokens})) if with_latency else None
+        suite = TaskSuite(**tasks, cache_dir=cache_dir) if tasks and (tasks.get("tasks") or tasks.get("task_paths")) \
+            else None
+        tokenizer = load_tokenizer(model_ref, trust_remote_code) if suite is not None else None
+        self.measurements = Measurements(self.model, model_ref, tokenizer, suite=suite, latency=settings,
+                                         task_batch_size=batch_size, cache_dir=cache_dir)
+        self.tasks_each_trial, self.latency_budget_ms = tasks_each_trial, latency_budget_ms
+        self._input_norms: dict[str, torch.Tensor] | None = None
+        self._input_hessians: dict[str, torch.Tensor] | None = None
+        self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
+        self._profile: tuple | None = None  # profiling windows, their base log-probs, the block replay
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def input_norms(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
+        """Calibration input norms of every Linear, measured on first use and kept."""
+        if self._input_norms is None:
+            self._input_norms = input_norms(self.model, self.calib_ids, layer_names, self.batch_size)
+        return self._input_norms
+
+    def input_hessians(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
+        """Calibration input second moments X^T X / tokens of every Linear (GPTQ, SparseGPT, whitened SVD),
+        measured on first use and kept; inverse-Hessian factors and SVDs are kept in the SVD cache."""
+        if self._input_hessians is None:
+            self._input_hessians = input_hessians(self.model, self.calib_ids, layer_names, self.batch_size)
+        return self._input_hessians
+
+    def compressed_model(self, plan: Plan, keep_stored: bool = False):
+        """A compressed copy of the base model (and its stored matrices when `keep_stored`)."""
+        model = copy.deepcopy(self.model)
+        return model, self._compress_(model, plan, keep_stored)
+
+    @contextlib.contextmanager
+    def _base_with_plan(self, plan: Plan):
+        """The base model itself with `plan` applied, restored on exit: for plans touching few layers,
+        cheaper than copying the whole model."""
+        # Attentions that lose heads also change an attribute (their key/value grouping): they are saved
+        # and restored whole, their projections with them.
+        attentions = plan.structured_fractions("head_fraction")
+        changed = [name for name in plan.layers if name.rpartition(".")[0] not in attentions] + list(attentions)
+        saved = {name: copy.deepcopy(self.model.get_submodule(name)) for name in changed}
+        try:
+            self._compress_(self.model, plan, keep_stored=False)
+            yield self.model
+        finally:
+            for name, module in saved.items():
+                self.model.set_submodule(name, module)
+
+    def _compress_(self, model, plan: Plan, keep_stored: bool):
+        wanted = list(plan.layers.values())
+        norms = self.input_norms(self._linear_names()) if any(lp.needs_norms for lp in wanted) else None
+        hessians = self.input_hessians(self._linear_names()) if any(lp.needs_hessian for lp in wanted) else None
+        return apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
+                           hessians=hessians)
+
+    def evaluate(self, plan_json: str) -> dict:
+        """Metrics of one plan: `ppl` (and `kl`, task metrics, measured and predicted latency when asked),
+        peak memory while evaluating, timings and the worker's name.
+
+        A plan the latency cost model predicts over `PRUNE_FACTOR` x the latency budget is not run: its
+        metrics say `pruned` (why) and hold only the prediction.
+        """
+        started = time.perf_counter()
+        plan = Plan.from_json(plan_json)
+        metrics = self.measurements.predicted_latency(plan)
+        predicted = metrics.get("predicted_latency_ms")
+        if self.latency_budget_ms and predicted and predicted > PRUNE_FACTOR * self.latency_budget_ms:
+            metrics["pruned"] = (f"the latency cost model predicts {predicted:.1f} ms, over {PRUNE_FACTOR} x the "
+                                 f"{self.latency_budget_ms:g} ms budget; not run")
+            return {**metrics, "worker": self.worker}
+        with PeakMemory(self.device) as peak:
+            model, _ = self.compressed_model(plan)
+            compressed = time.perf_counter()
+            metrics.update(perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base))
+            if self.tasks_each_trial:
+                metrics.update(self.measurements.tasks(model))
+            metrics.update(self.measurements.measured_latency(model, plan))
+        metrics.update(peak.metrics)
+        metrics.update(compress_s=compressed - started, evaluate_s=time.perf_counter() - compressed, worker=self.worker)
+        return metrics
+
+    def score_tasks(self, plan_json: str) -> dict[str, float]:
+        """Task metrics of one plan alone (for scoring only the final Pareto candidates)."""
+        model, _ = self.compressed_model(Plan.from_json(plan_json))
+        return self.measurements.tasks(model)
+
+    def profile_kl(self, plan_jsons: list[str], windows: int, seq_len: int) -> list[float]:
+        """KL to the base model of each plan on the first `seq_len` tokens of the first `windows`
+        calibration windows (sensitivity profiling: many cheap measurements, one batch each)."""
+        ids = self.calib_ids[:windows, :seq_len]
+        if self._profile is None or self._profile[0].shape != ids.shape:
+            self._profile = (ids, base_log_probs(self.model, ids, len(ids)), BlockReplay(self.model, ids))
+        _, base, replay = self._profile
+        kls = []
+        for plan_json in plan_jsons:
+            plan = Plan.from_json(plan_json)
+            with self._base_with_plan(plan) as model, replay.skipping(plan.layers):
+                kl = perplexity_and_kl(model, ids, len(ids), base)["kl"]
+            kls.append(max(0.0, kl))  # a compact base cache can put a near-zero KL slightly below 0
+        return kls
+
+    def _linear_names(self) -> list[str]:
+        return [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]

@@ -1,0 +1,208 @@
+"""Search spaces: which choices each group of layers has, and how an Optuna trial becomes a `Plan`."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Protocol
+
+from compsearch.spaces.layers import LayerInfo, group_layers
+from compsearch.spaces.plan import (ATTENTION_KINDS, GROUP_SIZES, LOWRANK_METHODS, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, PATTERNS,
+                         PRUNE_METHODS, QUANT_BITS, QUANT_METHODS, LayerPlan, Plan, kept_heads, nm_sparsity,
+                         saves_params, structured_shape)
+
+
+MLP_KINDS = MLP_CHANNEL_ROWS + MLP_CHANNEL_COLS
+
+
+class SuggestsCategorical(Protocol):
+    """The part of `optuna.Trial` a space needs."""
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+class SpaceError(ValueError):
+    """A space or one of its choices is not valid for this model."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """The choices every decision group picks from; a knob with one choice is fixed, not searched.
+
+    `sparsities` holds fractions ("0.5") or N:M patterns ("2:4"); `rank_fractions` are fractions of
+    full rank, offered to a layer only where they save weights. `quant_methods`, `prune_methods` and
+    `lowrank_methods` pick the algorithm behind each technique; `channel_fractions` are the kept
+    fractions of each MLP's intermediate channels and `head_fractions` of each attention's query
+    heads (structured pruning), which the module's projections must share, so they are searched
+    only at `block` or `model` granularity.
+    """
+
+    name: str
+    bits: tuple[int, ...] = (16,)
+    group_sizes: tuple[int, ...] = (128,)
+    sparsities: tuple[str, ...] = ("0",)
+    prune_methods: tuple[str, ...] = ("wanda",)
+    rank_fractions: tuple[float, ...] = (1.0,)
+    quant_methods: tuple[str, ...] = ("rtn",)
+    lowrank_methods: tuple[str, ...] = ("svd",)
+    channel_fractions: tuple[float, ...] = (1.0,)
+    head_fractions: tuple[float, ...] = (1.0,)
+    granularity: str = "block"
+    tie_fused: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choices("bits", self.bits, QUANT_BITS)
+        _check_choices("group size", self.group_sizes, GROUP_SIZES)
+        _check_choices("prune method", self.prune_methods, PRUNE_METHODS)
+        _check_choices("quant method", self.quant_methods, QUANT_METHODS)
+        _check_choices("low-rank method", self.lowrank_methods, LOWRANK_METHODS)
+        for what, values in (("MLP channel", self.channel_fractions), ("attention head", self.head_fractions)):
+            for value in values:
+                if not 0.0 < float(value) <= 1.0:
+                    raise SpaceError(f"{what} fraction {value!r} must be in (0, 1]; e.g. 0.75 keeps 3/4 of them")
+            if len(values) > 1 and self.granularity not in ("block", "model"):
+                raise SpaceError(f"{what} fractions are shared by a module's projections; granularity "
+                                 f"{self.granularity!r} splits them: use granularity 'block' or fix one fraction")
+        for value in self.sparsities:
+            _layer_plan_fields_for_sparsity(value)  # raises on a bad value
+        for value in self.rank_fractions:
+            if not 0.0 < float(value) <= 1.0:
+                raise SpaceError(f"rank fraction {value!r} must be in (0, 1]; e.g. 0.5 keeps half the rank")
+
+    def knobs(self) -> dict[str, tuple]:
+        """The searched knobs (more than one choice) and their choices."""
+        all_knobs = {
+            "bits": self.bits, "group_size": self.group_sizes, "sparsity": self.sparsities,
+            "prune_method": self.prune_methods, "rank_fraction": self.rank_fractions,
+            "quant_method": self.quant_methods, "lowrank_method": self.lowrank_methods,
+            "channel_fraction": self.channel_fractions, "head_fraction": self.head_fractions,
+        }
+        return {knob: tuple(choices) for knob, choices in all_knobs.items() if len(choices) > 1}
+
+    def groups(self, layers: list[LayerInfo]) -> dict[str, list[LayerInfo]]:
+        by_name = {layer.name: layer for layer in layers}
+        grouped = group_layers(layers, self.granularity, self.tie_fused)
+        return {group: [by_name[name] for name in names] for group, names in grouped.items()}
+
+    def suggest_plan(self, trial: SuggestsCategorical, layers: list[LayerInfo]) -> Plan:
+        """Ask the trial for every searched knob of every group and build the plan."""
+        knobs = self.knobs()
+        plans: dict[str, LayerPlan] = {}
+        for group, members in self.groups(layers).items():
+            choice = {knob: trial.suggest_categorical(f"{group}:{knob}", list(choices)) for knob, choices in knobs.items()}
+            for layer in members:
+                plans[layer.name] = self.layer_plan(layer, choice)
+        return Plan(plans)
+
+    def layer_plan(self, layer: LayerInfo, choice: dict[str, Any]) -> LayerPlan:
+        """The layer plan for one group choice; unsearched knobs take their single value.
+
+        A rank fraction that would store more weights than the dense layer leaves the layer full rank,
+        a head fraction becomes the fraction of heads the attention's groups really keep, and a method
+        whose technique is off takes the default: plans that do the same compare equal.
+        """
+        values = {"bits": self.bits[0], "group_size": self.group_sizes[0], "sparsity": self.sparsities[0],
+                  "prune_method": self.prune_methods[0], "rank_fraction": self.rank_fractions[0],
+                  "quant_method": self.quant_methods[0], "lowrank_method": self.lowrank_methods[0],
+                  "channel_fraction": self.channel_fractions[0], "head_fraction": self.head_fractions[0], **choice}
+        channel_fraction = float(values["channel_fraction"]) if layer.kind in MLP_KINDS else 1.0
+        head_fraction = float(values["head_fraction"]) if layer.kind in ATTENTION_KINDS else 1.0
+        if head_fraction < 1.0 and layer.heads:  # the fraction the head groups allow: 0.5 of 3 per group is 2/3
+            head_fraction = kept_heads(layer.heads, layer.kv_heads, head_fraction)[0] / layer.heads
+        structure = LayerPlan(channel_fraction=channel_fraction, head_fraction=head_fraction)
+        out_features, in_features = structured_shape(layer, structure)
+        rank_fraction = float(values["rank_fraction"])
+        if rank_fraction < 1.0 and not saves_params(out_features, in_features, rank_fraction):
+            rank_fraction = 1.0
+        sparsity, pattern = _layer_plan_fields_for_sparsity(values["sparsity"])
+        bits = int(values["bits"])
+        return LayerPlan(bits=bits, group_size=int(values["group_size"]), sparsity=sparsity,
+                         pattern=pattern, prune_method=values["prune_method"] if sparsity else "magnitude",
+                         quant_method=values["quant_method"] if bits < 16 else "rtn", rank_fraction=rank_fraction,
+                         lowrank_method=values["lowrank_method"] if rank_fraction < 1.0 else "svd",
+                         channel_fraction=channel_fraction, head_fraction=head_fraction)
+
+    def params_for(self, choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Optuna parameters for per-group choices: the names `suggest_plan` asks for (to enqueue a plan)."""
+        return {f"{group}:{knob}": value for group, choice in choices.items() for knob, value in choice.items()}
+
+    def uniform_choices(self) -> Iterator[dict[str, Any]]:
+        """Every combination of knob values: the plans where all groups choose alike."""
+        knobs = self.knobs()
+        for values in itertools.product(*knobs.values()):
+            yield dict(zip(knobs, values))
+
+    def with_choices(self, **overrides: Any) -> "Space":
+        """A copy with some choice lists replaced (None leaves a list as it is)."""
+        return replace(self, **{key: tuple(value) if isinstance(value, (list, tuple)) else value
+                                for key, value in overrides.items() if value is not None})
+
+    def check_layers(self, layers: list[LayerInfo]) -> None:
+        """Refuse N:M patterns that do not divide a layer's input size, and head fractions for a model
+        whose attention heads cannot be removed."""
+        if any(value < 1.0 for value in self.head_fractions):
+            attention = [layer for layer in layers if layer.kind in ATTENTION_KINDS]
+            if not attention or not all(layer.heads for layer in attention):
+                raise SpaceError(f"head fractions {self.head_fractions} need attention with q/k/v/o_proj Linears and a "
+                                 "known head layout (Llama-family models); this model's attention has none: "
+                                 "pass --attention-heads 1")
+        for value in self.sparsities:
+            if ":" in value:
+                m = int(value.split(":")[1])
+                bad = [layer.name for layer in layers if layer.in_features % m]
+                if bad:
+                    raise SpaceError(f"sparsity pattern {value} needs input sizes divisible by {m}; {bad[0]} has "
+                                     f"{next(layer.in_features for layer in layers if layer.name == bad[0])}")
+
+
+def _layer_plan_fields_for_sparsity(value: str) -> tuple[float, str]:
+    text = str(value)
+    if ":" in text:
+        if text not in PATTERNS:
+            raise SpaceError(f"sparsity pattern {text!r} is not supported; use one of {PATTERNS[1:]}")
+        return nm_sparsity(text), text
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise SpaceError(f"sparsity {text!r} is neither a ratio like 0.5 nor an N:M pattern like 2:4") from None
+    if not 0.0 <= ratio < 1.0:
+        raise SpaceError(f"sparsity {text!r} must be in [0, 1); e.g. 0.5 removes half the weights")
+    return ratio, "unstructured"
+
+
+def _check_choices(what: str, values: tuple, allowed: tuple) -> None:
+    if not values:
+        raise SpaceError(f"the space offers no {what} choice; give at least one of {allowed}")
+    bad = [value for value in values if value not in allowed]
+    if bad:
+        raise SpaceError(f"{what} {bad[0]!r} is not supported; use values from {allowed}")
+
+
+SPACES: dict[str, Space] = {
+    "quant": Space("quant", bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(32, 64, 128)),
+    "sparse": Space("sparse", sparsities=("0", "0.25", "0.5", "0.75", "0.9", "2:4", "4:8"),
+                    prune_methods=("magnitude", "wanda")),
+    "lowrank": Space("lowrank", rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25)),
+    "joint": Space("joint", bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(64, 128),
+                   sparsities=("0", "0.25", "0.5", "2:4"), rank_fractions=(1.0, 0.5, 0.25)),
+    # The same techniques with the algorithm behind each searched too (GPTQ, HQQ, k-means; SparseGPT;
+    # whitened SVD), and structured pruning of MLP channels and attention heads: calibration Hessians are
+    # measured once per worker.
+    "quant-methods": Space("quant-methods", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=QUANT_METHODS),
+    "sparse-methods": Space("sparse-methods", sparsities=("0", "0.25", "0.5", "0.75", "2:4", "4:8"),
+                            prune_methods=PRUNE_METHODS),
+    "lowrank-methods": Space("lowrank-methods", rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25),
+                             lowrank_methods=LOWRANK_METHODS),
+    # Head fractions are rounded to whole heads per key/value group: 0.67 keeps 2 of SmolLM2's 3, 3 of Llama-3's 4.
+    "structured": Space("structured", bits=(4, 8, 16), quant_methods=("gptq",),
+                        channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5), head_fractions=(1.0, 0.67)),
+    "sota": Space("sota", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("gptq", "hqq"),
+                  sparsities=("0", "0.5", "2:4"), prune_methods=("sparsegpt",), rank_fractions=(1.0, 0.5),
+                  lowrank_methods=("whiten",), channel_fractions=(1.0, 0.75), head_fractions=(1.0, 0.67)),
+}
+
+
+def get_space(name: str) -> Space:
+    try:
+        return SPACES[name]
+    except KeyError:
+        raise SpaceError(f"space {name!r} is unknown; choose one of {sorted(SPACES)}") from None
