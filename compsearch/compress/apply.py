@@ -6,10 +6,11 @@ import logging
 import torch
 from torch import nn
 
-from compsearch.compress.lowrank import LowRankLinear, factorize, whitened_svd
+from compsearch.compress.lowrank import LowRankLinear, factorize
 from compsearch.compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
 from compsearch.compress.prune import kept_count
 from compsearch.compress.storage import FLOAT_BITS
+from compsearch.compress.techniques import FACTORIZATIONS
 from compsearch.compress.structured import regroup_heads_, remove_structure_
 from compsearch.spaces.layers import LayerInfo, layer_info
 from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
@@ -143,12 +144,10 @@ def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: Lay
                 layouts: list[MatrixLayout], stats: MatrixStats,
                 svd_cache: dict | None) -> tuple[list[nn.Linear], list[MatrixStats]]:
     rank, out_features, in_features = layouts[0].rows, layouts[1].rows, layouts[0].cols
-    whiten = plan.lowrank_method == "whiten"
     key = f"{layer.name}#{plan.lowrank_method}@{plan.structure_key}"
     svd = svd_cache.get(key) if svd_cache is not None else None
     if svd is None:
-        weight = module.weight.data.float()
-        svd = whitened_svd(weight, stats.hessian) if whiten else torch.linalg.svd(weight, full_matrices=False)
+        svd = FACTORIZATIONS.get(plan.lowrank_method).svd(module.weight.data.float(), stats, layer.name)
         if svd_cache is not None:
             svd_cache[key] = svd
     down, up = factorize(module.weight.data, rank, svd)

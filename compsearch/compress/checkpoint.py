@@ -10,16 +10,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compsearch.compress.apply import MatrixLayout, StoredMatrix, shape_like_plan_
-from compsearch.compress.kmeans import PalettizedMatrix
-from compsearch.compress.quantize import dequantize
-from compsearch.compress.storage import FLOAT_BITS, NO_EXACT_ZERO, pack_bits, uses_mask_format, unpack_bits
+from compsearch.compress.matrix import quantized_values
+from compsearch.compress.storage import FLOAT_BITS, pack_bits, uses_mask_format, unpack_bits
+from compsearch.compress.techniques import quantizer_format
 from compsearch.spaces.layers import linear_layers
 from compsearch.spaces.plan import Plan
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
 FORMAT = "compsearch-packed-1"  # matrices without `quant_method` in their layout are RTN, as written before
-PACKED_PARTS = ("mask", "values", "codes", "scales", "zeros", "codebook")
 
 
 def save_compressed(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix], out_dir: Path, tokenizer=None) -> Path:
@@ -52,22 +51,14 @@ def save_compressed(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix
 
 def _packed_tensors(key: str, matrix: StoredMatrix) -> dict[str, torch.Tensor]:
     layout = matrix.layout
-    masked = _masked(layout)
-    tensors = {}
-    if masked:
-        tensors[f"{key}.mask"] = pack_bits(matrix.mask, 1)
+    keep = matrix.mask if _masked(layout) else None
+    tensors = {f"{key}.mask": pack_bits(keep, 1)} if keep is not None else {}
     if layout.bits >= FLOAT_BITS:
-        values = matrix.weight[matrix.mask] if masked else matrix.weight
+        values = matrix.weight[keep] if keep is not None else matrix.weight
         tensors[f"{key}.values"] = values.to(torch.float16).reshape(-1).contiguous()
         return tensors
-    q = matrix.quantized
-    codes = q.codes[matrix.mask] if masked else q.codes
-    tensors[f"{key}.codes"] = pack_bits(codes, layout.bits)
-    if layout.quant_method == "kmeans":
-        tensors[f"{key}.codebook"] = q.codebook.contiguous()
-        return tensors
-    tensors[f"{key}.scales"] = q.scales.contiguous()
-    tensors[f"{key}.zeros"] = pack_bits(q.zeros, layout.bits)
+    parts = quantizer_format(layout.quant_method).pack(matrix.quantized, keep)
+    tensors.update({f"{key}.{part}": tensor for part, tensor in parts.items()})
     return tensors
 
 
@@ -89,11 +80,11 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
         plan = Plan.from_json(metadata["plan"])
         layouts = {key: MatrixLayout(**value) for key, value in json.loads(metadata["matrices"]).items()}
         shape_like_plan_(model, linear_layers(model, include_lm_head=True), plan)
-        state = {key: _unpack_matrix(archive, key, layout) for key, layout in layouts.items()}
-        packed_parts = {f"{key}.{part}" for key in layouts for part in PACKED_PARTS}
-        for name in archive.keys():
-            if name not in packed_parts:
-                state[name] = archive.get_tensor(name).float()
+        names = set(archive.keys())
+        state = {key: _unpack_matrix(archive, names, key, layout) for key, layout in layouts.items()}
+        packed = {name for key in layouts for name in names if name.startswith(f"{key}.")}
+        for name in names - packed:
+            state[name] = archive.get_tensor(name).float()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"checkpoint holds tensors the model has no place for: {unexpected[:5]}")
@@ -105,32 +96,18 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
     return model.eval(), tokenizer
 
 
-def _unpack_matrix(archive, key: str, layout: MatrixLayout) -> torch.Tensor:
+def _unpack_matrix(archive, names: set[str], key: str, layout: MatrixLayout) -> torch.Tensor:
     count = layout.rows * layout.cols
-    masked = _masked(layout)
-    mask = unpack_bits(archive.get_tensor(f"{key}.mask"), 1, count).bool().reshape(layout.rows, layout.cols) if masked else None
-    n_values = layout.kept if masked else count
+    keep = None
+    if _masked(layout):
+        keep = unpack_bits(archive.get_tensor(f"{key}.mask"), 1, count).bool().reshape(layout.rows, layout.cols)
     if layout.bits >= FLOAT_BITS:
-        values = archive.get_tensor(f"{key}.values").float()
-        return _scatter(values, mask, layout)
-    codes = unpack_bits(archive.get_tensor(f"{key}.codes"), layout.bits, n_values)
-    if layout.quant_method in NO_EXACT_ZERO:
-        # Only kept weights have codes; pruned positions get code 0 and are zeroed by the mask.
-        full = torch.zeros(layout.rows, layout.cols, dtype=torch.uint8)
-        if mask is not None:
-            full[mask] = codes
-        else:
-            full = codes.reshape(layout.rows, layout.cols)
-        values = PalettizedMatrix(full, archive.get_tensor(f"{key}.codebook"), layout.bits).dequantize()
-        return values * mask if mask is not None else values
-    scales = archive.get_tensor(f"{key}.scales")
-    zeros = unpack_bits(archive.get_tensor(f"{key}.zeros"), layout.bits, scales.numel()).reshape(scales.shape)
-    if mask is not None:
-        # Pruned positions hold the zero point, which dequantizes to exactly 0.
-        full = zeros.repeat_interleave(layout.group_size, dim=1)[:, : layout.cols].clone()
-        full[mask] = codes
-        codes = full
-    return dequantize(codes.reshape(layout.rows, layout.cols), scales, zeros, layout.group_size)
+        return _scatter(archive.get_tensor(f"{key}.values").float(), keep, layout)
+    parts = {name[len(key) + 1:]: archive.get_tensor(name) for name in names
+             if name.startswith(f"{key}.") and name != f"{key}.mask"}
+    storage = quantizer_format(layout.quant_method)
+    quantized = storage.unpack(parts, (layout.rows, layout.cols), layout.bits, layout.group_size, keep)
+    return quantized_values(quantized, keep, layout.quant_method)
 
 
 def _scatter(values: torch.Tensor, mask: torch.Tensor | None, layout: MatrixLayout) -> torch.Tensor:

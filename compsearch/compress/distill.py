@@ -2,9 +2,9 @@
 floating point to match the base model's next-token distributions on the calibration split.
 
 What trains -- so the plan, its bytes and its checkpoint format stay exactly as they were:
-- quantized matrices (RTN, GPTQ, HQQ grids): their fp16 group scales, through a multiplicative
-  factor per group (codes and integer zero points fixed); k-means matrices: their fp16 codebooks,
-  likewise (codes fixed);
+- quantized matrices: the float parameters their storage format marks `trainable` (fp16 group scales
+  of the affine grid, codebooks of the palette), through a multiplicative factor per entry, codes and
+  integer zero points fixed;
 - planned matrices kept at 16 bits (low-rank factors, thinned MLPs and attentions, pruned weights,
   whose masks stay fixed);
 - norm weights and biases.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compsearch.compress.matrix import StoredMatrix, quantized_values
-from compsearch.compress.quantize import QuantizedMatrix
+from compsearch.compress.techniques import quantizer_format
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class _TrainableGrid:
 
     def __init__(self, module: nn.Linear, matrix: StoredMatrix):
         self.module, self.matrix = module, matrix
-        self.field = "scales" if isinstance(matrix.quantized, QuantizedMatrix) else "codebook"
+        self.field = quantizer_format(matrix.layout.quant_method).trainable
         self.values = getattr(matrix.quantized, self.field)
         self.factor = nn.Parameter(torch.ones(self.values.shape, dtype=torch.float32, device=module.weight.device))
         del module.weight  # the frozen Parameter; a tensor computed from the factor takes its place

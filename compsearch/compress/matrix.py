@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
-
 import torch
 
-from compsearch.compress.gptq import inverse_hessian_factor, quantize_gptq
-from compsearch.compress.hqq import quantize_hqq
-from compsearch.compress.kmeans import PalettizedMatrix, palettize
-from compsearch.compress.prune import keep_mask
-from compsearch.compress.quantize import QuantizedMatrix, quantize_rtn
-from compsearch.compress.sparsegpt import prune_sparsegpt
-from compsearch.compress.storage import FLOAT_BITS, NO_EXACT_ZERO, matrix_nbytes
+from compsearch.compress.formats import Quantized
+from compsearch.compress.gptq import inverse_hessian_factor
+from compsearch.compress.storage import FLOAT_BITS, matrix_nbytes
+from compsearch.compress.techniques import HESSIAN, NORMS, QUANTIZERS, pruner_for, quantizer_format
 from compsearch.spaces.plan import LayerPlan, PlanError
-
-AnyQuantized = Union[QuantizedMatrix, PalettizedMatrix]
 
 
 @dataclass(frozen=True)
@@ -42,7 +35,7 @@ class StoredMatrix:
     layout: MatrixLayout
     weight: torch.Tensor  # float32, exactly the dequantized stored values
     mask: torch.Tensor | None  # bool keep mask when pruned
-    quantized: AnyQuantized | None  # codes and scales/zeros or codebooks when bits < 16
+    quantized: Quantized | None  # codes and the storage format's parameters when bits < 16
 
 
 @dataclass
@@ -57,6 +50,11 @@ class MatrixStats:
     cache: dict | None = None
     cache_key: str | None = None
     _factor: torch.Tensor | None = field(default=None, repr=False)
+
+    def has(self, needs: frozenset[str]) -> bool:
+        """Whether the statistics named in `needs` (`norms`, `hessian`) are here."""
+        present = {NORMS: self.norms is not None, HESSIAN: self.hessian is not None}
+        return all(present[need] for need in needs)
 
     def hinv_factor(self, name: str) -> torch.Tensor:
         if self.hessian is None:
@@ -75,51 +73,27 @@ def compress_matrix(weight: torch.Tensor, layout: MatrixLayout, plan: LayerPlan,
                     stats: MatrixStats | torch.Tensor | None = None) -> StoredMatrix:
     """Prune, then quantize one matrix; returns the stored form and the values the model will use.
 
-    `stats` may be bare input norms (the older call). Wanda falls back to magnitude without norms
-    (the `up` factor of a low-rank layer has none); SparseGPT and GPTQ need a Hessian.
+    `stats` may be bare input norms (the older call). A pruner falls back when its statistics are
+    missing (Wanda to magnitude: the `up` factor of a low-rank layer has no norms); GPTQ and
+    SparseGPT need a Hessian.
     """
     if stats is None or isinstance(stats, torch.Tensor):
         stats = MatrixStats(norms=stats)
     mask, values = None, weight.float()
     if plan.sparsity > 0:
-        mask, values = _prune(values, plan, stats, layout.key)
-    quantized = _quantize(values, plan, stats, mask, layout.key) if plan.bits < FLOAT_BITS else None
-    if quantized is not None:
+        mask, values = pruner_for(plan.prune_method, stats).prune(values, plan.sparsity, plan.pattern, stats, layout.key)
+    quantized = None
+    if plan.bits < FLOAT_BITS:
+        quantize = QUANTIZERS.get(plan.quant_method).quantize
+        quantized = quantize(values, plan.bits, plan.group_size, stats, mask, layout.key)
         values = quantized_values(quantized, mask, plan.quant_method)
     else:
         values = values.half().float()
     return StoredMatrix(layout, values, mask, quantized)
 
 
-def quantized_values(quantized: AnyQuantized, mask: torch.Tensor | None, quant_method: str) -> torch.Tensor:
+def quantized_values(quantized: Quantized, mask: torch.Tensor | None, quant_method: str) -> torch.Tensor:
     """The values a quantized matrix computes with: its dequantized grid, and 0 at pruned positions on
     grids without an exact 0 (the mask format stores no value for pruned weights: they load as 0)."""
     values = quantized.dequantize()
-    return values * mask if mask is not None and quant_method in NO_EXACT_ZERO else values
-
-
-def _prune(values: torch.Tensor, plan: LayerPlan, stats: MatrixStats, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if plan.prune_method == "sparsegpt" and stats.hessian is not None:
-        updated, mask = prune_sparsegpt(values, plan.sparsity, plan.pattern, stats.hinv_factor(key))
-        return mask, updated
-    method = plan.prune_method if stats.norms is not None else "magnitude"
-    if method == "sparsegpt":  # norms but no Hessian: Wanda is SparseGPT's diagonal approximation
-        method = "wanda"
-    mask = keep_mask(values, plan.sparsity, plan.pattern, method, stats.norms)
-    return mask, values * mask
-
-
-def _quantize(values: torch.Tensor, plan: LayerPlan, stats: MatrixStats, mask: torch.Tensor | None,
-              key: str) -> AnyQuantized:
-    if plan.quant_method == "rtn":
-        return quantize_rtn(values, plan.bits, plan.group_size)
-    if plan.quant_method == "gptq":
-        return quantize_gptq(values, plan.bits, plan.group_size, stats.hinv_factor(key), mask)
-    if plan.quant_method == "hqq":
-        return quantize_hqq(values, plan.bits, plan.group_size)
-    if plan.quant_method == "kmeans":
-        importance = stats.norms.square().unsqueeze(0) if stats.norms is not None else torch.ones(1, values.shape[1])
-        if mask is not None:
-            importance = importance * mask  # pruned weights are not stored: they must not pull centroids
-        return palettize(values, plan.bits, importance)
-    raise PlanError(f"quant_method={plan.quant_method!r} is unknown")
+    return values * mask if mask is not None and not quantizer_format(quant_method).exact_zero else values

@@ -10,6 +10,7 @@ would run:
 - CUDA (bf16): 4-bit layers with groups of 32/64/128 become torchao int4 weight-only, 8-bit layers
   torchao int8 weight-only, and 2:4 layers (16-bit values) semi-structured sparse where the shape allows.
 
+Which quantized matrices have a fast kernel is their storage format's word (`StorageFormat.kernel`).
 A choice with no fast kernel on the device (3-bit on CPU, unstructured sparsity, k-means codebooks,
 ...) is timed as the dense layer it is held as, and counted as simulated: `latency_kernel` is
 "real" only when every compressed layer ran on a kernel that exploits its compression.
@@ -23,11 +24,10 @@ import warnings
 import torch
 from torch import nn
 
+from compsearch.compress.techniques import quantizer_format
 from compsearch.spaces.plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
-UNIFORM_GRID_METHODS = ("rtn", "gptq", "hqq")
-INT4_GROUP_SIZES = (32, 64, 128)
 
 
 def layer_kernel(plan: LayerPlan, device_type: str) -> str:
@@ -35,18 +35,14 @@ def layer_kernel(plan: LayerPlan, device_type: str) -> str:
     'lowrank', 'structured' (real, smaller matrices), or 'simulated' (no fast kernel for it here)."""
     shrunk = plan.rank_fraction < 1.0 or plan.is_structured
     base = "lowrank" if plan.rank_fraction < 1.0 else "structured" if plan.is_structured else "dense"
-    uniform = plan.quant_method in UNIFORM_GRID_METHODS
     if plan.sparsity > 0:
         if device_type == "cuda" and plan.pattern == "2:4" and plan.bits == 16 and not shrunk:
             return "sparse24"
         return "simulated"
     if plan.bits == 16:
         return base
-    if plan.bits == 8 and uniform:
-        return "int8"
-    if device_type == "cuda" and plan.bits == 4 and uniform and plan.group_size in INT4_GROUP_SIZES and not shrunk:
-        return "int4"
-    return "simulated"
+    kernel = quantizer_format(plan.quant_method).kernel(plan.bits, plan.group_size, device_type)
+    return "simulated" if kernel == "int4" and shrunk else kernel  # torchao's int4 layout wants full matrices
 
 
 def plan_kernels(plan: Plan, device_type: str) -> dict[str, str]:
@@ -98,7 +94,7 @@ def _to_cuda_kernels_(model: nn.Module, plan: Plan, kernels: dict[str, str]
     int8 = {name for name, kernel in kernels.items() if kernel == "int8"}
     if int8:
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: _covered(fqn, int8, module))
-    for group_size in INT4_GROUP_SIZES:
+    for group_size in sorted({plan[name].group_size for name, kernel in kernels.items() if kernel == "int4"}):
         int4 = {name for name, kernel in kernels.items() if kernel == "int4" and plan[name].group_size == group_size}
         if int4:
             quantize_(model, Int4WeightOnlyConfig(group_size=group_size),

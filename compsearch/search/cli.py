@@ -15,6 +15,7 @@ from compsearch.compress.distill import DistillSettings
 from compsearch.search.cluster import is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
 from compsearch.search.spec import DEFAULT_MODEL, OBJECTIVES, SAMPLERS, JobSpec
+from compsearch.spaces.knobs import CHOICE_FIELDS, KNOBS
 from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import SPACES
 
@@ -56,18 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-tie-fused", dest="tie_fused", action="store_false",
                         help="let q/k/v and gate/up choose separately at layer granularity")
     submit.add_argument("--include-lm-head", action="store_true", help="compress the output head too (untied models)")
-    submit.add_argument("--bits", type=_ints, help="override the space's bit widths, e.g. 2,3,4,8,16")
-    submit.add_argument("--group-sizes", type=_ints, help="override group sizes, e.g. 64,128")
-    submit.add_argument("--sparsity", dest="sparsities", type=_strings, help="override sparsities, e.g. 0,0.5,2:4")
-    submit.add_argument("--prune-methods", type=_strings, help="magnitude,wanda,sparsegpt")
-    submit.add_argument("--quant-methods", type=_strings, help="quantizers to search: rtn,gptq,hqq,kmeans")
-    submit.add_argument("--lowrank-methods", type=_strings, help="factorizations to search: svd,whiten")
-    submit.add_argument("--mlp-channels", dest="channel_fractions", type=_floats,
-                        help="kept fractions of MLP channels (structured pruning; block granularity), e.g. 1,0.75")
-    submit.add_argument("--attention-heads", dest="head_fractions", type=_floats,
-                        help="kept fractions of attention heads (structured pruning; block granularity; rounded to "
-                             "whole heads per key/value group), e.g. 1,0.75")
-    submit.add_argument("--ranks", dest="rank_fractions", type=_floats, help="override rank fractions, e.g. 1,0.5")
+    for knob in KNOBS:  # overrides of the space's choices, one flag per knob
+        submit.add_argument(knob.flag, dest=knob.choices, type=_list_of(knob.parse), metavar="A,B,...",
+                            help=f"override the space's {knob.help}" + _registered_help(knob))
     submit.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
                         help=f"comma-separated: {', '.join(OBJECTIVES)} (minimized), or a task metric column such "
                              "as task_bigbench_hyperbaton_acc (maximized; needs --tasks) (default: ppl,memory)")
@@ -184,9 +176,7 @@ def _submit(args: argparse.Namespace) -> int:
     from compsearch.search.commands import submit
 
     fields = {name: getattr(args, name) for name in (
-        "model", "data", "space", "granularity", "tie_fused", "include_lm_head", "bits", "group_sizes", "sparsities",
-        "prune_methods", "rank_fractions", "quant_methods", "lowrank_methods", "channel_fractions",
-        "head_fractions", "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
+        "model", "data", "space", "granularity", "tie_fused", "include_lm_head", *CHOICE_FIELDS, "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
         "population_size", "uniform_seeds", "guided", "profile_windows", "profile_seq_len", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
         "decode_batch", "latency_repeats", "kl_top_k", "latency_prompt_tokens")}
@@ -348,12 +338,19 @@ def _resources(text: str) -> dict[str, float]:
     return {str(key): float(amount) for key, amount in value.items()}
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in _strings(text))
+def _list_of(parse):
+    """An argparse type: comma-separated values, each read by `parse` (int, float, str)."""
+    def values(text: str) -> tuple:
+        return tuple(parse(part) for part in _strings(text))
+
+    values.__name__ = f"comma-separated {parse.__name__}"  # argparse names the type in its error
+    return values
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in _strings(text))
+def _registered_help(knob) -> str:
+    """For a knob whose values are registered names (the methods): which are registered."""
+    supported = knob.supported()
+    return f": {','.join(map(str, supported))}" if supported and isinstance(supported[0], str) else ""
 
 
 def _strings(text: str) -> tuple[str, ...]:

@@ -12,8 +12,9 @@ import optuna
 from compsearch.compress import layer_nbytes
 from compsearch.search.job import JobContext
 from compsearch.search.sensitivity import Profile, group_plan
+from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import LayerInfo
-from compsearch.spaces.plan import Plan
+from compsearch.spaces.plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
 SEEDED_ATTR = "seeded"
@@ -141,7 +142,7 @@ def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
     sized = []
     for choice in ctx.space.uniform_choices():
         plan = group_plan(ctx.space, ctx.layers, choice)
-        techniques = {(lp.bits < 16, lp.sparsity > 0, lp.rank_fraction < 1) for lp in plan.layers.values()}
+        techniques = {techniques_used(lp) for lp in plan.layers.values()}
         if any(sum(used) > 1 for used in techniques) or not any(any(used) for used in techniques):
             continue
         size = ctx.plan_bytes(plan)
@@ -155,3 +156,10 @@ def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
     step = (len(sized) - 1) / max(1, count - 1)
     picks = sorted({round(len(sized) - 1 - i * step) for i in range(count)})
     return [sized[i][1] for i in picks]
+
+
+def techniques_used(layer_plan: LayerPlan) -> tuple[bool, ...]:
+    """For each technique that can be off (quantization, sparsity, low-rank, MLP channels, attention
+    heads): whether the layer plan uses it."""
+    return tuple(getattr(layer_plan, knob.name) != getattr(LayerPlan(), knob.name) for knob in KNOBS
+                 if knob.off is not None)

@@ -25,26 +25,23 @@ import ray
 from compsearch.compress import COMPRESS_VERSION
 from compsearch.search.job import JobContext
 from compsearch.search.models import default_cache_dir, model_fingerprint
+from compsearch.spaces.knobs import factors, off_values
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import Plan
 from compsearch.spaces.space import Space
 
 log = logging.getLogger(__name__)
-# Knobs that only make sense together are measured together.
-FACTORS = {"quant": ("bits", "group_size", "quant_method"), "sparsity": ("sparsity", "prune_method"),
-           "lowrank": ("rank_fraction", "lowrank_method")}
-# The value of a knob that turns its factor off.
-OFF = {"bits": 16, "sparsity": "0", "rank_fraction": 1.0, "channel_fraction": 1.0, "head_fraction": 1.0}
+# Knobs of one technique only make sense together: they are measured together (`Knob.factor`).
+FACTORS = factors()
+OFF = off_values()  # the value of a knob that turns its technique off
 
 
 def factor_options(space: Space) -> dict[str, list[dict[str, Any]]]:
     """For each factor with a searched knob: every combination of its searched knobs' values."""
     knobs = space.knobs()
-    factors = {name: [k for k in members if k in knobs] for name, members in FACTORS.items()}
-    known = {k for members in FACTORS.values() for k in members}
-    factors.update({knob: [knob] for knob in knobs if knob not in known})
+    searched = {name: [k for k in members if k in knobs] for name, members in FACTORS.items()}
     return {name: [dict(zip(members, values)) for values in itertools.product(*(knobs[k] for k in members))]
-            for name, members in factors.items() if members}
+            for name, members in searched.items() if members}
 
 
 def off_choice(space: Space) -> dict[str, Any]:
@@ -69,7 +66,7 @@ class Profile:
     def group_estimate(self, group: str, choice: dict[str, Any]) -> float:
         total = 0.0
         for factor, options in self.kl[group].items():
-            members = [k for k in FACTORS.get(factor, (factor,)) if k in choice]
+            members = [k for k in FACTORS[factor] if k in choice]
             total += options.get(option_key({k: choice[k] for k in members}), 0.0)
         return total
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from compsearch.search.errors import UserError
 from compsearch.spaces import SpaceError, get_space
+from compsearch.spaces.knobs import CHOICE_FIELDS
 from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import Space
 
@@ -58,6 +59,7 @@ class JobSpec:
     granularity: str = "block"
     tie_fused: bool = True
     include_lm_head: bool = False
+    # Overrides of the space's choices, one per knob (`spaces.knobs.KNOBS`; a test keeps them in step).
     bits: tuple[int, ...] | None = None
     group_sizes: tuple[int, ...] | None = None
     sparsities: tuple[str, ...] | None = None
@@ -94,8 +96,7 @@ class JobSpec:
     kl_top_k: int = 1024  # base-model tokens kept per position for KL; 0 keeps the full distribution
 
     def __post_init__(self) -> None:
-        for name in ("bits", "group_sizes", "sparsities", "prune_methods", "rank_fractions", "objectives",
-                     "quant_methods", "lowrank_methods", "channel_fractions", "head_fractions"):
+        for name in (*CHOICE_FIELDS, "objectives"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -164,12 +165,8 @@ class JobSpec:
     def search_space(self) -> Space:
         try:
             return get_space(self.space).with_choices(
-                bits=self.bits, group_sizes=self.group_sizes, sparsities=self.sparsities,
-                prune_methods=self.prune_methods, rank_fractions=self.rank_fractions,
-                quant_methods=self.quant_methods, lowrank_methods=self.lowrank_methods,
-                channel_fractions=self.channel_fractions, head_fractions=self.head_fractions,
                 granularity=self.granularity, tie_fused=self.tie_fused,
-            )
+                **{name: getattr(self, name) for name in CHOICE_FIELDS})
         except SpaceError as err:
             raise UserError(str(err)) from None
 

@@ -9,17 +9,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
+from compsearch.spaces.knobs import KNOBS
+
 if TYPE_CHECKING:
     from compsearch.spaces.layers import LayerInfo
 
-QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)  # 16 means "keep at 16-bit float"
-GROUP_SIZES = (32, 64, 128)
 PATTERNS = ("unstructured", "2:4", "4:8")
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("rtn", "gptq", "hqq", "kmeans")
-LOWRANK_METHODS = ("svd", "whiten")
-# Methods that need calibration statistics beyond input norms (the inputs' second moments).
-HESSIAN_METHODS = frozenset({"gptq", "sparsegpt", "whiten"})
 # Linear roles whose rows (outputs) / columns (inputs) are the MLP's intermediate channels.
 MLP_CHANNEL_ROWS = ("gate_proj", "up_proj", "fc1", "w1", "w3")
 MLP_CHANNEL_COLS = ("down_proj", "fc2", "w2")
@@ -133,16 +128,12 @@ class LayerPlan:
     head_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.bits not in QUANT_BITS:
-            raise PlanError(f"bits={self.bits!r} is not supported; use one of {QUANT_BITS}")
-        if self.group_size not in GROUP_SIZES:
-            raise PlanError(f"group_size={self.group_size!r} is not supported; use one of {GROUP_SIZES}")
+        for knob in KNOBS:
+            value, allowed = getattr(self, knob.name), knob.supported()
+            if allowed is not None and value not in allowed:
+                raise PlanError(f"{knob.name}={value!r} is not supported; use one of {allowed}")
         if self.pattern not in PATTERNS:
             raise PlanError(f"pattern={self.pattern!r} is not supported; use one of {PATTERNS}")
-        if self.prune_method not in PRUNE_METHODS:
-            raise PlanError(f"prune_method={self.prune_method!r} is unknown; use one of {PRUNE_METHODS}")
-        if self.quant_method not in QUANT_METHODS:
-            raise PlanError(f"quant_method={self.quant_method!r} is unknown; use one of {QUANT_METHODS}")
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise PlanError(f"sparsity={self.sparsity!r} must be a number in [0, 1)")
         if self.pattern != "unstructured" and not math.isclose(self.sparsity, nm_sparsity(self.pattern)):
@@ -150,21 +141,34 @@ class LayerPlan:
                 f"pattern={self.pattern!r} removes {nm_sparsity(self.pattern):g} of the weights, "
                 f"but sparsity={self.sparsity!r}; set sparsity to {nm_sparsity(self.pattern):g}"
             )
-        if not (isinstance(self.rank_fraction, (int, float)) and 0.0 < self.rank_fraction <= 1.0):
-            raise PlanError(f"rank_fraction={self.rank_fraction!r} must be in (0, 1]")
-        if self.lowrank_method not in LOWRANK_METHODS:
-            raise PlanError(f"lowrank_method={self.lowrank_method!r} is unknown; use one of {LOWRANK_METHODS}")
-        if not (isinstance(self.channel_fraction, (int, float)) and 0.0 < self.channel_fraction <= 1.0):
-            raise PlanError(f"channel_fraction={self.channel_fraction!r} must be in (0, 1]")
-        if not (isinstance(self.head_fraction, (int, float)) and 0.0 < self.head_fraction <= 1.0):
-            raise PlanError(f"head_fraction={self.head_fraction!r} must be in (0, 1]")
-        if self.quant_method == "kmeans" and self.bits > 8:
-            raise PlanError(f"quant_method='kmeans' needs bits <= 8 (a codebook of 2**bits values), got {self.bits}")
+        for name in ("rank_fraction", "channel_fraction", "head_fraction"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                raise PlanError(f"{name}={value!r} must be in (0, 1]")
+        if self.bits < 16:
+            from compsearch.compress.techniques import QUANTIZERS
+
+            quantizer = QUANTIZERS.get(self.quant_method)
+            if self.bits not in quantizer.bits:
+                raise PlanError(f"quant_method={self.quant_method!r} stores bits {quantizer.bits}, not {self.bits}")
+
+    def techniques(self) -> list[Any]:
+        """The registered techniques this plan uses (quantizer, pruner, factorization)."""
+        from compsearch.compress.techniques import FACTORIZATIONS, PRUNERS, QUANTIZERS
+
+        used = []
+        if self.bits < 16:
+            used.append(QUANTIZERS.get(self.quant_method))
+        if self.sparsity > 0:
+            used.append(PRUNERS.get(self.prune_method))
+        if self.rank_fraction < 1.0:
+            used.append(FACTORIZATIONS.get(self.lowrank_method))
+        return used
 
     @property
     def needs_norms(self) -> bool:
         """Whether applying this plan uses the calibration inputs' L2 norms (Wanda, k-means)."""
-        return (self.sparsity > 0 and self.prune_method == "wanda") or (self.bits < 16 and self.quant_method == "kmeans")
+        return any("norms" in technique.needs for technique in self.techniques())
 
     @property
     def is_structured(self) -> bool:
@@ -180,9 +184,7 @@ class LayerPlan:
     def needs_hessian(self) -> bool:
         """Whether applying this plan uses the calibration inputs' second moments (GPTQ, SparseGPT,
         whitened low-rank, structured pruning)."""
-        return (self.is_structured or (self.bits < 16 and self.quant_method in HESSIAN_METHODS)
-                or (self.sparsity > 0 and self.prune_method in HESSIAN_METHODS)
-                or (self.rank_fraction < 1.0 and self.lowrank_method in HESSIAN_METHODS))
+        return self.is_structured or any("hessian" in technique.needs for technique in self.techniques())
 
     @property
     def is_identity(self) -> bool:

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
 from typing import Any, Iterator, Protocol
 
 from compsearch.spaces.layers import LayerInfo, group_layers
-from compsearch.spaces.plan import (ATTENTION_KINDS, GROUP_SIZES, LOWRANK_METHODS, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, PATTERNS,
-                         PRUNE_METHODS, QUANT_BITS, QUANT_METHODS, LayerPlan, Plan, kept_heads, nm_sparsity,
-                         saves_params, structured_shape)
+from compsearch.spaces.knobs import CHOICE_FIELDS, KNOBS
+from compsearch.spaces.plan import (ATTENTION_KINDS, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, PATTERNS, LayerPlan, Plan,
+                                    kept_heads, nm_sparsity, saves_params, structured_shape)
 
 
 MLP_KINDS = MLP_CHANNEL_ROWS + MLP_CHANNEL_COLS
+KNOB_BY_NAME = {knob.name: knob for knob in KNOBS}
 
 
 class SuggestsCategorical(Protocol):
@@ -24,59 +24,58 @@ class SpaceError(ValueError):
     """A space or one of its choices is not valid for this model."""
 
 
-@dataclass(frozen=True)
 class Space:
     """The choices every decision group picks from; a knob with one choice is fixed, not searched.
 
-    `sparsities` holds fractions ("0.5") or N:M patterns ("2:4"); `rank_fractions` are fractions of
-    full rank, offered to a layer only where they save weights. `quant_methods`, `prune_methods` and
-    `lowrank_methods` pick the algorithm behind each technique; `channel_fractions` are the kept
-    fractions of each MLP's intermediate channels and `head_fractions` of each attention's query
-    heads (structured pruning), which the module's projections must share, so they are searched
-    only at `block` or `model` granularity.
+    Built as `Space(name, bits=(2, 4, 16), sparsities=("0", "2:4"), granularity="block")`: one keyword per
+    knob, named by its `choices` field in `KNOBS` (an omitted knob keeps its default). `sparsities`
+    holds fractions ("0.5") or N:M patterns ("2:4"); `rank_fractions` are fractions of full rank, offered
+    to a layer only where they save weights. `quant_methods`, `prune_methods` and `lowrank_methods` pick
+    the algorithm behind each technique; `channel_fractions` are the kept fractions of each MLP's
+    intermediate channels and `head_fractions` of each attention's query heads (structured pruning),
+    which the module's projections must share, so they are searched only at `block` or `model`
+    granularity.
     """
 
-    name: str
-    bits: tuple[int, ...] = (16,)
-    group_sizes: tuple[int, ...] = (128,)
-    sparsities: tuple[str, ...] = ("0",)
-    prune_methods: tuple[str, ...] = ("wanda",)
-    rank_fractions: tuple[float, ...] = (1.0,)
-    quant_methods: tuple[str, ...] = ("rtn",)
-    lowrank_methods: tuple[str, ...] = ("svd",)
-    channel_fractions: tuple[float, ...] = (1.0,)
-    head_fractions: tuple[float, ...] = (1.0,)
-    granularity: str = "block"
-    tie_fused: bool = True
+    def __init__(self, name: str, granularity: str = "block", tie_fused: bool = True, **choices: Any):
+        unknown = set(choices) - set(CHOICE_FIELDS)
+        if unknown:
+            raise SpaceError(f"space options {sorted(unknown)} are unknown; use {list(CHOICE_FIELDS)}")
+        self.name, self.granularity, self.tie_fused = name, granularity, tie_fused
+        # knob name -> the values offered, e.g. {"bits": (4, 16), "group_size": (128,), ...}
+        self.choices = {knob.name: tuple(choices.get(knob.choices, knob.default)) for knob in KNOBS}
+        self._validate()
 
-    def __post_init__(self) -> None:
-        _check_choices("bits", self.bits, QUANT_BITS)
-        _check_choices("group size", self.group_sizes, GROUP_SIZES)
-        _check_choices("prune method", self.prune_methods, PRUNE_METHODS)
-        _check_choices("quant method", self.quant_methods, QUANT_METHODS)
-        _check_choices("low-rank method", self.lowrank_methods, LOWRANK_METHODS)
-        for what, values in (("MLP channel", self.channel_fractions), ("attention head", self.head_fractions)):
+    def __repr__(self) -> str:
+        offered = ", ".join(f"{knob.choices}={self.choices[knob.name]}" for knob in KNOBS)
+        return f"Space({self.name!r}, {offered}, granularity={self.granularity!r}, tie_fused={self.tie_fused})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Space) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+    def _validate(self) -> None:
+        for knob in KNOBS:
+            _check_choices(knob.label, self.choices[knob.name], knob.supported())
+        for knob in (KNOB_BY_NAME["channel_fraction"], KNOB_BY_NAME["head_fraction"]):
+            values = self.choices[knob.name]
             for value in values:
                 if not 0.0 < float(value) <= 1.0:
-                    raise SpaceError(f"{what} fraction {value!r} must be in (0, 1]; e.g. 0.75 keeps 3/4 of them")
+                    raise SpaceError(f"{knob.label} {value!r} must be in (0, 1]; e.g. 0.75 keeps 3/4 of them")
             if len(values) > 1 and self.granularity not in ("block", "model"):
-                raise SpaceError(f"{what} fractions are shared by a module's projections; granularity "
+                raise SpaceError(f"{knob.label}s are shared by a module's projections; granularity "
                                  f"{self.granularity!r} splits them: use granularity 'block' or fix one fraction")
-        for value in self.sparsities:
+        for value in self.choices["sparsity"]:
             _layer_plan_fields_for_sparsity(value)  # raises on a bad value
-        for value in self.rank_fractions:
+        for value in self.choices["rank_fraction"]:
             if not 0.0 < float(value) <= 1.0:
                 raise SpaceError(f"rank fraction {value!r} must be in (0, 1]; e.g. 0.5 keeps half the rank")
 
     def knobs(self) -> dict[str, tuple]:
         """The searched knobs (more than one choice) and their choices."""
-        all_knobs = {
-            "bits": self.bits, "group_size": self.group_sizes, "sparsity": self.sparsities,
-            "prune_method": self.prune_methods, "rank_fraction": self.rank_fractions,
-            "quant_method": self.quant_methods, "lowrank_method": self.lowrank_methods,
-            "channel_fraction": self.channel_fractions, "head_fraction": self.head_fractions,
-        }
-        return {knob: tuple(choices) for knob, choices in all_knobs.items() if len(choices) > 1}
+        return {knob: choices for knob, choices in self.choices.items() if len(choices) > 1}
 
     def groups(self, layers: list[LayerInfo]) -> dict[str, list[LayerInfo]]:
         by_name = {layer.name: layer for layer in layers}
@@ -100,10 +99,7 @@ class Space:
         a head fraction becomes the fraction of heads the attention's groups really keep, and a method
         whose technique is off takes the default: plans that do the same compare equal.
         """
-        values = {"bits": self.bits[0], "group_size": self.group_sizes[0], "sparsity": self.sparsities[0],
-                  "prune_method": self.prune_methods[0], "rank_fraction": self.rank_fractions[0],
-                  "quant_method": self.quant_methods[0], "lowrank_method": self.lowrank_methods[0],
-                  "channel_fraction": self.channel_fractions[0], "head_fraction": self.head_fractions[0], **choice}
+        values = {**{knob: choices[0] for knob, choices in self.choices.items()}, **choice}
         channel_fraction = float(values["channel_fraction"]) if layer.kind in MLP_KINDS else 1.0
         head_fraction = float(values["head_fraction"]) if layer.kind in ATTENTION_KINDS else 1.0
         if head_fraction < 1.0 and layer.heads:  # the fraction the head groups allow: 0.5 of 3 per group is 2/3
@@ -131,21 +127,23 @@ class Space:
         for values in itertools.product(*knobs.values()):
             yield dict(zip(knobs, values))
 
-    def with_choices(self, **overrides: Any) -> "Space":
-        """A copy with some choice lists replaced (None leaves a list as it is)."""
-        return replace(self, **{key: tuple(value) if isinstance(value, (list, tuple)) else value
-                                for key, value in overrides.items() if value is not None})
+    def with_choices(self, granularity: str | None = None, tie_fused: bool | None = None, **overrides: Any) -> "Space":
+        """A copy with some choice lists (by their `choices` field, e.g. `bits`) replaced; None leaves one as it is."""
+        offered = {knob.choices: self.choices[knob.name] for knob in KNOBS}
+        offered.update({key: tuple(value) for key, value in overrides.items() if value is not None})
+        return Space(self.name, self.granularity if granularity is None else granularity,
+                     self.tie_fused if tie_fused is None else tie_fused, **offered)
 
     def check_layers(self, layers: list[LayerInfo]) -> None:
         """Refuse N:M patterns that do not divide a layer's input size, and head fractions for a model
         whose attention heads cannot be removed."""
-        if any(value < 1.0 for value in self.head_fractions):
+        if any(value < 1.0 for value in self.choices["head_fraction"]):
             attention = [layer for layer in layers if layer.kind in ATTENTION_KINDS]
             if not attention or not all(layer.heads for layer in attention):
-                raise SpaceError(f"head fractions {self.head_fractions} need attention with q/k/v/o_proj Linears and a "
+                raise SpaceError(f"head fractions {self.choices['head_fraction']} need attention with q/k/v/o_proj Linears and a "
                                  "known head layout (Llama-family models); this model's attention has none: "
                                  "pass --attention-heads 1")
-        for value in self.sparsities:
+        for value in self.choices["sparsity"]:
             if ":" in value:
                 m = int(value.split(":")[1])
                 bad = [layer.name for layer in layers if layer.in_features % m]
@@ -169,10 +167,10 @@ def _layer_plan_fields_for_sparsity(value: str) -> tuple[float, str]:
     return ratio, "unstructured"
 
 
-def _check_choices(what: str, values: tuple, allowed: tuple) -> None:
+def _check_choices(what: str, values: tuple, allowed: tuple | None) -> None:
     if not values:
-        raise SpaceError(f"the space offers no {what} choice; give at least one of {allowed}")
-    bad = [value for value in values if value not in allowed]
+        raise SpaceError(f"the space offers no {what} choice; give at least one{f' of {allowed}' if allowed else ''}")
+    bad = [value for value in values if allowed is not None and value not in allowed]
     if bad:
         raise SpaceError(f"{what} {bad[0]!r} is not supported; use values from {allowed}")
 
@@ -187,11 +185,11 @@ SPACES: dict[str, Space] = {
     # The same techniques with the algorithm behind each searched too (GPTQ, HQQ, k-means; SparseGPT;
     # whitened SVD), and structured pruning of MLP channels and attention heads: calibration Hessians are
     # measured once per worker.
-    "quant-methods": Space("quant-methods", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=QUANT_METHODS),
+    "quant-methods": Space("quant-methods", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("rtn", "gptq", "hqq", "kmeans")),
     "sparse-methods": Space("sparse-methods", sparsities=("0", "0.25", "0.5", "0.75", "2:4", "4:8"),
-                            prune_methods=PRUNE_METHODS),
+                            prune_methods=("magnitude", "wanda", "sparsegpt")),
     "lowrank-methods": Space("lowrank-methods", rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25),
-                             lowrank_methods=LOWRANK_METHODS),
+                             lowrank_methods=("svd", "whiten")),
     # Head fractions are rounded to whole heads per key/value group: 0.67 keeps 2 of SmolLM2's 3, 3 of Llama-3's 4.
     "structured": Space("structured", bits=(4, 8, 16), quant_methods=("gptq",),
                         channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5), head_fractions=(1.0, 0.67)),
