@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def main() -> None:
     rows = []
     for name, plan in plans(layers).items():
         model = copy.deepcopy(base)
-        stored = apply_plan_(model, plan, keep_stored=True, hessians=hessians)
+        stored = apply_plan_(model, plan, keep_stored=True, hessians=hessians).stored
         before = perplexity_and_kl(model, windows.eval_ids, args.batch_size)["ppl"]
         started = time.perf_counter()
         losses = distill_(model, base, stored, windows.calib_ids, settings)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +26,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from compsearch.compress import plan_nbytes, save_compressed  # noqa: E402
-from compsearch.evaluators import load_text, make_windows  # noqa: E402
+from compsearch.evaluators import LatencySettings, load_text, make_windows  # noqa: E402
 from compsearch.search.models import load_tokenizer, resolve_model  # noqa: E402
-from compsearch.search.trial import TrialEvaluator  # noqa: E402
+from compsearch.search.trial import TrialEvaluator, WorkerSettings  # noqa: E402
 from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
 from compsearch.spaces.plan import LayerPlan, Plan  # noqa: E402
 
@@ -70,10 +69,9 @@ def run(limit: int, out: Path, threads: int) -> pd.DataFrame:
     text, source = load_text(None)
     windows = make_windows(tokenizer, text, source, seq_len=256, eval_windows=16, calib_windows=16)
     started = time.perf_counter()
-    evaluator = TrialEvaluator(
-        model_ref, windows.eval_ids, windows.calib_ids, batch_size=0, with_kl=True, with_latency=True,
-        threads=threads, latency=LATENCY,
-        tasks={"tasks": (f"bigbench:{HYPERBATON}",), "task_paths": (), "limit": limit})
+    evaluator = TrialEvaluator(model_ref, windows.eval_ids, windows.calib_ids, WorkerSettings(
+        batch_size=0, with_kl=True, threads=threads, latency=LatencySettings(**LATENCY),
+        tasks={"tasks": (f"bigbench:{HYPERBATON}",), "task_paths": (), "limit": limit}))
     print(f"worker ready in {time.perf_counter() - started:.0f}s (batch size {evaluator.batch_size}; cost model "
           f"{evaluator.measurements.cost_model.path})", flush=True)
     layers = linear_layers(evaluator.model)
@@ -115,8 +113,8 @@ def latency_only(out: Path, threads: int, cache_dir: Path) -> None:
     model_ref = resolve_model("smollm2-135m")
     text, source = load_text(None)
     windows = make_windows(load_tokenizer(model_ref), text, source, seq_len=256, eval_windows=1, calib_windows=16)
-    evaluator = TrialEvaluator(model_ref, windows.eval_ids, windows.calib_ids, batch_size=4, with_kl=False,
-                               with_latency=True, threads=threads, latency=LATENCY, cache_dir=str(cache_dir))
+    evaluator = TrialEvaluator(model_ref, windows.eval_ids, windows.calib_ids, WorkerSettings(
+        batch_size=4, with_kl=False, threads=threads, latency=LatencySettings(**LATENCY), cache_dir=str(cache_dir)))
     frame = pd.read_csv(out)
     layers = linear_layers(evaluator.model)
     for label, plan in benchmark_plans([layer.name for layer in layers]).items():

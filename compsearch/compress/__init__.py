@@ -1,5 +1,6 @@
 """Applying compression plans to models, and storing the result."""
 from compsearch.compress.apply import (
+    AppliedPlan,
     MatrixLayout,
     StoredMatrix,
     apply_plan_,
@@ -16,6 +17,6 @@ from compsearch.compress.checkpoint import load_compressed, save_compressed
 COMPRESS_VERSION = 2
 
 __all__ = [
-    "COMPRESS_VERSION", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",
+    "COMPRESS_VERSION", "AppliedPlan", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",
     "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed",
 ]

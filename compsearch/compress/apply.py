@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from compsearch.compress.edits import ModelEdits
 from compsearch.compress.lowrank import LowRankLinear, factorize
 from compsearch.compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
 from compsearch.compress.prune import kept_count
@@ -15,7 +17,7 @@ from compsearch.compress.structured import regroup_heads_, remove_structure_
 from compsearch.spaces.layers import LayerInfo, layer_info
 from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
 
-__all__ = ["MatrixLayout", "StoredMatrix", "apply_plan_", "compress_matrix", "layer_layout", "layer_nbytes",
+__all__ = ["AppliedPlan", "MatrixLayout", "StoredMatrix", "apply_plan_", "compress_matrix", "layer_layout", "layer_nbytes",
            "plan_bits_per_weight", "plan_nbytes", "shape_like_plan_"]
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,15 @@ def plan_bits_per_weight(layers: list[LayerInfo], plan: Plan) -> float:
     return total_bits / sum(layer.num_params for layer in layers)
 
 
+@dataclass
+class AppliedPlan:
+    """What `apply_plan_` did: the stored matrices by state-dict key (when asked for), and the modules it
+    changed (`edits.undo_(model)` puts them back when it was asked to be undoable)."""
+
+    stored: dict[str, StoredMatrix]
+    edits: ModelEdits
+
+
 def apply_plan_(
     model: nn.Module,
     plan: Plan,
@@ -73,26 +84,39 @@ def apply_plan_(
     keep_stored: bool = False,
     svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
-) -> dict[str, StoredMatrix]:
+    undoable: bool = False,
+) -> AppliedPlan:
     """Compress the planned layers of `model` in place.
 
-    Wanda pruning and k-means weighting use `input_norms[layer name]` (calibration input L2 norms
-    per input feature); GPTQ, SparseGPT, whitened low-rank and structured pruning (MLP channels,
-    attention heads) use `hessians[layer name]` (X^T X / tokens of the base
-    model's inputs, `calibration.input_hessians`). The `up` factor of a low-rank layer reads the
-    `down` factor's output: its Hessian is D H D^T, and it has no norms (Wanda falls back to magnitude).
+    Techniques that use calibration statistics (`LayerPlan.needs_norms`, `needs_hessian`) read
+    `input_norms[layer name]` (calibration input L2 norms per input feature) and `hessians[layer name]`
+    (X^T X / tokens of the base model's inputs, `calibration.input_hessians`). The `up` factor of a
+    low-rank layer reads the `down` factor's output: its Hessian is D H D^T, and it has no norms.
     `svd_cache` (a per-process dict) is read and filled with what depends only on the base model --
     each layer's SVD (plain or whitened) and inverse-Hessian factor -- so a worker that compresses
     the same base model many times computes each once.
-    Returns the stored matrices by state-dict key when `keep_stored` (needed to write a checkpoint).
+    Returns the stored matrices by state-dict key when `keep_stored` (needed to write a checkpoint), and
+    the modules changed, with copies of their originals when `undoable` (then a failure part-way
+    restores them before it is raised).
     """
-    stored: dict[str, StoredMatrix] = {}
-    input_norms, hessians = input_norms or {}, hessians or {}
+    applied = AppliedPlan({}, ModelEdits(undoable))
+    try:
+        _apply_(model, plan, input_norms or {}, hessians or {}, keep_stored, svd_cache, applied)
+    except BaseException:
+        if undoable:  # nothing is left half-applied
+            applied.edits.undo_(model)
+        raise
+    return applied
+
+
+def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, keep_stored: bool,
+            svd_cache: dict | None, applied: AppliedPlan) -> None:
     _check_statistics(plan, input_norms, hessians)
     infos = {name: _planned_layer(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
-    kept_index = remove_structure_(model, plan, hessians)
+    kept_index = remove_structure_(model, plan, hessians, applied.edits)
     for name, info in infos.items():
         layer_plan = plan[name]
+        applied.edits.before_change(model, name)
         module = model.get_submodule(name)
         layouts = layer_layout(info, layer_plan)
         stats = _matrix_stats(name, layer_plan, input_norms, hessians, kept_index.get(name), svd_cache)
@@ -104,11 +128,10 @@ def apply_plan_(
             matrix = compress_matrix(linear.weight.data, layout, layer_plan, matrix_stats)
             linear.weight.data.copy_(matrix.weight)
             if keep_stored:
-                stored[layout.key] = matrix
+                applied.stored[layout.key] = matrix
         bias = targets[-1].bias
         if bias is not None:
             bias.data.copy_(bias.data.half().float())
-    return stored
 
 
 def _planned_layer(model: nn.Module, name: str) -> LayerInfo:

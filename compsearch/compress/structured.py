@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compsearch.compress.edits import ModelEdits
 from compsearch.spaces.layers import attention_geometry
 from compsearch.spaces.plan import ATTENTION_KINDS, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, Plan, PlanError, kept_channels, kept_heads
 
@@ -74,19 +75,23 @@ def kept_head_index(scores: torch.Tensor, kv_heads: int, head_fraction: float) -
     return (best + torch.arange(kv_heads, device=scores.device).unsqueeze(1) * group).flatten()
 
 
-def remove_structure_(model: nn.Module, plan: Plan, hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def remove_structure_(model: nn.Module, plan: Plan, hessians: dict[str, torch.Tensor],
+                      edits: ModelEdits | None = None) -> dict[str, torch.Tensor]:
     """Remove the MLP channels and attention heads the plan names, in place (smaller Linears).
 
     `hessians` (by layer name) of the projections that lose input columns (down, o) rank the units
     and correct the kept columns. Returns the kept row or column indices by projection name, so
-    calibration statistics of those projections can be sliced to match.
+    calibration statistics of those projections can be sliced to match. `edits` records what changes.
     """
+    edits = edits or ModelEdits()
     kept: dict[str, torch.Tensor] = {}
     for mlp, fraction in plan.structured_fractions("channel_fraction").items():
         rows = [f"{mlp}.{kind}" for kind in MLP_CHANNEL_ROWS if f"{mlp}.{kind}" in plan.layers]
         cols = [f"{mlp}.{kind}" for kind in MLP_CHANNEL_COLS if f"{mlp}.{kind}" in plan.layers]
         hessian = _hessian(hessians, cols[0])
         scores = unit_energy(model.get_submodule(cols[0]).weight.data, hessian, 1)
+        for name in rows + cols[:1]:
+            edits.before_change(model, name)
         kept.update(_remove_units_(model, rows, cols[0], kept_channel_index(scores, fraction), hessian))
     for attention_name, fraction in plan.structured_fractions("head_fraction").items():
         heads, kv_heads, head_dim = _geometry(model, attention_name)
@@ -95,6 +100,7 @@ def remove_structure_(model: nn.Module, plan: Plan, hessians: dict[str, torch.Te
         scores = unit_energy(model.get_submodule(o).weight.data, hessian, head_dim)
         index = _head_rows(kept_head_index(scores, kv_heads, fraction), head_dim)
         rows = [q, k, v] if heads == kv_heads else [q]  # multi-head attention: keys and values go too
+        edits.before_change(model, attention_name)  # its projections and its head grouping change
         kept.update(_remove_units_(model, rows, o, index, hessian))
         regroup_heads_(model.get_submodule(attention_name), heads, kv_heads, fraction)
     return kept

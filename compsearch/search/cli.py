@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 
 from compsearch.compress.distill import DistillSettings
+from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.cluster import is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
 from compsearch.search.spec import DEFAULT_MODEL, OBJECTIVES, SAMPLERS, JobSpec
@@ -312,15 +313,15 @@ def _print_summary(args: argparse.Namespace, trials) -> None:
 def _table(frame) -> str:
     if frame.empty:
         return "(no completed trials)"
-    tasks = [column for column in frame.columns if column.startswith("task_") and column.endswith("_acc")]
-    shown = frame[["rank", "trial", "ppl", "kl", "estimated_kl", *tasks, "bits_per_weight", "memory_bytes",
-                   "latency_ms", "predicted_latency_ms", "decode_ms", "predicted_decode_ms", "latency_kernel",
-                   "peak_rss_bytes", "feasible", "on_front"]]
-    shown = shown.dropna(axis=1, how="all").copy()
-    shown["memory_bytes"] = shown["memory_bytes"].map(lambda b: _mb(b))
-    if "peak_rss_bytes" in shown:
-        shown["peak_rss_bytes"] = shown["peak_rss_bytes"].map(lambda b: _mb(b) if b == b else "")
-    shown = shown.rename(columns={"memory_bytes": "memory", "peak_rss_bytes": "peak_rss", "estimated_kl": "est_kl"})
+    tasks = [column for column in frame.columns if is_task_metric(column) and column.endswith("_acc")]
+    board = [m for m in METRICS if m.on_board]
+    quality = [m.name for m in board if m.unit in ("", "nats/token") and m.direction]
+    rest = [m.name for m in board if m.name not in quality]
+    shown = frame[["rank", "trial", *quality, *tasks, *rest, "feasible", "on_front"]].dropna(axis=1, how="all").copy()
+    byte_columns = [m.name for m in board if m.unit == "bytes" and m.name in shown]
+    for column in byte_columns:
+        shown[column] = shown[column].map(lambda b: _mb(b) if b == b else "")
+    shown = shown.rename(columns={column: column.removesuffix("_bytes") for column in byte_columns})
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 

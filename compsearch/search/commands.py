@@ -25,7 +25,7 @@ from compsearch.search.runner import TrialEvent, run_study
 from compsearch.search.spec import JobSpec
 from compsearch.search.study import (create_study, default_storage_url, done_count, live_driver, load_study, open_storage,
                           requeue_interrupted, study_exists)
-from compsearch.search.trial import TrialEvaluator
+from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,8 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
 def _export_checkpoint(spec: JobSpec, plan: Plan, out_dir: Path, options: RunOptions, verify: bool,
                        distill: DistillSettings | None, say: Callable[[str], None]) -> dict:
     ctx = prepare_job(spec, options.cache_dir)
-    evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, batch_size=spec.batch_size,
-                               with_kl=False, with_latency=False, trust_remote_code=spec.trust_remote_code)
+    settings = WorkerSettings(batch_size=spec.batch_size, with_kl=False, trust_remote_code=spec.trust_remote_code)
+    evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, settings)
     model, stored = evaluator.compressed_model(plan, keep_stored=True)
     result = {}
     if distill is not None:

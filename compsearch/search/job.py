@@ -10,6 +10,9 @@ from typing import Any
 
 from compsearch.compress import COMPRESS_VERSION, plan_nbytes
 from compsearch.evaluators import DataError, Windows, load_text, make_windows
+from compsearch.evaluators.bigbench import TaskError
+from compsearch.evaluators.metrics import is_task_metric
+from compsearch.evaluators.tasks import TaskSuite, task_column
 from compsearch.search.errors import UserError
 from compsearch.search.models import load_config, load_tokenizer, resolve_model
 from compsearch.search.spec import JobSpec, parse_memory_budget
@@ -70,6 +73,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
         space.check_layers(layers)
     except SpaceError as err:
         raise UserError(str(err)) from None
+    check_task_objectives(spec, cache_dir)
     tokenizer = load_tokenizer(model_ref, spec.trust_remote_code)
     try:
         text, source = load_text(spec.data)
@@ -85,6 +89,22 @@ def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
             f"{spec.space!r}: {smallest / 1e6:.1f} MB ({smallest / (total_params * 2):.3f} of the 16-bit model); "
             "raise the budget or allow fewer bits, more sparsity or lower ranks")
     return JobContext(spec, model_ref, space, layers, total_params, windows, budget, smallest, largest)
+
+
+def check_task_objectives(spec: JobSpec, cache_dir: Path | None) -> None:
+    """Refuse a task objective that none of the study's tasks produces (it would be missing from every trial)."""
+    wanted = [name for name in spec.objectives if is_task_metric(name)]
+    if not wanted:
+        return
+    try:
+        names = TaskSuite(**spec.task_settings, cache_dir=cache_dir).names
+    except TaskError as err:
+        raise UserError(str(err)) from None
+    prefixes = [task_column(name, "") + "_" for name in names]
+    for objective in wanted:
+        if not any(objective.startswith(prefix) for prefix in prefixes):
+            raise UserError(f"objective {objective} is not produced by this study's tasks, whose columns are "
+                            f"{', '.join(p + '<metric>' for p in prefixes)} (e.g. {prefixes[0]}acc); fix --objectives")
 
 
 def memory_range(space: Space, layers: list[LayerInfo], total_params: int) -> tuple[int, int]:

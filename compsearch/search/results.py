@@ -12,7 +12,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from compsearch.compress import layer_layout, layer_nbytes
-from compsearch.search.spec import OBJECTIVES, TASK_PREFIX, JobSpec, objective_sign
+from compsearch.evaluators.metrics import METRICS, is_task_metric
+from compsearch.search.spec import OBJECTIVES, JobSpec, objective_sign
 from compsearch.search.study import ERROR_ATTR, INTERRUPTED_ATTR, SPEC_ATTR
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import Plan
@@ -22,14 +23,8 @@ _CONSTRAINT_PREFIX = "constraints:"
 TASK_SCORES_ATTR = "task_scores"  # study attribute `task_scores:<trial>`: tasks scored after the search
 DISTILLED_ATTR = "distilled"  # study attribute `distilled:<trial>`: an exported candidate after distillation
 _DISTILLED_COLUMNS = ["distilled_ppl", "distill_steps", "distill_final_loss"]
-# What the evaluators measure beyond quality: peak memory, real latency with its context, the cost model's
-# prediction, and why a trial was pruned before running. Task metrics add `task_<task>_<metric>` columns.
-_EVALUATOR_COLUMNS = [
-    "peak_rss_bytes", "peak_gpu_bytes", "prefill_tok_s", "prefill_p90_tok_s", "decode_ms", "decode_p90_ms",
-    "decode_batch_ms", "decode_batch_p90_ms", "decode_batch", "latency_kernel", "latency_simulated_layers",
-    "latency_device", "latency_device_name", "latency_dtype", "latency_threads", "latency_repeats",
-    "predicted_decode_ms", "predicted_decode_batch_ms", "predicted_latency_ms", "predicted_prefill_tok_s", "pruned",
-]
+# Every declared metric is a column (`evaluators.metrics`); task metrics add `task_<task>_<metric>` columns.
+_METRIC_COLUMNS = [metric.name for metric in METRICS]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -38,18 +33,22 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     protocol = study.user_attrs.get("protocol", {})
     front = {t.number for t in study.best_trials} if _has_complete(study) else set()
     rows = [_trial_row(study, spec, protocol, trial, front) for trial in study.get_trials(deepcopy=False)]
-    tasks = sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
-    columns = _TRIAL_COLUMNS + _EVALUATOR_COLUMNS + _DISTILLED_COLUMNS + tasks + [f"protocol_{k}" for k in protocol]
-    frame = pd.DataFrame(rows, columns=columns)
+    tasks = sorted({key for row in rows for key in row if is_task_metric(key)})
+    frame = pd.DataFrame(rows, columns=trials_columns(tasks, protocol))
     return rank_trials(frame, spec)
 
 
+# What the driver records about each trial besides its metrics.
 _TRIAL_COLUMNS = [
-    "study", "trial", "state", "rank", "on_front", "feasible", "ppl", "kl", "nll", "memory_bytes",
-    "bits_per_weight", "latency_ms", "latency_p90_ms", "memory_budget_bytes", "latency_budget_ms",
-    "memory_violation", "latency_violation", "objectives", "plan_json", "compress_s", "evaluate_s", "trial_s",
-    "started_at", "finished_at", "worker", "node_id", "retry_of", "error", "interrupted", "seed", "estimated_kl",
+    "study", "trial", "state", "rank", "on_front", "feasible", "memory_budget_bytes", "latency_budget_ms",
+    "memory_violation", "latency_violation", "objectives", "plan_json", "trial_s", "started_at", "finished_at",
+    "retry_of", "error", "interrupted", "seed",
 ]
+
+
+def trials_columns(tasks: list[str] = (), protocol: dict | None = None) -> list[str]:
+    """The columns of trials.parquet: bookkeeping, every declared metric, distillation, tasks, protocol."""
+    return _TRIAL_COLUMNS + _METRIC_COLUMNS + _DISTILLED_COLUMNS + list(tasks) + [f"protocol_{k}" for k in protocol or {}]
 
 
 def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: FrozenTrial, front: set[int]) -> dict:
@@ -71,12 +70,9 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
     }
     if not constraints and trial.state == TrialState.COMPLETE:
         row["feasible"] = True  # no budget: every completed trial is feasible
-    for column in ("ppl", "kl", "nll", "memory_bytes", "bits_per_weight", "latency_ms", "latency_p90_ms",
-                   "plan_json", "compress_s", "evaluate_s", "worker", "node_id", "retry_of", "seed", "estimated_kl"):
+    for column in ("plan_json", "retry_of", "seed", *_METRIC_COLUMNS):
         row[column] = attrs.get(column)
-    for column in _EVALUATOR_COLUMNS:
-        row[column] = attrs.get(column)
-    row.update({key: value for key, value in attrs.items() if key.startswith(TASK_PREFIX)})
+    row.update({key: value for key, value in attrs.items() if is_task_metric(key)})
     row.update(study.user_attrs.get(f"{TASK_SCORES_ATTR}:{trial.number}", {}))
     row.update(study.user_attrs.get(f"{DISTILLED_ATTR}:{trial.number}", {}))
     row.update({f"protocol_{key}": value for key, value in protocol.items()})
@@ -91,7 +87,7 @@ def rank_trials(frame: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
     complete["_tier"] = [0 if front and feasible else 1 if feasible else 2
                          for front, feasible in zip(complete["on_front"], complete["feasible"])]
     ascending = objective_sign(spec.objectives[0]) > 0  # a task accuracy ranks highest first
-    if primary not in complete:  # a task objective no trial has scored yet
+    if primary not in complete:  # a task objective no trial has scored (every trial failed)
         complete[primary] = float("nan")
     complete = complete.sort_values(["_tier", primary, "trial"], ascending=[True, ascending, True], kind="stable")
     frame = frame.copy()

@@ -1,6 +1,7 @@
 """The driver loop: Optuna asks, Ray workers compress and evaluate, Optuna is told, Parquet is rewritten."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_study
 from compsearch.search.sensitivity import measure_profile
 from compsearch.search.study import ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue
-from compsearch.search.trial import TrialEvaluator
+from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,9 @@ class WorkerResources:
 class _RayTrialEvaluator(TrialEvaluator):
     """The Ray actor: the base model on the actor's device (CUDA when Ray gave it a GPU), kept across trials."""
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("device", "cuda" if ray.get_gpu_ids() else "cpu")
-        super().__init__(*args, **kwargs)
+    def __init__(self, model_ref: str, eval_ids, calib_ids, settings: WorkerSettings):
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        super().__init__(model_ref, eval_ids, calib_ids, dataclasses.replace(settings, device=device))
 
     def evaluate(self, plan_json: str) -> dict:
         metrics = super().evaluate(plan_json)
@@ -110,16 +111,10 @@ def check_resources(asked: WorkerResources, local: bool) -> None:
 def start_workers(ctx: JobContext, count: int, cpus_per_worker: int, gpus_per_worker: float = 0.0,
                   resources: dict[str, float] | None = None, evaluator: type = _RayTrialEvaluator) -> list:
     """`count` actors, each holding the base model on its device; `evaluator` is the class they run."""
-    spec = ctx.spec
     eval_ref, calib_ref = ray.put(ctx.windows.eval_ids), ray.put(ctx.windows.calib_ids)
     actor = ray.remote(**WorkerResources(cpus_per_worker, gpus_per_worker, resources or {}).actor_options())(evaluator)
-    return [actor.remote(ctx.model_ref, eval_ref, calib_ref, batch_size=spec.batch_size, with_kl=spec.needs_kl,
-                         with_latency=spec.needs_latency, latency_prompt_tokens=spec.latency_prompt_tokens,
-                         threads=max(1, int(cpus_per_worker)), trust_remote_code=spec.trust_remote_code,
-                         latency=spec.latency_settings, tasks=spec.task_settings,
-                         tasks_each_trial=spec.tasks_on == "all", kl_top_k=spec.kl_top_k or None,
-                         latency_budget_ms=spec.latency_budget_ms)
-            for _ in range(count)]
+    settings = WorkerSettings.for_job(ctx.spec, threads=max(1, int(cpus_per_worker)))
+    return [actor.remote(ctx.model_ref, eval_ref, calib_ref, settings) for _ in range(count)]
 
 
 def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,

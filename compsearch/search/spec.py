@@ -5,6 +5,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from compsearch.evaluators.metrics import MAXIMIZE, TASK_PREFIX, is_task_metric, metric
+from compsearch.evaluators.metrics import OBJECTIVES as DECLARED_OBJECTIVES
 from compsearch.search.errors import UserError
 from compsearch.spaces import SpaceError, get_space
 from compsearch.spaces.knobs import CHOICE_FIELDS
@@ -12,9 +14,6 @@ from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import Space
 
 DEFAULT_MODEL = "smollm2-135m"
-TASK_PREFIX = "task_"
-# Task metrics that are better when lower; every other task metric (acc, acc_norm, f1, ...) is maximized.
-LOWER_IS_BETTER_TASK_METRICS = ("perplexity", "bits_per_byte", "loss")
 TASKS_ON = ("all", "pareto")
 
 
@@ -22,25 +21,25 @@ class _Objectives(dict):
     """Objective name -> the metric it optimizes; a task metric (`task_<task>_<metric>`) names itself."""
 
     def __missing__(self, name: str) -> str:
-        if isinstance(name, str) and name.startswith(TASK_PREFIX) and len(name) > len(TASK_PREFIX):
+        if is_task_metric(name):
             return name
         raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or (isinstance(name, str) and name.startswith(TASK_PREFIX)
-                                                 and len(name) > len(TASK_PREFIX))
+        return dict.__contains__(self, name) or is_task_metric(name)
 
 
-# Objective name -> its metric. Optuna minimizes every objective: a maximized one (a task accuracy) is
-# told as its negation (`objective_sign` -1), and reported everywhere else with its own sign.
-OBJECTIVES = _Objectives({"ppl": "ppl", "kl": "kl", "memory": "memory_bytes", "latency": "latency_ms"})
+# Objective name -> its metric (declared in `evaluators.metrics`). Optuna minimizes every objective: a
+# maximized one (a task accuracy) is told as its negation (`objective_sign` -1), and reported everywhere
+# else with its own sign.
+OBJECTIVES = _Objectives(DECLARED_OBJECTIVES)
 
 
 def objective_sign(name: str) -> int:
     """+1 for an objective minimized as is, -1 for one maximized (task metrics such as accuracy)."""
-    if name.startswith(TASK_PREFIX) and not any(word in name for word in LOWER_IS_BETTER_TASK_METRICS):
-        return -1
-    return 1
+    return -1 if metric(OBJECTIVES[name]).direction == MAXIMIZE else 1
+
+
 QUALITY_OBJECTIVES = ("ppl", "kl")
 SAMPLERS = ("nsga2", "tpe", "random")
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import socket
 import time
+
+from dataclasses import dataclass
 
 import torch
 
@@ -14,14 +17,49 @@ from compsearch.compress import apply_plan_, input_hessians, input_norms
 from compsearch.evaluators import base_log_probs, perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.evaluators.measure import Measurements
+from compsearch.evaluators.metrics import check_declared
 from compsearch.evaluators.memory import PeakMemory, auto_batch_size
 from compsearch.evaluators.tasks import TaskSuite
 from compsearch.search.models import load_model, load_tokenizer
 from compsearch.search.profiling import BlockReplay
+from compsearch.search.spec import JobSpec
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
 PRUNE_FACTOR = 1.5  # margin over the latency budget before a predicted-slow plan is skipped (cost model error)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker measures: everything but the model and the data windows.
+
+    `batch_size` 0 picks one from free memory; `latency` None measures no latency; `tasks` holds the
+    `TaskSuite` fields (tasks, task_paths, limit), scored on every trial when `tasks_each_trial`;
+    `kl_top_k` None caches the full base distribution for KL; plans the latency cost model predicts
+    over `PRUNE_FACTOR` x `latency_budget_ms` are not run.
+    """
+
+    batch_size: int = 0
+    with_kl: bool = True
+    latency: LatencySettings | None = None
+    tasks: dict | None = None
+    tasks_each_trial: bool = True
+    kl_top_k: int | None = 1024
+    latency_budget_ms: float | None = None
+    threads: int | None = None
+    trust_remote_code: bool = False
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+    @classmethod
+    def for_job(cls, spec: JobSpec, **overrides) -> "WorkerSettings":
+        """The settings a study's spec asks for; `overrides` (threads, device, ...) as the runner places it."""
+        settings = cls(batch_size=spec.batch_size, with_kl=spec.needs_kl,
+                       latency=LatencySettings(**spec.latency_settings) if spec.needs_latency else None,
+                       tasks=spec.task_settings, tasks_each_trial=spec.tasks_on == "all",
+                       kl_top_k=spec.kl_top_k or None, latency_budget_ms=spec.latency_budget_ms,
+                       trust_remote_code=spec.trust_remote_code)
+        return dataclasses.replace(settings, **overrides)
 
 
 class TrialEvaluator:
@@ -30,28 +68,24 @@ class TrialEvaluator:
     Plain Python: the Ray runner wraps it as an actor, tests and `export` use it directly.
     """
 
-    def __init__(self, model_ref: str, eval_ids: torch.Tensor, calib_ids: torch.Tensor, *, batch_size: int,
-                 with_kl: bool, with_latency: bool, latency_prompt_tokens: int = 64, threads: int | None = None,
-                 trust_remote_code: bool = False, device: str = "cpu", latency: dict | None = None,
-                 tasks: dict | None = None, tasks_each_trial: bool = True, kl_top_k: int | None = 1024,
-                 latency_budget_ms: float | None = None, cache_dir: str | None = None):
-        """`batch_size` 0 picks one from free memory; `latency` holds `LatencySettings` fields, `tasks` the
-        `TaskSuite` fields (tasks, task_paths, limit); `kl_top_k` None caches the full base distribution."""
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = load_model(model_ref, trust_remote_code, device)
-        self.device = device
-        self.eval_ids, self.calib_ids = eval_ids.to(device), calib_ids.to(device)
-        batch_size = batch_size or auto_batch_size(self.model, self.eval_ids.shape[1], device)
-        self.batch_size, self.with_latency, self.latency_prompt_tokens = batch_size, with_latency, latency_prompt_tokens
-        self.base = base_log_probs(self.model, self.eval_ids, batch_size, kl_top_k) if with_kl else None
-        settings = LatencySettings(**(latency or {"prompt_tokens": latency_prompt_tokens})) if with_latency else None
-        suite = TaskSuite(**tasks, cache_dir=cache_dir) if tasks and (tasks.get("tasks") or tasks.get("task_paths")) \
-            else None
-        tokenizer = load_tokenizer(model_ref, trust_remote_code) if suite is not None else None
-        self.measurements = Measurements(self.model, model_ref, tokenizer, suite=suite, latency=settings,
-                                         task_batch_size=batch_size, cache_dir=cache_dir)
-        self.tasks_each_trial, self.latency_budget_ms = tasks_each_trial, latency_budget_ms
+    def __init__(self, model_ref: str, eval_ids: torch.Tensor, calib_ids: torch.Tensor,
+                 settings: WorkerSettings = WorkerSettings()):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.model = load_model(model_ref, settings.trust_remote_code, settings.device)
+        self.device = settings.device
+        self.eval_ids, self.calib_ids = eval_ids.to(self.device), calib_ids.to(self.device)
+        self.batch_size = settings.batch_size or auto_batch_size(self.model, self.eval_ids.shape[1], self.device)
+        self.base = base_log_probs(self.model, self.eval_ids, self.batch_size, settings.kl_top_k) \
+            if settings.with_kl else None
+        tasks = settings.tasks
+        suite = TaskSuite(**tasks, cache_dir=settings.cache_dir) \
+            if tasks and (tasks.get("tasks") or tasks.get("task_paths")) else None
+        tokenizer = load_tokenizer(model_ref, settings.trust_remote_code) if suite is not None else None
+        self.measurements = Measurements(self.model, model_ref, tokenizer, suite=suite, latency=settings.latency,
+                                         task_batch_size=self.batch_size, cache_dir=settings.cache_dir)
+        self.latency_budget_ms = settings.latency_budget_ms
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._input_hessians: dict[str, torch.Tensor] | None = None
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
@@ -74,30 +108,24 @@ class TrialEvaluator:
     def compressed_model(self, plan: Plan, keep_stored: bool = False):
         """A compressed copy of the base model (and its stored matrices when `keep_stored`)."""
         model = copy.deepcopy(self.model)
-        return model, self._compress_(model, plan, keep_stored)
+        return model, self._compress_(model, plan, keep_stored).stored
 
     @contextlib.contextmanager
     def _base_with_plan(self, plan: Plan):
-        """The base model itself with `plan` applied, restored on exit: for plans touching few layers,
-        cheaper than copying the whole model."""
-        # Attentions that lose heads also change an attribute (their key/value grouping): they are saved
-        # and restored whole, their projections with them.
-        attentions = plan.structured_fractions("head_fraction")
-        changed = [name for name in plan.layers if name.rpartition(".")[0] not in attentions] + list(attentions)
-        saved = {name: copy.deepcopy(self.model.get_submodule(name)) for name in changed}
+        """The base model itself with `plan` applied, restored on exit (whatever the plan's techniques
+        changed): for plans touching few layers, cheaper than copying the whole model."""
+        applied = self._compress_(self.model, plan, keep_stored=False, undoable=True)
         try:
-            self._compress_(self.model, plan, keep_stored=False)
             yield self.model
         finally:
-            for name, module in saved.items():
-                self.model.set_submodule(name, module)
+            applied.edits.undo_(self.model)
 
-    def _compress_(self, model, plan: Plan, keep_stored: bool):
+    def _compress_(self, model, plan: Plan, keep_stored: bool, undoable: bool = False):
         wanted = list(plan.layers.values())
         norms = self.input_norms(self._linear_names()) if any(lp.needs_norms for lp in wanted) else None
         hessians = self.input_hessians(self._linear_names()) if any(lp.needs_hessian for lp in wanted) else None
         return apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
-                           hessians=hessians)
+                           hessians=hessians, undoable=undoable)
 
     def evaluate(self, plan_json: str) -> dict:
         """Metrics of one plan: `ppl` (and `kl`, task metrics, measured and predicted latency when asked),
@@ -118,11 +146,12 @@ class TrialEvaluator:
             model, _ = self.compressed_model(plan)
             compressed = time.perf_counter()
             metrics.update(perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base))
-            if self.tasks_each_trial:
+            if self.settings.tasks_each_trial:
                 metrics.update(self.measurements.tasks(model))
             metrics.update(self.measurements.measured_latency(model, plan))
         metrics.update(peak.metrics)
         metrics.update(compress_s=compressed - started, evaluate_s=time.perf_counter() - compressed, worker=self.worker)
+        check_declared(metrics)
         return metrics
 
     def score_tasks(self, plan_json: str) -> dict[str, float]:

@@ -5,25 +5,16 @@ import copy
 import pytest
 import torch
 
-from compsearch.compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, save_compressed
+from compsearch.compress import apply_plan_, layer_nbytes, load_compressed, save_compressed
 from compsearch.compress.distill import DistillSettings, distill_
 from compsearch.compress.quantize import QuantizedMatrix
-from compsearch.evaluators import base_log_probs, load_text, make_windows, perplexity_and_kl
-from compsearch.search.models import load_model, load_tokenizer
-from compsearch.spaces.layers import linear_layers
+from compsearch.evaluators import base_log_probs, perplexity_and_kl
 from compsearch.spaces.plan import LayerPlan, Plan
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model = load_model(str(tiny_model_dir))
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    text, source = load_text(None)
-    windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=8)
-    layers = linear_layers(model)
-    names = [layer.name for layer in layers]
-    stats = input_norms(model, windows.calib_ids, names), input_hessians(model, windows.calib_ids, names)
-    return model, tokenizer, windows, layers, stats
+def tiny(calibrated_tiny):
+    return calibrated_tiny
 
 
 def _mixed_plan(layers) -> Plan:
@@ -46,7 +37,7 @@ def test_distillation_lowers_kl_and_keeps_the_format(tiny, tmp_path):
     model, tokenizer, windows, layers, (norms, hessians) = tiny
     plan = _mixed_plan(layers)
     student = copy.deepcopy(model)
-    stored = apply_plan_(student, plan, norms, keep_stored=True, hessians=hessians)
+    stored = apply_plan_(student, plan, norms, keep_stored=True, hessians=hessians).stored
     before_stored = {key: copy.deepcopy(matrix) for key, matrix in stored.items()}
     untouched = {name: param.clone() for name, param in student.named_parameters() if ".layers.1." in name
                  and "norm" not in name}

@@ -74,7 +74,7 @@ def test_accounting_matches_stored_bytes_and_checkpoint_reproduces_metrics(tiny,
     model, tokenizer, windows, layers, norms = tiny
     plan = PLANS[plan_name]([layer.name for layer in layers])
     compressed = copy.deepcopy(model)
-    stored = apply_plan_(compressed, plan, norms[0], keep_stored=True, hessians=norms[1])
+    stored = apply_plan_(compressed, plan, norms[0], keep_stored=True, hessians=norms[1]).stored
     path = save_compressed(compressed, plan, stored, tmp_path, tokenizer)
 
     with safe_open(str(path), framework="pt") as archive:

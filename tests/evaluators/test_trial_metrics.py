@@ -3,12 +3,14 @@ import pandas as pd
 import pytest
 import torch
 
-from compsearch.evaluators import load_text, make_windows
+from compsearch.evaluators import LatencySettings, load_text, make_windows
 from compsearch.search.errors import UserError
 from compsearch.search.models import load_tokenizer
-from compsearch.search.results import rank_trials
+from compsearch.evaluators.metrics import METRICS, UndeclaredMetric, check_declared
+from compsearch.search.job import prepare_job
+from compsearch.search.results import rank_trials, trials_columns
 from compsearch.search.spec import OBJECTIVES, objective_sign
-from compsearch.search.trial import TrialEvaluator
+from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import LayerPlan, Plan
 from tests.evaluators.test_bigbench import write_task
 from tests.search.helpers import tiny_spec
@@ -22,8 +24,9 @@ def evaluator(tiny_model_dir, tmp_path_factory):
     text, source = load_text(None)
     windows = make_windows(load_tokenizer(str(tiny_model_dir)), text, source, seq_len=32, eval_windows=2, calib_windows=2)
     tasks = {"tasks": (f"bigbench:{write_task(folder)}",), "task_paths": (), "limit": None}
-    return TrialEvaluator(str(tiny_model_dir), windows.eval_ids, windows.calib_ids, batch_size=0, with_kl=True,
-                          with_latency=True, latency=LATENCY, tasks=tasks, cache_dir=str(folder))
+    settings = WorkerSettings(batch_size=0, with_kl=True, latency=LatencySettings(**LATENCY), tasks=tasks,
+                              cache_dir=str(folder))
+    return TrialEvaluator(str(tiny_model_dir), windows.eval_ids, windows.calib_ids, settings)
 
 
 def test_trial_metrics_hold_tasks_latency_and_memory(evaluator):
@@ -63,3 +66,16 @@ def test_task_objectives_are_maximized(tmp_path, tiny_model_dir):
     frame = pd.DataFrame({"trial": [0, 1, 2], "state": ["COMPLETE"] * 3, "on_front": [True] * 3,
                           "feasible": [True] * 3, "task_bigbench_tiny_order_acc": [0.2, 0.9, 0.5]})
     assert rank_trials(frame, spec)["trial"].tolist() == [1, 2, 0]  # highest accuracy first
+
+
+def test_a_task_objective_no_task_produces_is_refused_before_any_trial(tmp_path, tiny_model_dir):
+    task = f"bigbench:{write_task(tmp_path)}"
+    with pytest.raises(UserError, match="not produced by this study's tasks.*task_bigbench_tiny_order_<metric>"):
+        prepare_job(tiny_spec(tiny_model_dir, objectives=("task_bigbench_other_acc", "memory"), tasks=(task,)),
+                    tmp_path)
+
+
+def test_undeclared_values_are_refused_and_declared_ones_reach_the_table():
+    with pytest.raises(UndeclaredMetric, match="made_up_ms"):
+        check_declared({"ppl": 1.0, "made_up_ms": 2.0, "task_x_acc": 0.5})
+    assert {metric.name for metric in METRICS} <= set(trials_columns())

@@ -3,7 +3,7 @@ import torch
 
 from compsearch.evaluators import load_text, make_windows
 from compsearch.search.models import load_tokenizer
-from compsearch.search.trial import TrialEvaluator
+from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import LayerPlan, Plan
 
 
@@ -11,8 +11,8 @@ def _evaluator(model_dir):
     tokenizer = load_tokenizer(str(model_dir))
     text, source = load_text(None)
     windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=2)
-    evaluator = TrialEvaluator(str(model_dir), windows.eval_ids, windows.calib_ids, batch_size=2,
-                               with_kl=False, with_latency=False)
+    evaluator = TrialEvaluator(str(model_dir), windows.eval_ids, windows.calib_ids,
+                               WorkerSettings(batch_size=2, with_kl=False))
     return evaluator, windows
 
 
