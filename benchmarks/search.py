@@ -32,9 +32,9 @@ import numpy as np
 import optuna
 import pandas as pd
 import ray
-from optuna._hypervolume import compute_hypervolume
 
 from compsearch.search.commands import RunOptions, submit
+from compsearch.search.optuna_internals import hypervolume as front_hypervolume
 from compsearch.search.runner import start_ray
 from compsearch.search.spec import JobSpec
 
@@ -55,7 +55,7 @@ def hypervolume(trials: pd.DataFrame, base_bytes: int, reference: np.ndarray) ->
         return 0.0
     points = np.column_stack([done["memory_bytes"] / base_bytes, done["ppl"]])
     points = points[(points < reference).all(axis=1)]
-    return float(compute_hypervolume(points, reference)) if len(points) else 0.0
+    return front_hypervolume(points, reference) if len(points) else 0.0
 
 
 def run_method(name: str, seed: int, args, workdir: Path) -> tuple[pd.DataFrame, float, float]:

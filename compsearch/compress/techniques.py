@@ -140,3 +140,22 @@ def _whitened_svd(weight, stats, key):
 
 FACTORIZATIONS.register(Factorization("svd", _plain_svd))
 FACTORIZATIONS.register(Factorization("whiten", _whitened_svd, needs=frozenset({HESSIAN})))
+
+
+PLUGIN_GROUP = "compsearch.plugins"
+
+
+def load_plugins() -> None:
+    """Import every installed plug-in (entry points of group `compsearch.plugins`): each registers its
+    formats and techniques when imported, in every process that imports this module (Ray workers too)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as err:
+            raise ImportError(f"compsearch plug-in {entry.name!r} ({entry.value}) failed to load: "
+                              f"{type(err).__name__}: {err}; fix or uninstall it") from err
+
+
+load_plugins()

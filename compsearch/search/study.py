@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
 
 from compsearch.search.errors import UserError
+from compsearch.search.optuna_internals import storage_of, trial_id
 from compsearch.search.spec import OBJECTIVES, JobSpec
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def ask(study: optuna.Study) -> optuna.Trial:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask()
     if hasattr(study.sampler, "get_trial_generation"):  # NSGA-II/III: sets the generation when missing
-        study.sampler.get_trial_generation(study, study._storage.get_trial(trial._trial_id))
+        study.sampler.get_trial_generation(study, storage_of(study).get_trial(trial_id(trial)))
     return trial
 
 
@@ -146,10 +147,10 @@ def beat(study: optuna.Study, in_flight: list[optuna.Trial], running: bool = Tru
     """Record that this driver is alive, and heartbeats for its trials in flight."""
     heartbeat = time.time() if running else 0.0
     study.set_user_attr(DRIVER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": heartbeat})
-    storage = study._storage
+    storage = storage_of(study)
     if running and hasattr(storage, "record_heartbeat") and getattr(storage, "get_heartbeat_interval", lambda: None)():
         for trial in in_flight:
-            storage.record_heartbeat(trial._trial_id)
+            storage.record_heartbeat(trial_id(trial))
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str) -> None:
@@ -159,10 +160,11 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str)
     driver asks for a new trial in its place anyway.
     """
     number = trial.number
-    frozen = study._storage.get_trial(trial._trial_id)
+    storage = storage_of(study)
+    frozen = storage.get_trial(trial_id(trial))
     if frozen.state == TrialState.RUNNING:
-        study._storage.set_trial_user_attr(frozen._trial_id, INTERRUPTED_ATTR, reason)
-        study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id(frozen), INTERRUPTED_ATTR, reason)
+        storage.set_trial_state_values(trial_id(frozen), TrialState.FAIL)
     if frozen.params:
         study.enqueue_trial(frozen.params, user_attrs={"retry_of": number}, skip_if_exists=False)
     log.info("trial %d interrupted (%s)%s", number, reason, "; re-queued" if frozen.params else "")

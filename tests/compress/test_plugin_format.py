@@ -2,6 +2,9 @@
 are offered by spaces and plans, and pass the whole contract suite."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -73,3 +76,21 @@ def test_spaces_and_plans_offer_a_registered_quantizer():
     assert space.knobs()["quant_method"] == ("rtn", "test-per-row")
     with pytest.raises(PlanError, match=r"stores bits \(3, 4, 6, 8\), not 2"):
         LayerPlan(bits=2, quant_method="test-per-row")
+
+
+def test_an_installed_plugin_registers_itself_in_every_process(tmp_path):
+    """A distribution with a `compsearch.plugins` entry point is imported with the registries, so Ray
+    workers (fresh processes) know its techniques too."""
+    (tmp_path / "plug_rtn.py").write_text(
+        "from compsearch.compress.techniques import QUANTIZERS, Quantizer\n"
+        "QUANTIZERS.register(Quantizer('plug-rtn', 'affine', QUANTIZERS.get('rtn').quantize))\n")
+    info = tmp_path / "plug_rtn-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plug-rtn\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[compsearch.plugins]\nplug-rtn = plug_rtn\n")
+    script = ("from compsearch.spaces import LayerPlan\n"
+              "print(LayerPlan(bits=4, quant_method='plug-rtn').quant_method)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "plug-rtn"
