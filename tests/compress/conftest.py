@@ -7,14 +7,19 @@ from compsearch.search.models import load_model, load_tokenizer
 from compsearch.spaces.layers import linear_layers
 
 
-@pytest.fixture(scope="session")
-def calibrated_tiny(tiny_model_dir):
-    """(model, tokenizer, windows, layers, (input norms, input Hessians)) of the tiny Llama."""
-    model = load_model(str(tiny_model_dir))
-    tokenizer = load_tokenizer(str(tiny_model_dir))
+def calibrated(model_dir, seq_len: int, eval_windows: int, calib_windows: int):
+    """(model, tokenizer, windows, layers, (input norms, input Hessians)) of the model in `model_dir`."""
+    model = load_model(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir))
     text, source = load_text(None)
-    windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=8)
+    windows = make_windows(tokenizer, text, source, seq_len, eval_windows, calib_windows)
     layers = linear_layers(model)
     names = [layer.name for layer in layers]
     return model, tokenizer, windows, layers, (input_norms(model, windows.calib_ids, names),
                                                input_hessians(model, windows.calib_ids, names))
+
+
+@pytest.fixture(scope="session")
+def calibrated_tiny(tiny_model_dir):
+    """The tiny Llama calibrated on 8 windows of 32 tokens (see `calibrated`)."""
+    return calibrated(tiny_model_dir, seq_len=32, eval_windows=2, calib_windows=8)

@@ -5,12 +5,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compsearch.compress import apply_plan_, input_hessians, input_norms, layer_nbytes, load_compressed, plan_nbytes, save_compressed
+from compsearch.compress import apply_plan_, layer_nbytes, load_compressed, plan_nbytes, save_compressed
 from compsearch.compress.storage import matrix_nbytes, pack_bits, unpack_bits
-from compsearch.evaluators import load_text, make_windows, perplexity_and_kl
-from compsearch.search.models import load_model, load_tokenizer
-from compsearch.spaces.layers import count_params, linear_layers
+from compsearch.evaluators import perplexity_and_kl
+from compsearch.spaces.layers import count_params
 from compsearch.spaces.plan import LayerPlan, Plan
+
+from .conftest import calibrated
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -58,15 +59,7 @@ PLANS = {
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    model = load_model(str(tiny_model_dir))
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    text, source = load_text(None)
-    windows = make_windows(tokenizer, text, source, seq_len=64, eval_windows=4, calib_windows=4)
-    layers = linear_layers(model)
-    names = [layer.name for layer in layers]
-    norms = input_norms(model, windows.calib_ids, names)
-    hessians = input_hessians(model, windows.calib_ids, names)
-    return model, tokenizer, windows, layers, (norms, hessians)
+    return calibrated(tiny_model_dir, seq_len=64, eval_windows=4, calib_windows=4)
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
