@@ -12,7 +12,7 @@ from compsearch.compress.lowrank import LowRankLinear, factorize
 from compsearch.compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
 from compsearch.compress.prune import kept_count
 from compsearch.compress.storage import FLOAT_BITS
-from compsearch.compress.techniques import FACTORIZATIONS
+from compsearch.compress.techniques import FACTORIZATIONS, HESSIAN, NORMS
 from compsearch.compress.structured import regroup_heads_, remove_structure_
 from compsearch.spaces.layers import LayerInfo, layer_info
 from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
@@ -143,12 +143,14 @@ def _planned_layer(model: nn.Module, name: str) -> LayerInfo:
 
 def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
     for name, layer_plan in plan.layers.items():
+        users = {need: [t.name for t in layer_plan.techniques() if need in t.needs] for need in (NORMS, HESSIAN)}
         if layer_plan.needs_norms and name not in input_norms:
-            raise PlanError(f"{name} uses Wanda or k-means, which need calibration input "
+            raise PlanError(f"{name} uses {', '.join(users[NORMS])}, which need calibration input "
                             "norms (compress.input_norms); compute them first")
         if layer_plan.needs_hessian and name not in hessians:
-            raise PlanError(f"{name} uses GPTQ, SparseGPT, whitened low-rank or structured pruning, which need calibration "
-                            "Hessians (compress.input_hessians); compute them first")
+            what = ", ".join(users[HESSIAN] + (["structured pruning"] if layer_plan.is_structured else []))
+            raise PlanError(f"{name} uses {what}, which need calibration Hessians (compress.input_hessians); "
+                            "compute them first")
 
 
 def _matrix_stats(name: str, plan: LayerPlan, input_norms: dict, hessians: dict, index: torch.Tensor | None,

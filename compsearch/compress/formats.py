@@ -36,12 +36,13 @@ class StorageFormat(ABC):
 
     `exact_zero`: the grid always holds an exact 0, so a pruned weight can be stored as a code;
     `trainable`: the field of the quantized matrix (a float tensor) that distillation may scale,
-    leaving codes and format intact.
+    leaving codes and format intact; `row_multiple`: rows must hold a multiple of this many values.
     """
 
     name: str
     exact_zero: bool = True
     trainable: str
+    row_multiple: int = 1
 
     @abstractmethod
     def values_nbytes(self, rows: int, cols: int, count: int, bits: int, group_size: int) -> int:

@@ -35,18 +35,31 @@ SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class Quantizer:
-    """`quantize(values, bits, group_size, stats, keep)` -> codes and parameters in `format`;
-    `bits` lists the widths it stores (16 means no quantization and needs no quantizer)."""
+    """`quantize(values, bits, group_size, stats, keep, key)` -> codes and parameters in `format`;
+    `bits` lists the widths it stores (16 means no quantization and needs no quantizer); a layer whose
+    rows its format cannot hold (`StorageFormat.row_multiple`) gets `fallback` instead."""
 
     name: str
     format: str
     quantize: Callable[[torch.Tensor, int, int, "MatrixStats", "torch.Tensor | None", str], Quantized]
     needs: frozenset[str] = frozenset()
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    fallback: str | None = None
 
     @property
     def storage(self) -> StorageFormat:
         return FORMATS.get(self.format)
+
+
+def quantizer_for(quant_method: str, in_features: int) -> Quantizer:
+    """The quantizer a layer with `in_features` inputs gets for `quant_method`: it, or its fallbacks."""
+    quantizer = QUANTIZERS.get(quant_method)
+    while in_features % quantizer.storage.row_multiple:
+        if quantizer.fallback is None:
+            raise ValueError(f"quant_method={quant_method!r} stores rows of a multiple of "
+                             f"{quantizer.storage.row_multiple} values; this layer has {in_features}")
+        quantizer = QUANTIZERS.get(quantizer.fallback)
+    return quantizer
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,7 @@ def _whitened_svd(weight, stats, key):
 FACTORIZATIONS.register(Factorization("svd", _plain_svd))
 FACTORIZATIONS.register(Factorization("whiten", _whitened_svd, needs=frozenset({HESSIAN})))
 
+from compsearch.compress import gguf_formats  # noqa: E402,F401  (registers the GGUF tensor types)
 
 PLUGIN_GROUP = "compsearch.plugins"
 

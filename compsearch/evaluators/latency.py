@@ -75,7 +75,8 @@ def latency_context(model: nn.Module) -> dict:
     """What a latency figure depends on: device, its name, dtype and torch's intra-op thread count."""
     device, dtype = _model_device_dtype(model)
     return {"latency_device": device.type, "latency_device_name": device_name(device),
-            "latency_dtype": str(dtype).replace("torch.", ""), "latency_threads": torch.get_num_threads()}
+            "latency_dtype": str(dtype).replace("torch.", ""), "latency_threads": torch.get_num_threads(),
+            "latency_runtime": f"torch {torch.__version__}"}
 
 
 @torch.inference_mode()

@@ -6,6 +6,8 @@ on the base model once per device, cached on disk) and then measures each compre
 from __future__ import annotations
 
 import logging
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -23,11 +25,13 @@ class Measurements:
     """Task scoring and latency (measured and predicted) of compressed copies of one base model."""
 
     def __init__(self, model: nn.Module, model_ref: str, tokenizer=None, *, suite: TaskSuite | None = None,
-                 latency: LatencySettings | None = None, task_batch_size: int = 8, cache_dir: Path | None = None):
+                 latency: LatencySettings | None = None, task_batch_size: int = 8, cache_dir: Path | None = None,
+                 gguf: GGUFTarget | None = None, threads: int | None = None):
         self.tokenizer, self.suite, self.latency, self.task_batch_size = tokenizer, suite, latency, task_batch_size
+        self.gguf, self.threads = gguf, threads
         self._manager = suite.task_manager() if suite is not None and suite.names else None
         self.cost_model = None
-        if latency is not None:
+        if latency is not None and gguf is None:  # the cost model predicts torch's timings, not llama.cpp's
             self.cost_model = LatencyCostModel(model, model_ref, latency, cache_dir)
             if not self.cost_model.calibrated:
                 measure_latency(model, latency.prompt_tokens, repeats=1, warmup=1)  # first calls pay one-off costs
@@ -48,11 +52,33 @@ class Measurements:
         """The cost model's figures for `plan`, without running it (empty without latency settings)."""
         return self.cost_model.predict(plan) if self.cost_model is not None else {}
 
-    def measured_latency(self, model: nn.Module, plan: Plan) -> dict:
-        """Prefill and decode timings of `model` (compressed by `plan`) on the device's fast kernels."""
+    def measured_latency(self, model: nn.Module, plan: Plan, stored: dict | None = None) -> dict:
+        """Prefill and decode timings of `model` (compressed by `plan`) on the device's fast kernels, or,
+        when timing GGUF files, of its .gguf in llama.cpp (`stored`: the matrices `apply_plan_` kept)."""
         if self.latency is None:
             return {}
+        if self.gguf is not None:
+            return self._llamacpp_latency(model, plan, stored)
         timed, kernels = timing_model(model, plan)
         metrics = measure_generation(timed, self.latency)
         metrics.update(kernels)
         return metrics
+
+    def _llamacpp_latency(self, model: nn.Module, plan: Plan, stored: dict) -> dict:
+        from compsearch.compress.gguf_export import export_gguf
+        from compsearch.evaluators.llamacpp import llamacpp_latency
+
+        with tempfile.TemporaryDirectory(prefix="compsearch-gguf-") as folder:
+            path = export_gguf(model, plan, stored, Path(folder) / "trial.gguf", self.gguf.template,
+                               self.gguf.tokenizer_dir)
+            metrics = llamacpp_latency(path, self.latency, self.threads)
+            metrics["gguf_file_bytes"] = path.stat().st_size
+        return metrics
+
+
+@dataclass(frozen=True)
+class GGUFTarget:
+    """Time plans as GGUF files in llama.cpp: the metadata template (or None: made from the tokenizer files)."""
+
+    template: Path | None
+    tokenizer_dir: Path

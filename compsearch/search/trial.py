@@ -10,17 +10,18 @@ import socket
 import time
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from compsearch.compress import apply_plan_, input_hessians, input_norms
 from compsearch.evaluators import base_log_probs, perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
-from compsearch.evaluators.measure import Measurements
+from compsearch.evaluators.measure import GGUFTarget, Measurements
 from compsearch.evaluators.metrics import check_declared
 from compsearch.evaluators.memory import PeakMemory, auto_batch_size
 from compsearch.evaluators.tasks import TaskSuite
-from compsearch.search.models import load_model, load_tokenizer
+from compsearch.search.models import gguf_template, load_model, load_tokenizer
 from compsearch.search.profiling import BlockReplay
 from compsearch.search.spec import JobSpec
 from compsearch.spaces.plan import Plan
@@ -50,6 +51,8 @@ class WorkerSettings:
     trust_remote_code: bool = False
     device: str = "cpu"
     cache_dir: str | None = None
+    latency_runtime: str = "torch"  # or "llamacpp": each plan is timed as a GGUF file in llama.cpp
+    gguf_template: str | None = None  # the GGUF whose metadata those files copy
 
     @classmethod
     def for_job(cls, spec: JobSpec, **overrides) -> "WorkerSettings":
@@ -58,7 +61,10 @@ class WorkerSettings:
                        latency=LatencySettings(**spec.latency_settings) if spec.needs_latency else None,
                        tasks=spec.task_settings, tasks_each_trial=spec.tasks_on == "all",
                        kl_top_k=spec.kl_top_k or None, latency_budget_ms=spec.latency_budget_ms,
-                       trust_remote_code=spec.trust_remote_code)
+                       trust_remote_code=spec.trust_remote_code, latency_runtime=spec.latency_runtime)
+        if settings.latency_runtime == "llamacpp" and settings.latency is not None:
+            template = gguf_template(spec.model, Path(spec.gguf_template) if spec.gguf_template else None)
+            settings = dataclasses.replace(settings, gguf_template=str(template) if template else None)
         return dataclasses.replace(settings, **overrides)
 
 
@@ -83,8 +89,11 @@ class TrialEvaluator:
         suite = TaskSuite(**tasks, cache_dir=settings.cache_dir) \
             if tasks and (tasks.get("tasks") or tasks.get("task_paths")) else None
         tokenizer = load_tokenizer(model_ref, settings.trust_remote_code) if suite is not None else None
+        gguf = GGUFTarget(Path(settings.gguf_template) if settings.gguf_template else None, Path(model_ref)) \
+            if settings.latency_runtime == "llamacpp" else None
         self.measurements = Measurements(self.model, model_ref, tokenizer, suite=suite, latency=settings.latency,
-                                         task_batch_size=self.batch_size, cache_dir=settings.cache_dir)
+                                         task_batch_size=self.batch_size, cache_dir=settings.cache_dir, gguf=gguf,
+                                         threads=settings.threads)
         self.latency_budget_ms = settings.latency_budget_ms
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._input_hessians: dict[str, torch.Tensor] | None = None
@@ -143,12 +152,12 @@ class TrialEvaluator:
                                  f"{self.latency_budget_ms:g} ms budget; not run")
             return {**metrics, "worker": self.worker}
         with PeakMemory(self.device) as peak:
-            model, _ = self.compressed_model(plan)
+            model, stored = self.compressed_model(plan, keep_stored=self.measurements.gguf is not None)
             compressed = time.perf_counter()
             metrics.update(perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base))
             if self.settings.tasks_each_trial:
                 metrics.update(self.measurements.tasks(model))
-            metrics.update(self.measurements.measured_latency(model, plan))
+            metrics.update(self.measurements.measured_latency(model, plan, stored))
         metrics.update(peak.metrics)
         metrics.update(compress_s=compressed - started, evaluate_s=time.perf_counter() - compressed, worker=self.worker)
         check_declared(metrics)

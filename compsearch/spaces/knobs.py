@@ -15,13 +15,14 @@ from typing import Any, Callable
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)  # 16 means "keep at 16-bit float"
 GROUP_SIZES = (32, 64, 128)
+FLOAT_METHOD = "f16"  # a `quant_method` choice of a space: keep the layer at 16 bits (GGUF's F16)
 
 
-def _registered(registry: str) -> Callable[[], tuple]:
+def _registered(registry: str, *extra: str) -> Callable[[], tuple]:
     def names() -> tuple:
         from compsearch.compress import techniques  # the registries live with the code they name
 
-        return getattr(techniques, registry).names()
+        return (*extra, *getattr(techniques, registry).names())
     return names
 
 
@@ -55,7 +56,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("rank_fraction", "rank_fractions", "rank fraction", float, (1.0,), "lowrank", "--ranks",
          "kept fractions of full rank, e.g. 1,0.5", off=1.0),
     Knob("quant_method", "quant_methods", "quant method", str, ("rtn",), "quant", "--quant-methods",
-         "quantizers to search", allowed=_registered("QUANTIZERS")),
+         "quantizers to search (GGUF types such as q4_k set the bits; f16 keeps 16 bits)",
+         allowed=_registered("QUANTIZERS", FLOAT_METHOD)),
     Knob("lowrank_method", "lowrank_methods", "low-rank method", str, ("svd",), "lowrank", "--lowrank-methods",
          "factorizations to search", allowed=_registered("FACTORIZATIONS")),
     Knob("channel_fraction", "channel_fractions", "MLP channel fraction", float, (1.0,), "channel_fraction",

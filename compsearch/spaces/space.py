@@ -5,7 +5,7 @@ import itertools
 from typing import Any, Iterator, Protocol
 
 from compsearch.spaces.layers import LayerInfo, group_layers
-from compsearch.spaces.knobs import CHOICE_FIELDS, KNOBS
+from compsearch.spaces.knobs import CHOICE_FIELDS, FLOAT_METHOD, KNOBS
 from compsearch.spaces.plan import (ATTENTION_KINDS, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, PATTERNS, LayerPlan, Plan,
                                     kept_heads, nm_sparsity, saves_params, structured_shape)
 
@@ -97,7 +97,9 @@ class Space:
 
         A rank fraction that would store more weights than the dense layer leaves the layer full rank,
         a head fraction becomes the fraction of heads the attention's groups really keep, and a method
-        whose technique is off takes the default: plans that do the same compare equal.
+        whose technique is off takes the default: plans that do the same compare equal. A quantizer
+        that stores one width (a GGUF type) sets the bits, and one whose format cannot hold the layer's
+        rows gives way to its fallback (as llama-quantize does); `f16` keeps the layer in 16 bits.
         """
         values = {**{knob: choices[0] for knob, choices in self.choices.items()}, **choice}
         channel_fraction = float(values["channel_fraction"]) if layer.kind in MLP_KINDS else 1.0
@@ -110,10 +112,10 @@ class Space:
         if rank_fraction < 1.0 and not saves_params(out_features, in_features, rank_fraction):
             rank_fraction = 1.0
         sparsity, pattern = _layer_plan_fields_for_sparsity(values["sparsity"])
-        bits = int(values["bits"])
+        bits, quant_method = _quantization(int(values["bits"]), values["quant_method"], in_features)
         return LayerPlan(bits=bits, group_size=int(values["group_size"]), sparsity=sparsity,
                          pattern=pattern, prune_method=values["prune_method"] if sparsity else "magnitude",
-                         quant_method=values["quant_method"] if bits < 16 else "rtn", rank_fraction=rank_fraction,
+                         quant_method=quant_method, rank_fraction=rank_fraction,
                          lowrank_method=values["lowrank_method"] if rank_fraction < 1.0 else "svd",
                          channel_fraction=channel_fraction, head_fraction=head_fraction)
 
@@ -150,6 +152,35 @@ class Space:
                 if bad:
                     raise SpaceError(f"sparsity pattern {value} needs input sizes divisible by {m}; {bad[0]} has "
                                      f"{next(layer.in_features for layer in layers if layer.name == bad[0])}")
+        for layer in layers:
+            for method in self.choices["quant_method"]:
+                try:
+                    _quantization(16, method, layer.in_features)
+                except ValueError as err:
+                    raise SpaceError(f"{layer.name}: {err}; leave {method} out of --quant-methods") from None
+
+    def offered_types(self, layers: list[LayerInfo]) -> dict[str, dict[str, str]]:
+        """For each layer role (q_proj, down_proj, ...): quant method chosen -> what the layer really gets,
+        where they differ (a K-type on rows it cannot hold falls back, as llama-quantize does)."""
+        offered: dict[str, dict[str, str]] = {}
+        for layer in layers:
+            for method in self.choices["quant_method"]:
+                actual = _quantization(16, method, layer.in_features)[1]
+                if method != FLOAT_METHOD and actual != method and len(self.choices["quant_method"]) > 1:
+                    offered.setdefault(f"{layer.kind} ({layer.in_features} inputs)", {})[method] = actual
+        return offered
+
+
+def _quantization(bits: int, quant_method: str, in_features: int) -> tuple[int, str]:
+    """(bits, quant_method) of a layer for a choice: see `Space.layer_plan`."""
+    from compsearch.compress.techniques import QUANTIZERS, quantizer_for
+
+    if quant_method == FLOAT_METHOD:
+        return 16, "rtn"
+    if len(QUANTIZERS.get(quant_method).bits) == 1:  # the method is the format: it sets the width
+        quantizer = quantizer_for(quant_method, in_features)
+        return quantizer.bits[0], quantizer.name
+    return bits, quant_method if bits < 16 else "rtn"
 
 
 def _layer_plan_fields_for_sparsity(value: str) -> tuple[float, str]:
@@ -193,6 +224,9 @@ SPACES: dict[str, Space] = {
     # Head fractions are rounded to whole heads per key/value group: 0.67 keeps 2 of SmolLM2's 3, 3 of Llama-3's 4.
     "structured": Space("structured", bits=(4, 8, 16), quant_methods=("gptq",),
                         channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5), head_fractions=(1.0, 0.67)),
+    # GGUF tensor types (llama.cpp), per projection (q/k/v and gate/up tied). f16 first: it is the "off" choice.
+    "gguf": Space("gguf", granularity="layer", quant_methods=(
+        "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_1", "q5_0", "q4_1", "q4_0")),
     "sota": Space("sota", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("gptq", "hqq"),
                   sparsities=("0", "0.5", "2:4"), prune_methods=("sparsegpt",), rank_fractions=(1.0, 0.5),
                   lowrank_methods=("whiten",), channel_fractions=(1.0, 0.75), head_fractions=(1.0, 0.67)),

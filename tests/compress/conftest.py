@@ -23,3 +23,17 @@ def calibrated(model_dir, seq_len: int, eval_windows: int, calib_windows: int):
 def calibrated_tiny(tiny_model_dir):
     """The tiny Llama calibrated on 8 windows of 32 tokens (see `calibrated`)."""
     return calibrated(tiny_model_dir, seq_len=32, eval_windows=2, calib_windows=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_dir(tmp_path_factory):
+    """A tiny Llama 256 wide: rows every GGUF type can hold."""
+    from tests.conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-256"), hidden=256)
+
+
+@pytest.fixture(scope="session")
+def calibrated_wide(tiny_wide_dir):
+    """The wide tiny Llama calibrated like `calibrated_tiny`."""
+    return calibrated(tiny_wide_dir, seq_len=32, eval_windows=2, calib_windows=8)

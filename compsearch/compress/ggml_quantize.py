@@ -1,0 +1,154 @@
+"""Rounding a weight matrix into a ggml block type, weighted by how much each weight matters.
+
+Each weight counts with w_ij = imp_j * sqrt(sigma2_i + x_ij^2): `imp_j` is the calibration inputs'
+mean square at input j (llama.cpp's importance matrix, the diagonal of X^T X / tokens; 1 without
+calibration), sigma2_i twice the row's mean square, as llama.cpp weighs its own search. Per
+sub-block, a scale (and for types with a minimum, an offset) is chosen among a few candidate grids
+by the least weighted squared error after a least-squares refit, as llama.cpp's make_qx_quants and
+make_qkx2_quants do; K-types then round those per sub-block scales to their integer sub-scales under
+one fp16 scale per block, and every code is rounded again against the scales as stored. The result
+is exactly representable in the type (`ggml_blocks.pack`).
+"""
+from __future__ import annotations
+
+import torch
+
+from compsearch.compress.ggml_blocks import BlockQuantized, BlockType
+
+SCALE_STEPS = torch.arange(-9, 10, dtype=torch.float32) * 0.1  # symmetric grids: nmax + step
+AFFINE_STEPS = torch.arange(0, 21, dtype=torch.float32) * 0.1 - 1.0  # make_qkx2_quants: rmin -1, rdelta 0.1
+
+
+def quantize_blocks(weight: torch.Tensor, block_type: BlockType, importance: torch.Tensor | None = None) -> BlockQuantized:
+    """`weight` (rows, cols; cols a multiple of the type's block size) in `block_type`; `importance`
+    (cols,) is the calibration inputs' mean square per input feature."""
+    rows, cols = weight.shape
+    if cols % block_type.block_size:
+        raise ValueError(f"{block_type.name} needs rows of a multiple of {block_type.block_size} values, got {cols}")
+    x = weight.float()
+    sigma2 = 2 * x.square().mean(dim=1, keepdim=True)
+    w = (importance.float().clamp(min=1e-12).unsqueeze(0) if importance is not None else 1.0) * (sigma2 + x.square()).sqrt()
+    sub = x.reshape(rows, -1, block_type.sub_block)
+    sub_w = w.reshape(rows, -1, block_type.sub_block)
+    if block_type.has_min:
+        scale, offset = _affine_fit(sub, sub_w, block_type.code_levels - 1, block_type.min_subtracted)
+    else:
+        scale, offset = _symmetric_fit(sub, sub_w, block_type), None
+    if block_type.sub_scale_bits:
+        return _two_level(x, block_type, scale, offset)
+    d = scale.squeeze(2).half()
+    dmin = offset.squeeze(2).half() if offset is not None else None
+    q = BlockQuantized(block_type, torch.zeros(rows, cols, dtype=torch.uint8), d, dmin)
+    q.codes = _codes(x, q)
+    return q
+
+
+def _symmetric_fit(x: torch.Tensor, w: torch.Tensor, t: BlockType) -> torch.Tensor:
+    """Per sub-block scale of a grid without offset: levels code - offset (or the type's grid)."""
+    if t.grid is not None:
+        grid = torch.tensor(t.grid, dtype=torch.float32)
+        extreme = grid[0]
+        steps = torch.arange(-7, 8, dtype=torch.float32)
+    else:
+        grid = torch.arange(t.code_levels, dtype=torch.float32) - t.code_offset
+        extreme = -float(t.code_offset)
+        steps = SCALE_STEPS
+    signed_max = x.gather(2, x.abs().argmax(dim=2, keepdim=True))  # the value of largest magnitude, signed
+    best_scale = signed_max / extreme
+    best_error = torch.full_like(best_scale, float("inf"))
+    for step in steps:
+        inverse = (extreme + step) / signed_max.where(signed_max != 0, torch.ones_like(signed_max))
+        levels = _nearest(grid, x * inverse)
+        scale = (w * x * levels).sum(2, keepdim=True) / (w * levels * levels).sum(2, keepdim=True).clamp(min=1e-30)
+        error = (w * (x - scale * levels).square()).sum(2, keepdim=True)
+        better = error < best_error
+        best_scale, best_error = best_scale.where(~better, scale), best_error.where(~better, error)
+    return best_scale.where(signed_max != 0, torch.zeros_like(best_scale))
+
+
+def _affine_fit(x: torch.Tensor, w: torch.Tensor, top: int, min_subtracted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-block (scale, offset) of value = scale * code + offset, code in [0, top]; types that
+    subtract a non-negative minimum (K-types) keep the offset <= 0."""
+    low, high = x.amin(dim=2, keepdim=True), x.amax(dim=2, keepdim=True)
+    if min_subtracted:
+        low = low.clamp(max=0.0)
+    span = (high - low).clamp(min=1e-30)
+    best_scale, best_offset = span / top, low
+    best_error = (w * (x - (best_scale * torch.round((x - low) / best_scale).clamp(0, top) + low)).square()).sum(2, keepdim=True)
+    sw, swx = w.sum(2, keepdim=True), (w * x).sum(2, keepdim=True)
+    for step in AFFINE_STEPS:
+        codes = torch.round((x - low) * ((top + step) / span)).clamp(0, top)
+        swq, swqq, swxq = (w * codes).sum(2, keepdim=True), (w * codes * codes).sum(2, keepdim=True), (w * x * codes).sum(2, keepdim=True)
+        det = (sw * swqq - swq * swq).clamp(min=1e-30)
+        scale, offset = (sw * swxq - swq * swx) / det, (swqq * swx - swq * swxq) / det
+        if min_subtracted:  # the offset must stay <= 0: refit the scale alone where it would not
+            positive = offset > 0
+            offset = offset.where(~positive, torch.zeros_like(offset))
+            scale = scale.where(~positive, swxq / swqq.clamp(min=1e-30))
+        error = (w * (x - (scale * codes + offset)).square()).sum(2, keepdim=True)
+        better = (error < best_error) & (scale > 0)
+        best_scale, best_offset = best_scale.where(~better, scale), best_offset.where(~better, offset)
+        best_error = best_error.where(~better, error)
+    return best_scale, best_offset
+
+
+def _two_level(x: torch.Tensor, t: BlockType, scale: torch.Tensor, offset: torch.Tensor | None) -> BlockQuantized:
+    """K-types: sub-block scales (and minimums) as integers under one fp16 scale (and min) per block."""
+    rows, cols = x.shape
+    per_block = scale.reshape(rows, -1, t.subs_per_block)
+    if t.sub_scale_signed:  # the largest magnitude maps to the most negative integer, as llama.cpp does
+        limit = float(1 << (t.sub_scale_bits - 1))
+        signed_max = per_block.gather(2, per_block.abs().argmax(dim=2, keepdim=True))
+        d = (signed_max / -limit).half()
+        sub_scales = _integers(per_block, d, -limit, limit - 1)
+    else:
+        top = float((1 << t.sub_scale_bits) - 1)
+        d = (per_block.amax(dim=2, keepdim=True).clamp(min=0) / top).half()
+        sub_scales = _integers(per_block, d, 0, top)
+    q = BlockQuantized(t, torch.zeros(rows, cols, dtype=torch.uint8), d.squeeze(2), None,
+                       sub_scales.reshape(rows, -1).to(torch.int16))
+    if offset is not None:
+        minimum = (-offset).reshape(rows, -1, t.subs_per_block).clamp(min=0)
+        top = float((1 << t.sub_min_bits) - 1)
+        dmin = (minimum.amax(dim=2, keepdim=True) / top).half()
+        q.dmin = dmin.squeeze(2)
+        q.sub_mins = _integers(minimum, dmin, 0, top).reshape(rows, -1).to(torch.int16)
+    q.codes = _codes(x, q)
+    return q
+
+
+def _integers(values: torch.Tensor, unit: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """round(values / unit) within [low, high]; 0 where the unit is 0."""
+    unit = unit.float()
+    safe = unit.where(unit != 0, torch.ones_like(unit))
+    return torch.round(values / safe).clamp(low, high).where(unit != 0, torch.zeros_like(values))
+
+
+def _codes(x: torch.Tensor, q: BlockQuantized) -> torch.Tensor:
+    """The nearest code of every weight under the scales (and offsets) as stored."""
+    t = q.type
+    rows, cols = x.shape
+    zero = BlockQuantized(t, torch.full((rows, cols), t.code_offset, dtype=torch.uint8) if t.grid is None
+                          else torch.zeros(rows, cols, dtype=torch.uint8), q.d, q.dmin, q.sub_scales, q.sub_mins)
+    one = BlockQuantized(t, zero.codes + 1, q.d, q.dmin, q.sub_scales, q.sub_mins)
+    base, step = zero.dequantize(), None
+    if t.grid is None:
+        step = one.dequantize() - base  # the value of one code step (the effective scale)
+        safe = step.where(step != 0, torch.ones_like(step))
+        codes = torch.round((x - base) / safe) + (t.code_offset if t.grid is None else 0)
+        codes = codes.where(step != 0, torch.full_like(codes, float(t.code_offset)))
+        return codes.clamp(0, t.code_levels - 1).to(torch.uint8)
+    scale = q.d.float().repeat_interleave(t.block_size, dim=1)
+    grid = torch.tensor(t.grid, dtype=torch.float32)
+    safe = scale.where(scale != 0, torch.ones_like(scale))
+    return _nearest_index(grid, x / safe).to(torch.uint8)
+
+
+def _nearest(grid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The grid level nearest to each value (grid ascending)."""
+    return grid[_nearest_index(grid, values)]
+
+
+def _nearest_index(grid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    return torch.searchsorted(midpoints.contiguous(), values.contiguous())

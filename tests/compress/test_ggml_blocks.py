@@ -1,0 +1,77 @@
+"""ggml block types byte for byte: what we pack, gguf-py (llama.cpp's reference layout) reads as the
+same values we compute with; our rounding is at least as good as ggml's reference rounding."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
+
+from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized, pack, unpack
+from compsearch.compress.ggml_quantize import quantize_blocks
+
+REFERENCE_QUANTIZERS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the types gguf-py quantizes itself
+
+
+def _random_fields(t, rows: int, cols: int, generator) -> BlockQuantized:
+    codes = torch.randint(0, t.code_levels, (rows, cols), generator=generator).to(torch.uint8)
+    blocks, subs = cols // t.block_size, cols // t.sub_block
+    d = (torch.randn(rows, blocks, generator=generator) * 0.01).half()
+    dmin = (torch.rand(rows, blocks, generator=generator) * 0.01).half() if t.has_min else None
+    scales = mins = None
+    if t.sub_scale_bits:
+        low, high = ((-(1 << (t.sub_scale_bits - 1)), (1 << (t.sub_scale_bits - 1)) - 1) if t.sub_scale_signed
+                     else (0, (1 << t.sub_scale_bits) - 1))
+        scales = torch.randint(low, high + 1, (rows, subs), generator=generator).to(torch.int16)
+        if t.sub_min_bits:
+            mins = torch.randint(0, 1 << t.sub_min_bits, (rows, subs), generator=generator).to(torch.int16)
+    return BlockQuantized(t, codes, d, dmin, scales, mins)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+def test_packed_blocks_are_what_llama_cpp_reads(name):
+    t = BLOCK_TYPES[name]
+    qtype = GGMLQuantizationType[name.upper()]
+    assert GGML_QUANT_SIZES[qtype] == (t.block_size, t.type_size)
+    q = _random_fields(t, 3, 512, torch.Generator().manual_seed(1))
+    data = pack(q)
+    assert data.shape == (3, 512 // t.block_size * t.type_size)
+    assert np.array_equal(dequantize(data, qtype), q.dequantize().numpy())
+    again = unpack(t, data, (3, 512))
+    for field in ("codes", "d", "dmin", "sub_scales", "sub_mins"):
+        assert (getattr(again, field) is None and getattr(q, field) is None) or torch.equal(getattr(again, field),
+                                                                                             getattr(q, field)), field
+
+
+@pytest.fixture(scope="module")
+def weights():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 512, generator=generator) * 0.05
+    weight[:, :8] *= 6  # a few outlier inputs, as real layers have
+    importance = torch.rand(512, generator=generator) + 0.1
+    return weight.half().float(), importance
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+def test_rounding_is_representable_and_uses_the_importance(weights, name):
+    weight, importance = weights
+    t = BLOCK_TYPES[name]
+    plain, weighted = quantize_blocks(weight, t), quantize_blocks(weight, t, importance)
+    for q in (plain, weighted):
+        assert np.array_equal(dequantize(pack(q), GGMLQuantizationType[name.upper()]), q.dequantize().numpy())
+
+    def weighted_error(q):
+        return float(((weight - q.dequantize()).square() * importance).sum())
+    assert weighted_error(weighted) <= weighted_error(plain) * 1.001
+
+
+@pytest.mark.parametrize("name", REFERENCE_QUANTIZERS)
+def test_rounding_beats_ggml_reference_rounding(weights, name):
+    weight, _ = weights
+    qtype = GGMLQuantizationType[name.upper()]
+    reference = torch.from_numpy(dequantize(quantize(weight.numpy(), qtype), qtype))
+    ours = quantize_blocks(weight, BLOCK_TYPES[name]).dequantize()
+    assert (weight - ours).norm() < (weight - reference).norm()
+
+
+def test_rows_the_block_does_not_divide_are_refused():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize_blocks(torch.randn(4, 576), BLOCK_TYPES["q4_k"])
