@@ -10,15 +10,20 @@ made from its config and tokenizer files.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from compsearch.compress.apply import layer_nbytes
 from compsearch.compress.ggml_blocks import BlockQuantized, pack
 from compsearch.compress.matrix import StoredMatrix
+from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -33,22 +38,10 @@ def export_gguf(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix], o
                 template: Path | None = None, tokenizer_dir: Path | None = None) -> Path:
     """Write `model` (compressed by `apply_plan_(..., keep_stored=True)`, which returned `stored`) to
     `out_path`. Metadata comes from the GGUF `template`, else from the config and `tokenizer_dir`."""
-    import gguf
-
     _check_plan(plan, stored)
-    config = model.config
-    arch = _architecture(template, config)
-    writer = gguf.GGUFWriter(str(out_path), arch)
-    if template is not None:
-        _copy_metadata(gguf.GGUFReader(str(template)), writer)
-    else:
-        _llama_metadata(writer, config, tokenizer_dir)
-    names = gguf.TensorNameMap(_model_arch(arch), config.num_hidden_layers)
-    for key, tensor in _tensors(model):
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise GGUFExportError(f"{key} has no GGUF tensor name for architecture {arch!r}")
-        data, raw_type = _tensor_data(key, tensor, stored.get(key), config, arch)
+    writer, arch = _writer(out_path, model.config, template, tokenizer_dir)
+    for gguf_name, key, tensor in _named_tensors(model, arch):
+        data, raw_type = _tensor_data(key, tensor, stored.get(key), model.config, arch)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
@@ -56,6 +49,77 @@ def export_gguf(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix], o
     writer.write_tensors_to_file()
     writer.close()
     return out_path
+
+
+@dataclass(frozen=True)
+class GGUFFileLayout:
+    """What a GGUF export of a model weighs, for any plan, without writing it: the header (metadata and
+    tensor directory, the same for every plan) and each tensor's data, padded as the file pads them."""
+
+    header_bytes: int
+    alignment: int
+    shapes: dict[str, tuple[int, ...]]  # state-dict key -> shape, every tensor the file holds
+
+    def file_nbytes(self, layers: list[LayerInfo], plan: Plan) -> int:
+        """The bytes of the .gguf file `export_gguf` writes for `plan`."""
+        planned = {f"{layer.name}.weight": layer for layer in layers}
+        total = self.header_bytes
+        for key, shape in self.shapes.items():
+            layer = planned.get(key)
+            if layer is not None:
+                nbytes = layer_nbytes(layer, plan[layer.name])
+            else:
+                nbytes = math.prod(shape) * (4 if len(shape) == 1 else 2)  # 1-D in F32, matrices in F16
+            total += -(-nbytes // self.alignment) * self.alignment
+        return total
+
+
+def gguf_file_layout(model: nn.Module, template: Path | None = None, tokenizer_dir: Path | None = None) -> GGUFFileLayout:
+    """The layout of `model`'s GGUF export (a meta-device skeleton will do: only names and shapes are read)."""
+    with tempfile.TemporaryDirectory(prefix="compsearch-gguf-header-") as folder:
+        path = Path(folder) / "header.gguf"
+        writer, arch = _writer(path, model.config, template, tokenizer_dir)
+        shapes = {}
+        for gguf_name, key, tensor in _named_tensors(model, arch):
+            shapes[key] = tuple(tensor.shape)
+            dtype = np.float32 if tensor.dim() == 1 else np.float16
+            writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.dtype(dtype), tensor.numel() * dtype().itemsize)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        size = path.stat().st_size
+    alignment = writer.data_alignment
+    return GGUFFileLayout(-(-size // alignment) * alignment, alignment, shapes)
+
+
+def _writer(path: Path, config, template: Path | None, tokenizer_dir: Path | None):
+    """A GGUF writer with the file's metadata, and the architecture's name."""
+    import gguf
+
+    arch = _architecture(template, config)
+    writer = gguf.GGUFWriter(str(path), arch)
+    if template is not None:
+        _copy_metadata(gguf.GGUFReader(str(template)), writer)
+    else:
+        _llama_metadata(writer, config, tokenizer_dir)
+    return writer, arch
+
+
+def _named_tensors(model: nn.Module, arch: str):
+    """(GGUF name, state-dict key, tensor) of every tensor llama.cpp loads, tied ones once."""
+    import gguf
+
+    names = gguf.TensorNameMap(_model_arch(arch), model.config.num_hidden_layers)
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key.endswith("rotary_emb.inv_freq") or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise GGUFExportError(f"{key} has no GGUF tensor name for architecture {arch!r}")
+        yield gguf_name, key, tensor.detach()
 
 
 def llama_quantize_types(model: nn.Module, plan: Plan, template: Path | None = None) -> str:
@@ -158,16 +222,6 @@ def _llama_metadata(writer, config, tokenizer_dir: Path | None) -> None:
 def _rope_theta(config) -> float:
     parameters = getattr(config, "rope_parameters", None) or {}
     return parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-
-
-def _tensors(model: nn.Module):
-    """(state-dict key, tensor) of every parameter and buffer llama.cpp loads, tied ones once."""
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=False).items():
-        if key.endswith("rotary_emb.inv_freq") or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        yield key, tensor
 
 
 def _tensor_data(key: str, tensor: torch.Tensor, matrix: StoredMatrix | None, config, arch: str):

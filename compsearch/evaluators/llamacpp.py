@@ -76,9 +76,9 @@ def llamacpp_latency(gguf_path: Path, settings: LatencySettings = LatencySetting
     import llama_cpp
 
     context = settings.prompt_tokens + settings.decode_tokens + 1
-    prompt = [1 + (i * 7919) % 1000 for i in range(settings.prompt_tokens)]  # fixed, in-vocabulary ids
     prompt_ms, decode_ms = [], []
     with loaded(gguf_path, context, threads) as model:
+        prompt = [1 + (i * 7919) % (model.n_vocab() - 1) for i in range(settings.prompt_tokens)]  # fixed ids
         for round_index in range(settings.warmup + settings.repeats):
             model.reset()
             started = time.perf_counter()

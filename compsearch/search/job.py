@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compsearch.compress import COMPRESS_VERSION, plan_nbytes
+from compsearch.compress import COMPRESS_VERSION, layer_nbytes, plan_nbytes
 from compsearch.evaluators import DataError, Windows, load_text, make_windows
 from compsearch.evaluators.bigbench import TaskError
 from compsearch.evaluators.metrics import is_task_metric
 from compsearch.evaluators.tasks import TaskSuite, task_column
 from compsearch.search.errors import UserError
-from compsearch.search.models import load_config, load_tokenizer, resolve_model
+from compsearch.search.models import gguf_template, load_config, load_tokenizer, resolve_model
 from compsearch.search.spec import JobSpec, parse_memory_budget
 from compsearch.spaces.layers import LayerInfo, count_params, head_is_tied, linear_layers, meta_model
 from compsearch.spaces.plan import Plan
@@ -37,6 +37,7 @@ class JobContext:
     smallest_plan_bytes: int
     largest_plan_bytes: int
     profile: Any = None  # the sensitivity profile, once measured (guided search)
+    gguf_layout: Any = None  # with latency in llama.cpp, a plan's memory is its GGUF file's bytes
 
     @property
     def base_bytes(self) -> int:
@@ -44,7 +45,8 @@ class JobContext:
         return self.total_params * 2
 
     def plan_bytes(self, plan: Plan) -> int:
-        return plan_nbytes(self.layers, plan, self.total_params)
+        """The bytes of what the plan deploys as: its GGUF file (llama.cpp studies), else its checkpoint."""
+        return plan_bytes(self.layers, plan, self.total_params, self.gguf_layout)
 
     def protocol(self) -> dict:
         """What a trial's numbers depend on besides its plan: the data protocol and the compression version."""
@@ -86,14 +88,16 @@ def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
     except DataError as err:
         raise UserError(str(err)) from None
     total_params = count_params(skeleton)
-    smallest, largest = memory_range(space, layers, total_params)
+    layout = _gguf_layout(spec, skeleton, model_ref) if spec.latency_runtime == "llamacpp" else None
+    smallest, largest = memory_range(space, layers, total_params, layout)
     budget = parse_memory_budget(spec.memory_budget, total_params * 2) if spec.memory_budget else None
     if budget is not None and budget < smallest:
         raise UserError(
             f"memory budget {spec.memory_budget} ({budget / 1e6:.1f} MB) is below the smallest plan in space "
             f"{spec.space!r}: {smallest / 1e6:.1f} MB ({smallest / (total_params * 2):.3f} of the 16-bit model); "
             "raise the budget or allow fewer bits, more sparsity or lower ranks")
-    return JobContext(spec, model_ref, space, layers, total_params, windows, budget, smallest, largest)
+    return JobContext(spec, model_ref, space, layers, total_params, windows, budget, smallest, largest,
+                      gguf_layout=layout)
 
 
 def check_task_objectives(spec: JobSpec, cache_dir: Path | None) -> None:
@@ -112,20 +116,34 @@ def check_task_objectives(spec: JobSpec, cache_dir: Path | None) -> None:
                             f"{', '.join(p + '<metric>' for p in prefixes)} (e.g. {prefixes[0]}acc); fix --objectives")
 
 
-def memory_range(space: Space, layers: list[LayerInfo], total_params: int) -> tuple[int, int]:
+def plan_bytes(layers: list[LayerInfo], plan: Plan, total_params: int, gguf_layout=None) -> int:
+    """A plan's bytes: its GGUF file's with a layout, else its checkpoint's (`compress.plan_nbytes`)."""
+    if gguf_layout is not None:
+        return gguf_layout.file_nbytes(layers, plan)
+    return plan_nbytes(layers, plan, total_params)
+
+
+def memory_range(space: Space, layers: list[LayerInfo], total_params: int, gguf_layout=None) -> tuple[int, int]:
     """Bytes of the smallest and largest plan the space can produce (each group chooses freely)."""
     choices = list(space.uniform_choices())
-    kept_bytes = plan_nbytes(layers, Plan(), total_params) - sum(layer.num_params * 2 for layer in layers)
-    smallest = largest = kept_bytes
-    for members in space.groups(layers).values():
-        sizes = [plan_nbytes(members, Plan({m.name: space.layer_plan(m, c) for m in members}), _params(members))
-                 for c in choices]
-        smallest, largest = smallest + min(sizes), largest + max(sizes)
-    return smallest, largest
+    groups = list(space.groups(layers).values())
+    smallest, largest = {}, {}
+    for members in groups:
+        sizes = [(sum(layer_nbytes(m, space.layer_plan(m, c)) for m in members), c) for c in choices]
+        smallest.update({m.name: space.layer_plan(m, min(sizes, key=lambda s: s[0])[1]) for m in members})
+        largest.update({m.name: space.layer_plan(m, max(sizes, key=lambda s: s[0])[1]) for m in members})
+    return (plan_bytes(layers, Plan(smallest), total_params, gguf_layout),
+            plan_bytes(layers, Plan(largest), total_params, gguf_layout))
 
 
-def _params(layers: list[LayerInfo]) -> int:
-    return sum(layer.num_params for layer in layers)
+def _gguf_layout(spec: JobSpec, skeleton, model_ref: str):
+    from compsearch.compress.gguf_export import GGUFExportError, gguf_file_layout
+
+    template = gguf_template(spec.model, Path(spec.gguf_template) if spec.gguf_template else None)
+    try:
+        return gguf_file_layout(skeleton, template, Path(model_ref))
+    except GGUFExportError as err:
+        raise UserError(str(err)) from None
 
 
 def check_writable(folder: Path) -> None:

@@ -7,10 +7,11 @@ import torch
 from gguf import GGUFReader
 
 from compsearch.compress import apply_plan_, layer_nbytes
-from compsearch.compress.gguf_export import GGUFExportError, export_gguf, llama_quantize_types
+from compsearch.compress.gguf_export import GGUFExportError, export_gguf, gguf_file_layout, llama_quantize_types
 from compsearch.evaluators import perplexity_and_kl
 from compsearch.evaluators.llamacpp import llamacpp_available, llamacpp_latency, llamacpp_perplexity
 from compsearch.evaluators.latency import LatencySettings
+from compsearch.spaces.layers import meta_model
 from compsearch.spaces.plan import LayerPlan, Plan
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp_available(),
@@ -50,6 +51,13 @@ def test_the_file_holds_the_plan_types_and_its_bytes(exported):
     planned = sum(layer_nbytes(layer, plan[layer.name]) for layer in layers)
     written = sum(int(tensors[name].n_bytes) for name in tensors if name.startswith("blk.") and "norm" not in name)
     assert written == planned
+
+
+def test_a_plans_file_bytes_are_known_before_it_is_written(exported, tiny_wide_dir):
+    compressed, plan, layers, _, path = exported
+    layout = gguf_file_layout(meta_model(compressed.config), tokenizer_dir=tiny_wide_dir)
+    assert layout.file_nbytes(layers, plan) == path.stat().st_size
+    assert layout.file_nbytes(layers, Plan()) > path.stat().st_size  # all-F16
 
 
 @needs_llamacpp
