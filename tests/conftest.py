@@ -47,6 +47,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wide_dir(tmp_path_factory) -> Path:
+    """A tiny Llama 256 wide: rows every GGUF type can hold."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-256"), hidden=256)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 

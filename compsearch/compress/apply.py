@@ -111,7 +111,7 @@ def apply_plan_(
 
 def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, keep_stored: bool,
             svd_cache: dict | None, applied: AppliedPlan) -> None:
-    _check_statistics(plan, input_norms, hessians)
+    _check_statistics(plan, input_norms, hessians, model)
     infos = {name: _planned_layer(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
     kept_index = remove_structure_(model, plan, hessians, applied.edits)
     for name, info in infos.items():
@@ -129,7 +129,7 @@ def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, kee
             linear.weight.data.copy_(matrix.weight)
             if keep_stored:
                 applied.stored[layout.key] = matrix
-        bias = targets[-1].bias
+        bias = getattr(targets[-1], "bias", None)  # an embedding has none
         if bias is not None:
             bias.data.copy_(bias.data.half().float())
 
@@ -141,8 +141,10 @@ def _planned_layer(model: nn.Module, name: str) -> LayerInfo:
         raise PlanError(f"the plan names {error}") from None
 
 
-def _check_statistics(plan: Plan, input_norms: dict, hessians: dict) -> None:
+def _check_statistics(plan: Plan, input_norms: dict, hessians: dict, model: nn.Module) -> None:
     for name, layer_plan in plan.layers.items():
+        if isinstance(model.get_submodule(name), nn.Embedding):
+            continue  # rows are looked up, not multiplied with inputs: there are no input statistics
         users = {need: [t.name for t in layer_plan.techniques() if need in t.needs] for need in (NORMS, HESSIAN)}
         if layer_plan.needs_norms and name not in input_norms:
             raise PlanError(f"{name} uses {', '.join(users[NORMS])}, which need calibration input "

@@ -16,7 +16,8 @@ from compsearch.evaluators.tasks import TaskSuite, task_column
 from compsearch.search.errors import UserError
 from compsearch.search.models import gguf_template, load_config, load_tokenizer, resolve_model
 from compsearch.search.spec import JobSpec, parse_memory_budget
-from compsearch.spaces.layers import LayerInfo, count_params, head_is_tied, linear_layers, meta_model
+from compsearch.spaces.layers import (LayerInfo, count_params, embedding_layers, head_is_tied, linear_layers,
+                                      meta_model)
 from compsearch.spaces.plan import Plan
 from compsearch.spaces.space import Space, SpaceError
 
@@ -67,10 +68,10 @@ def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
     if spec.include_lm_head and head_is_tied(skeleton):
         raise UserError("--include-lm-head: this model's output head shares its weight with the input embeddings, "
                         "so it cannot be compressed on its own; leave the head out")
-    layers = linear_layers(skeleton, spec.include_lm_head)
+    space = spec.search_space()
+    layers = linear_layers(skeleton, spec.include_lm_head) + (embedding_layers(skeleton) if space.embeddings else [])
     if not layers:
         raise UserError(f"model {spec.model!r} has no Linear layers to compress")
-    space = spec.search_space()
     try:
         space.check_layers(layers)
     except SpaceError as err:

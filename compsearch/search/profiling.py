@@ -32,12 +32,15 @@ class BlockReplay:
         decoder = model.get_decoder()
         self.blocks: nn.ModuleList | None = getattr(decoder, "layers", None)
         self.prefixes: list[str] = []
+        self.before_blocks: set[str] = set()
         self.outputs: list = []
         if not isinstance(self.blocks, nn.ModuleList):
             self.blocks = None  # an architecture without a plain block list: always run everything
             return
         names = {id(module): name for name, module in model.named_modules()}
         self.prefixes = [names[id(block)] + "." for block in self.blocks]
+        ordered = [name for name, _ in model.named_modules()]
+        self.before_blocks = set(ordered[:ordered.index(self.prefixes[0][:-1])]) if self.prefixes else set()
         handles = [block.register_forward_hook(lambda _m, _a, out: self.outputs.append(out)) for block in self.blocks]
         try:
             with torch.inference_mode():
@@ -47,7 +50,10 @@ class BlockReplay:
                 handle.remove()
 
     def first_changed(self, layer_names) -> int:
-        """Index of the first block holding one of the layers (the block count if none is in a block)."""
+        """Index of the first block holding one of the layers: 0 for a layer before the blocks (the token
+        embedding), the block count if all lie after them (the output head)."""
+        if any(name in self.before_blocks for name in layer_names):
+            return 0
         indices = [i for name in layer_names for i, prefix in enumerate(self.prefixes) if name.startswith(prefix)]
         return min(indices, default=len(self.prefixes))
 

@@ -57,9 +57,20 @@ def linear_layers(model: nn.Module, include_lm_head: bool = False) -> list[Layer
             if isinstance(module, nn.Linear) and (module is not head or include_lm_head)]
 
 
+def embedding_layers(model: nn.Module) -> list[LayerInfo]:
+    """The input token embedding as a layer a plan can quantize (rows: tokens; columns: hidden features).
+    A tied output head shares it, and changes with it."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    names = {id(module): name for name, module in model.named_modules()}
+    return [layer_info(model, names[id(embeddings)])] if isinstance(embeddings, nn.Embedding) else []
+
+
 def layer_info(model: nn.Module, name: str) -> LayerInfo:
-    """The `LayerInfo` of the Linear at `name`, with its attention's head geometry where it has one."""
+    """The `LayerInfo` of the Linear (or token embedding) at `name`, with its attention's head geometry
+    where it has one."""
     module = model.get_submodule(name)
+    if isinstance(module, nn.Embedding):
+        return LayerInfo(name, module.num_embeddings, module.embedding_dim)
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name!r} is a {type(module).__name__}, not a Linear layer")
     geometry = attention_geometry(model, name.rpartition(".")[0]) if name.rsplit(".", 1)[-1] in ATTENTION_KINDS else None

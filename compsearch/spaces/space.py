@@ -37,18 +37,21 @@ class Space:
     granularity.
     """
 
-    def __init__(self, name: str, granularity: str = "block", tie_fused: bool = True, **choices: Any):
+    def __init__(self, name: str, granularity: str = "block", tie_fused: bool = True, embeddings: bool = False,
+                 **choices: Any):
         unknown = set(choices) - set(CHOICE_FIELDS)
         if unknown:
             raise SpaceError(f"space options {sorted(unknown)} are unknown; use {list(CHOICE_FIELDS)}")
         self.name, self.granularity, self.tie_fused = name, granularity, tie_fused
+        self.embeddings = embeddings  # the token embedding is a layer of the plans too (its own group)
         # knob name -> the values offered, e.g. {"bits": (4, 16), "group_size": (128,), ...}
         self.choices = {knob.name: tuple(choices.get(knob.choices, knob.default)) for knob in KNOBS}
         self._validate()
 
     def __repr__(self) -> str:
         offered = ", ".join(f"{knob.choices}={self.choices[knob.name]}" for knob in KNOBS)
-        return f"Space({self.name!r}, {offered}, granularity={self.granularity!r}, tie_fused={self.tie_fused})"
+        return (f"Space({self.name!r}, {offered}, granularity={self.granularity!r}, tie_fused={self.tie_fused}, "
+                f"embeddings={self.embeddings})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Space) and repr(self) == repr(other)
@@ -134,7 +137,7 @@ class Space:
         offered = {knob.choices: self.choices[knob.name] for knob in KNOBS}
         offered.update({key: tuple(value) for key, value in overrides.items() if value is not None})
         return Space(self.name, self.granularity if granularity is None else granularity,
-                     self.tie_fused if tie_fused is None else tie_fused, **offered)
+                     self.tie_fused if tie_fused is None else tie_fused, self.embeddings, **offered)
 
     def check_layers(self, layers: list[LayerInfo]) -> None:
         """Refuse N:M patterns that do not divide a layer's input size, and head fractions for a model
@@ -224,8 +227,9 @@ SPACES: dict[str, Space] = {
     # Head fractions are rounded to whole heads per key/value group: 0.67 keeps 2 of SmolLM2's 3, 3 of Llama-3's 4.
     "structured": Space("structured", bits=(4, 8, 16), quant_methods=("gptq",),
                         channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5), head_fractions=(1.0, 0.67)),
-    # GGUF tensor types (llama.cpp), per projection (q/k/v and gate/up tied). f16 first: it is the "off" choice.
-    "gguf": Space("gguf", granularity="layer", quant_methods=(
+    # GGUF tensor types (llama.cpp), per projection (q/k/v and gate/up tied) and for the token embedding, as
+    # llama.cpp's own mixes choose them. f16 first: it is the "off" choice.
+    "gguf": Space("gguf", granularity="layer", embeddings=True, quant_methods=(
         "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_1", "q5_0", "q4_1", "q4_0")),
     "sota": Space("sota", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("gptq", "hqq"),
                   sparsities=("0", "0.5", "2:4"), prune_methods=("sparsegpt",), rank_fractions=(1.0, 0.5),

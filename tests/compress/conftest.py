@@ -26,14 +26,6 @@ def calibrated_tiny(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_wide_dir(tmp_path_factory):
-    """A tiny Llama 256 wide: rows every GGUF type can hold."""
-    from tests.conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-256"), hidden=256)
-
-
-@pytest.fixture(scope="session")
 def calibrated_wide(tiny_wide_dir):
     """The wide tiny Llama calibrated like `calibrated_tiny`."""
     return calibrated(tiny_wide_dir, seq_len=32, eval_windows=2, calib_windows=8)

@@ -25,6 +25,7 @@ def _plan(layers, last: LayerPlan) -> Plan:
             plans[layer.name] = LayerPlan(bits=4, quant_method="gptq", **structure)
         elif layer.kind == "o_proj":
             plans[layer.name] = LayerPlan(rank_fraction=0.25)
+    plans["model.embed_tokens"] = LayerPlan(bits=8, quant_method="q8_0")  # tied to the output head
     plans["model.layers.1.mlp.down_proj"] = last
     return Plan(plans)
 
@@ -41,6 +42,7 @@ def test_undo_restores_the_model_exactly(calibrated_tiny):
     after = _snapshot(model)
     assert after[1:] == before[1:]
     assert all(torch.equal(after[0][name], value) for name, value in before[0].items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor for both
 
 
 def test_a_plan_that_fails_part_way_leaves_the_model_as_it_was(calibrated_tiny):

@@ -1,0 +1,42 @@
+"""A study in the gguf space end to end: plans of GGUF types, each timed as a .gguf file in llama.cpp,
+its memory the file's bytes; the chosen plan exported as a file llama.cpp scores as the trial did."""
+import pandas as pd
+import pytest
+
+from compsearch.evaluators.llamacpp import llamacpp_available
+from compsearch.search.commands import RunOptions, export, submit
+from tests.search.helpers import tiny_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not llamacpp_available(), reason="llama-cpp-python is not installed (./install.sh --with-llamacpp)")]
+
+
+@pytest.fixture(scope="module")
+def gguf_study(tiny_wide_dir, ray_session, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    spec = tiny_spec(tiny_wide_dir, "gguf", space="gguf", objectives=("ppl", "memory", "latency"),
+                     latency_repeats=2, decode_tokens=4, latency_prompt_tokens=16)
+    options = RunOptions(results_dir=results, workers=2, cache_dir=tmp_path_factory.mktemp("cache"))
+    return submit(spec, 6, options), options
+
+
+def test_every_trial_is_a_gguf_file_timed_in_llama_cpp(gguf_study):
+    trials, _ = gguf_study
+    done = trials[trials["state"] == "COMPLETE"]
+    assert len(done) == 6
+    assert done["latency_runtime"].str.startswith("llama.cpp").all() and (done["latency_kernel"] == "real").all()
+    assert (done["gguf_file_bytes"] == done["memory_bytes"]).all()  # the plan's bytes are the file's bytes
+    assert done["latency_ms"].gt(0).all() and done["decode_ms"].gt(0).all()
+
+
+def test_the_exported_file_is_the_trial(gguf_study, tmp_path):
+    trials, options = gguf_study
+    out = tmp_path / "best.gguf"
+    summary = export("gguf", 1, out, options, verify=True, export_format="gguf")
+    best = trials[trials["rank"] == 1].iloc[0]
+    assert out.stat().st_size == best["memory_bytes"] == summary["file_bytes"]
+    assert abs(summary["llamacpp_ppl"] - best["ppl"]) / best["ppl"] < 0.01
+    types = tmp_path / "types.txt"
+    export("gguf", 1, types, options, export_format="llama-quantize")
+    assert all("=" in line for line in types.read_text().splitlines())
+    assert isinstance(pd.read_parquet(options.results_dir / "gguf" / "layers.parquet"), pd.DataFrame)
