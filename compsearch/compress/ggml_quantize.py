@@ -11,6 +11,8 @@ is exactly representable in the type (`ggml_blocks.pack`).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from compsearch.compress.ggml_blocks import BlockQuantized, BlockType
@@ -49,16 +51,17 @@ def _symmetric_fit(x: torch.Tensor, w: torch.Tensor, t: BlockType) -> torch.Tens
         grid = torch.tensor(t.grid, dtype=torch.float32)
         extreme = grid[0]
         steps = torch.arange(-7, 8, dtype=torch.float32)
-    else:
-        grid = torch.arange(t.code_levels, dtype=torch.float32) - t.code_offset
+        nearest = partial(_nearest, grid)
+    else:  # levels -offset .. levels - 1 - offset, one apart: rounding finds the nearest
         extreme = -float(t.code_offset)
         steps = SCALE_STEPS
+        nearest = partial(_clamped_round, -float(t.code_offset), float(t.code_levels - 1 - t.code_offset))
     signed_max = x.gather(2, x.abs().argmax(dim=2, keepdim=True))  # the value of largest magnitude, signed
     best_scale = signed_max / extreme
     best_error = torch.full_like(best_scale, float("inf"))
     for step in steps:
         inverse = (extreme + step) / signed_max.where(signed_max != 0, torch.ones_like(signed_max))
-        levels = _nearest(grid, x * inverse)
+        levels = nearest(x * inverse)
         scale = (w * x * levels).sum(2, keepdim=True) / (w * levels * levels).sum(2, keepdim=True).clamp(min=1e-30)
         error = (w * (x - scale * levels).square()).sum(2, keepdim=True)
         better = error < best_error
@@ -142,6 +145,10 @@ def _codes(x: torch.Tensor, q: BlockQuantized) -> torch.Tensor:
     grid = torch.tensor(t.grid, dtype=torch.float32)
     safe = scale.where(scale != 0, torch.ones_like(scale))
     return _nearest_index(grid, x / safe).to(torch.uint8)
+
+
+def _clamped_round(low: float, high: float, values: torch.Tensor) -> torch.Tensor:
+    return torch.round(values).clamp_(low, high)
 
 
 def _nearest(grid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
