@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import subprocess
 import time
@@ -55,6 +56,9 @@ from compsearch.spaces.plan import Plan  # noqa: E402
 
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "Q5_0", "Q4_0")  # one type everywhere
+# SmolLM2-135M's weights come from a Q4_1 GGUF: Q4_1 and Q5_1 (and Q5_K, which falls back to Q5_1 on its
+# 576-wide rows) hold that grid exactly and would look lossless; the study is not allowed to exploit it.
+STUDY_TYPES = ("f16", "q8_0", "q6_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_0", "q4_0")
 TOP_K = 1024
 THREADS = 2
 
@@ -72,7 +76,11 @@ def scores(path: Path, windows: torch.Tensor) -> list[torch.Tensor]:
 
 
 def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict:
-    """ppl, KL to the F16 file, speed, bytes and bits per weight of the decoder Linears, in llama.cpp."""
+    """ppl, KL to the F16 file, speed, bytes and bits per weight of the decoder Linears, in llama.cpp;
+    kept beside the file (FILE.json) so a rerun measures only new files."""
+    saved = path.with_suffix(".json")
+    if saved.exists() and saved.stat().st_mtime >= path.stat().st_mtime:
+        return json.loads(saved.read_text())
     nll, kl, tokens = 0.0, 0.0, 0
     for window, log_probs, reference in zip(windows, scores(path, windows), base):
         targets = window[1:]
@@ -83,8 +91,10 @@ def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict
     tensors = GGUFReader(str(path)).tensors
     linear = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2]
     bpw = 8 * sum(int(t.n_bytes) for t in linear) / sum(int(t.n_elements) for t in linear)
-    return {"file_bytes": path.stat().st_size, "bpw_linear": bpw, "ppl": float(np.exp(nll / tokens)),
-            "kl": kl / tokens, "pp_tok_s": speed["prefill_tok_s"], "tg_ms": speed["decode_ms"]}
+    result = {"file_bytes": path.stat().st_size, "bpw_linear": bpw, "ppl": float(np.exp(nll / tokens)),
+              "kl": kl / tokens, "pp_tok_s": speed["prefill_tok_s"], "tg_ms": speed["decode_ms"], "load": os.getloadavg()[0]}
+    saved.write_text(json.dumps(result))
+    return result
 
 
 def importance_matrix(tools: Path, f16: Path, calibration_text: Path, workdir: Path) -> Path:
@@ -130,8 +140,9 @@ def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, ref: str, 
 
 def compsearch_front(trials: int, workdir: Path) -> list[tuple[str, Path]]:
     options = RunOptions(results_dir=workdir / "results", workers=2, cache_dir=None,
-                         on_status=lambda line: print(line, flush=True))
-    spec = JobSpec(study="gguf-bench", space="gguf", objectives=("ppl", "memory"))
+                         on_status=lambda line: print(line, flush=True),
+                         on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
+    spec = JobSpec(study="gguf-bench", space="gguf", objectives=("ppl", "memory"), quant_methods=STUDY_TYPES)
     study_table = workdir / "results" / "gguf-bench" / "trials.parquet"
     table = pd.read_parquet(study_table) if study_table.exists() else submit(spec, trials, options)
     front = table[table["on_front"] & (table["feasible"] == True)].sort_values("rank")  # noqa: E712
