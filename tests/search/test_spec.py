@@ -33,3 +33,12 @@ def test_bad_specs_name_the_value(kwargs, fragment):
 def test_spec_round_trips_through_dict():
     spec = JobSpec(study="s", bits=(2, 4), objectives=("kl", "memory"), memory_budget="0.4")
     assert JobSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_latency_in_llama_cpp_needs_a_gguf_space():
+    assert JobSpec(study="g", space="gguf").latency_runtime == "llamacpp"
+    assert JobSpec(study="j").latency_runtime == "torch"
+    with pytest.raises(UserError, match="GGUF types only"):
+        JobSpec(study="j", runtime="llamacpp")
+    with pytest.raises(UserError, match="runtime 'onnx' is unknown"):
+        JobSpec(study="g", space="gguf", runtime="onnx")

@@ -66,3 +66,14 @@ def test_unknown_space_lists_valid_names():
 def test_nm_pattern_must_divide_inputs():
     with pytest.raises(SpaceError, match="divisible by 8"):
         Space("s", sparsities=("0", "4:8")).check_layers([LayerInfo("x", 8, 12)])
+
+
+def test_gguf_choices_set_the_bits_and_fall_back_where_rows_do_not_fit():
+    space = SPACES["gguf"]
+    down, q_proj = LayerInfo("model.layers.0.mlp.down_proj", 576, 1536), LayerInfo("model.layers.0.self_attn.q_proj", 576, 576)
+    assert (space.layer_plan(down, {"quant_method": "q4_k"}).bits, space.layer_plan(down, {"quant_method": "q4_k"}).quant_method) == (4, "q4_k")
+    assert space.layer_plan(q_proj, {"quant_method": "q4_k"}).quant_method == "q5_0"  # llama-quantize's fallback
+    assert space.layer_plan(q_proj, {"quant_method": "f16"}).is_identity
+    assert space.offered_types([q_proj])["q_proj (576 inputs)"]["q3_k"] == "iq4_nl"
+    with pytest.raises(SpaceError, match="leave q4_0 out"):
+        Space("g", quant_methods=("f16", "q4_0")).check_layers([LayerInfo("x", 8, 20)])
