@@ -20,7 +20,7 @@ if [[ "${1:-}" == "--with-llamacpp" ]]; then
     flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
     cmake_args="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
     for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
-                avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+                avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
         if [[ " $flags " == *" ${pair%%:*} "* ]]; then cmake_args+=" -DGGML_${pair##*:}=ON"; fi
     done
     CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \

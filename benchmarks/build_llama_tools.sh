@@ -13,7 +13,7 @@ flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
 cmake_args=(-DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
             -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF)
 for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
-            avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+            avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
     if [[ " $flags " == *" ${pair%%:*} "* ]]; then cmake_args+=("-DGGML_${pair##*:}=ON"); fi
 done
 cmake -S "$work"/llama_cpp_python-*/vendor/llama.cpp -B "$work/build" "${cmake_args[@]}"
