@@ -45,7 +45,7 @@ from common import write_table  # noqa: E402
 from compsearch.compress import apply_plan_, input_norms  # noqa: E402
 from compsearch.compress.gguf_export import export_gguf  # noqa: E402
 from compsearch.evaluators import LatencySettings, load_text, make_windows  # noqa: E402
-from compsearch.evaluators.llamacpp import llamacpp_latency, loaded  # noqa: E402
+from compsearch.evaluators.llamacpp import llamacpp_latency, llamacpp_log_probs  # noqa: E402
 from compsearch.evaluators.quality import TopKLogProbs  # noqa: E402
 from compsearch.search.commands import RunOptions, export, submit  # noqa: E402
 from compsearch.search.models import default_gguf_path, load_model, load_tokenizer, resolve_model  # noqa: E402
@@ -63,18 +63,6 @@ TOP_K = 1024
 THREADS = 2
 
 
-def scores(path: Path, windows: torch.Tensor) -> list[torch.Tensor]:
-    """llama.cpp's log-probabilities of every predicted position, window by window."""
-    out = []
-    with loaded(path, windows.shape[1], THREADS, all_logits=True) as model:
-        for window in windows.tolist():
-            model.reset()
-            model.eval(window)
-            logits = torch.from_numpy(np.array(model.scores[:len(window) - 1], dtype=np.float32))
-            out.append(torch.log_softmax(logits, dim=-1))
-    return out
-
-
 def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict:
     """ppl, KL to the F16 file, speed, bytes and bits per weight of the decoder Linears, in llama.cpp;
     kept beside the file (FILE.json) so a rerun measures only new files."""
@@ -82,7 +70,7 @@ def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict
     if saved.exists() and saved.stat().st_mtime >= path.stat().st_mtime:
         return json.loads(saved.read_text())
     nll, kl, tokens = 0.0, 0.0, 0
-    for window, log_probs, reference in zip(windows, scores(path, windows), base):
+    for window, log_probs, reference in zip(windows, llamacpp_log_probs(path, windows, THREADS), base):
         targets = window[1:]
         nll -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
         kl += reference.kl_sum(log_probs)
@@ -191,7 +179,8 @@ def main() -> None:
         export_gguf(model, Plan(), {}, f16, default_gguf_path(), Path(ref))
     calibration_text = args.workdir / "calibration.txt"
     calibration_text.write_text(tokenizer.decode(windows.calib_ids.reshape(-1).tolist()))
-    base = [TopKLogProbs.from_log_probs(log_probs, TOP_K) for log_probs in scores(f16, windows.eval_ids)]
+    base = [TopKLogProbs.from_log_probs(log_probs, TOP_K)
+            for log_probs in llamacpp_log_probs(f16, windows.eval_ids, THREADS)]
     imatrix = importance_matrix(args.llama_tools, f16, calibration_text, args.workdir)
     files = [("llama.cpp", "F16", False, f16)]
     if "presets" in parts:

@@ -131,20 +131,17 @@ def _codes(x: torch.Tensor, q: BlockQuantized) -> torch.Tensor:
     """The nearest code of every weight under the scales (and offsets) as stored."""
     t = q.type
     rows, cols = x.shape
-    zero = BlockQuantized(t, torch.full((rows, cols), t.code_offset, dtype=torch.uint8) if t.grid is None
-                          else torch.zeros(rows, cols, dtype=torch.uint8), q.d, q.dmin, q.sub_scales, q.sub_mins)
-    one = BlockQuantized(t, zero.codes + 1, q.d, q.dmin, q.sub_scales, q.sub_mins)
-    base, step = zero.dequantize(), None
-    if t.grid is None:
-        step = one.dequantize() - base  # the value of one code step (the effective scale)
-        safe = step.where(step != 0, torch.ones_like(step))
-        codes = torch.round((x - base) / safe) + (t.code_offset if t.grid is None else 0)
-        codes = codes.where(step != 0, torch.full_like(codes, float(t.code_offset)))
-        return codes.clamp(0, t.code_levels - 1).to(torch.uint8)
-    scale = q.d.float().repeat_interleave(t.block_size, dim=1)
-    grid = torch.tensor(t.grid, dtype=torch.float32)
-    safe = scale.where(scale != 0, torch.ones_like(scale))
-    return _nearest_index(grid, x / safe).to(torch.uint8)
+    if t.grid is not None:  # a level table scaled by d
+        scale = q.d.float().repeat_interleave(t.block_size, dim=1)
+        safe = scale.where(scale != 0, torch.ones_like(scale))
+        return _nearest_index(torch.tensor(t.grid, dtype=torch.float32), x / safe).to(torch.uint8)
+    # evenly spaced levels: the value of the zero code (the offset) and of one step, as dequantized
+    at_zero = torch.full((rows, cols), t.code_offset, dtype=torch.uint8)
+    base = BlockQuantized(t, at_zero, q.d, q.dmin, q.sub_scales, q.sub_mins).dequantize()
+    step = BlockQuantized(t, at_zero + 1, q.d, q.dmin, q.sub_scales, q.sub_mins).dequantize() - base
+    safe = step.where(step != 0, torch.ones_like(step))
+    codes = (torch.round((x - base) / safe) + t.code_offset).where(step != 0, torch.full_like(x, float(t.code_offset)))
+    return codes.clamp(0, t.code_levels - 1).to(torch.uint8)
 
 
 def _clamped_round(low: float, high: float, values: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,18 +54,24 @@ def loaded(gguf_path: Path, context_tokens: int, threads: int | None = None, all
         model.close()
 
 
-def llamacpp_perplexity(gguf_path: Path, windows: torch.Tensor, threads: int | None = None) -> dict[str, float]:
-    """`ppl` and `nll` of the file over `windows` (token ids, BOS first), every position scored."""
-    nll_sum, tokens = 0.0, 0
+def llamacpp_log_probs(gguf_path: Path, windows: torch.Tensor, threads: int | None = None) -> Iterator[torch.Tensor]:
+    """For each window (token ids, BOS first), evaluated from an empty cache: llama.cpp's log-probabilities
+    of every predicted position (window length - 1 rows)."""
     with loaded(gguf_path, windows.shape[1], threads, all_logits=True) as model:
         for window in windows.tolist():
             model.reset()
             model.eval(window)
             logits = torch.from_numpy(np.array(model.scores[:len(window) - 1], dtype=np.float32))
-            log_probs = torch.log_softmax(logits, dim=-1)
-            targets = torch.tensor(window[1:])
-            nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
-            tokens += len(targets)
+            yield torch.log_softmax(logits, dim=-1)
+
+
+def llamacpp_perplexity(gguf_path: Path, windows: torch.Tensor, threads: int | None = None) -> dict[str, float]:
+    """`ppl` and `nll` of the file over `windows` (token ids, BOS first), every position scored."""
+    nll_sum, tokens = 0.0, 0
+    for window, log_probs in zip(windows, llamacpp_log_probs(gguf_path, windows, threads)):
+        targets = window[1:]
+        nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
+        tokens += len(targets)
     return {"ppl": math.exp(nll_sum / tokens), "nll": nll_sum / tokens}
 
 

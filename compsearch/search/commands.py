@@ -191,9 +191,7 @@ def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: Ru
         if export_format == "llama-quantize":
             out_path.write_text(llama_quantize_types(meta_model(load_config(ctx.model_ref)), plan, template))
             return summary
-        settings = WorkerSettings(batch_size=spec.batch_size, with_kl=False, trust_remote_code=spec.trust_remote_code)
-        evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, settings)
-        model, stored = evaluator.compressed_model(plan, keep_stored=True)
+        model, stored = _export_evaluator(spec, ctx).compressed_model(plan, keep_stored=True)
         say(f"writing {out_path}")
         export_gguf(model, plan, stored, out_path, template, Path(ctx.model_ref))
     except GGUFExportError as err:
@@ -210,11 +208,16 @@ def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: Ru
     return summary
 
 
+def _export_evaluator(spec: JobSpec, ctx: JobContext) -> TrialEvaluator:
+    """The base model, ready to compress a plan for export (no KL, no latency)."""
+    settings = WorkerSettings(batch_size=spec.batch_size, with_kl=False, trust_remote_code=spec.trust_remote_code)
+    return TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, settings)
+
+
 def _export_checkpoint(spec: JobSpec, plan: Plan, out_dir: Path, options: RunOptions, verify: bool,
                        distill: DistillSettings | None, say: Callable[[str], None]) -> dict:
     ctx = prepare_job(spec, options.cache_dir)
-    settings = WorkerSettings(batch_size=spec.batch_size, with_kl=False, trust_remote_code=spec.trust_remote_code)
-    evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, settings)
+    evaluator = _export_evaluator(spec, ctx)
     model, stored = evaluator.compressed_model(plan, keep_stored=True)
     result = {}
     if distill is not None:
