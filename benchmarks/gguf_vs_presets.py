@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from gguf import GGUFReader  # noqa: E402
 
 from common import write_table  # noqa: E402
-from compsearch.compress import apply_plan_, input_norms  # noqa: E402
+from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa: E402
 from compsearch.compress.gguf_export import export_gguf  # noqa: E402
 from compsearch.evaluators import LatencySettings, load_text, make_windows  # noqa: E402
 from compsearch.evaluators.llamacpp import llamacpp_latency, llamacpp_log_probs  # noqa: E402
@@ -105,11 +105,12 @@ def llama_cpp_presets(tools: Path, f16: Path, imatrix: Path, workdir: Path) -> l
     return files
 
 
-def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, ref: str, norms: dict,
+def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, ref: str, statistics: tuple[dict, dict],
                         workdir: Path) -> list[tuple[str, str, Path]]:
     """Type by type: llama-quantize --pure with the importance matrix, and compsearch's rounding, both
     putting one type on every Linear and the token embedding (with llama.cpp's fallbacks on rows a
-    K-type cannot hold), so the files hold the same tensor types and differ only in rounding."""
+    K-type cannot hold), so the files hold the same tensor types and differ only in rounding.
+    `statistics`: the calibration input norms and Hessians of the Linears."""
     space = get_space("gguf")
     layers = linear_layers(model) + embedding_layers(model)
     files = []
@@ -120,7 +121,8 @@ def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, ref: str, 
         if not ours.exists():
             plan = Plan({layer.name: space.layer_plan(layer, {"quant_method": kind.lower()}) for layer in layers})
             compressed = copy.deepcopy(model)
-            stored = apply_plan_(compressed, plan, norms, keep_stored=True).stored
+            norms, hessians = statistics
+            stored = apply_plan_(compressed, plan, norms, keep_stored=True, hessians=hessians).stored
             export_gguf(compressed, plan, stored, ours, default_gguf_path(), Path(ref))
         files += [(f"pure {kind}", "llama.cpp", theirs), (f"pure {kind}", "compsearch", ours)]
     return files
@@ -187,9 +189,10 @@ def main() -> None:
         files += [("llama.cpp", preset, matrix, path)
                   for preset, matrix, path in llama_cpp_presets(args.llama_tools, f16, imatrix, args.workdir)]
     if "types" in parts:
-        norms = input_norms(model, windows.calib_ids, [layer.name for layer in linear_layers(model)])
+        names = [layer.name for layer in linear_layers(model)]
+        statistics = input_norms(model, windows.calib_ids, names), input_hessians(model, windows.calib_ids, names)
         files += [(source, name, True, path) for name, source, path in
-                  one_type_everywhere(args.llama_tools, f16, imatrix, model, ref, norms, args.workdir)]
+                  one_type_everywhere(args.llama_tools, f16, imatrix, model, ref, statistics, args.workdir)]
     if "study" in parts:
         files += [("compsearch", name, True, path) for name, path in compsearch_front(args.trials, args.workdir)]
     rows = []

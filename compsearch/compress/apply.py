@@ -13,6 +13,7 @@ from compsearch.compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, 
 from compsearch.compress.prune import kept_count
 from compsearch.compress.storage import FLOAT_BITS
 from compsearch.compress.techniques import FACTORIZATIONS, HESSIAN, NORMS
+from compsearch.compress.variants import VariantCache
 from compsearch.compress.structured import regroup_heads_, remove_structure_
 from compsearch.spaces.layers import LayerInfo, layer_info
 from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
@@ -85,6 +86,7 @@ def apply_plan_(
     svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
     undoable: bool = False,
+    variants: VariantCache | None = None,
 ) -> AppliedPlan:
     """Compress the planned layers of `model` in place.
 
@@ -97,11 +99,12 @@ def apply_plan_(
     the same base model many times computes each once.
     Returns the stored matrices by state-dict key when `keep_stored` (needed to write a checkpoint), and
     the modules changed, with copies of their originals when `undoable` (then a failure part-way
-    restores them before it is raised).
+    restores them before it is raised). `variants` (a worker's cache) supplies and keeps compressed
+    matrices by layer plan, so each variant of a layer is computed once.
     """
     applied = AppliedPlan({}, ModelEdits(undoable))
     try:
-        _apply_(model, plan, input_norms or {}, hessians or {}, keep_stored, svd_cache, applied)
+        _apply_(model, plan, input_norms or {}, hessians or {}, keep_stored, svd_cache, variants, applied)
     except BaseException:
         if undoable:  # nothing is left half-applied
             applied.edits.undo_(model)
@@ -110,7 +113,7 @@ def apply_plan_(
 
 
 def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, keep_stored: bool,
-            svd_cache: dict | None, applied: AppliedPlan) -> None:
+            svd_cache: dict | None, variants: VariantCache | None, applied: AppliedPlan) -> None:
     _check_statistics(plan, input_norms, hessians, model)
     infos = {name: _planned_layer(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
     kept_index = remove_structure_(model, plan, hessians, applied.edits)
@@ -125,7 +128,11 @@ def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, kee
         else:
             targets, all_stats = [module], [stats]
         for layout, linear, matrix_stats in zip(layouts, targets, all_stats):
-            matrix = compress_matrix(linear.weight.data, layout, layer_plan, matrix_stats)
+            matrix = variants.get(layout.key, layer_plan) if variants is not None else None
+            if matrix is None:
+                matrix = compress_matrix(linear.weight.data, layout, layer_plan, matrix_stats)
+                if variants is not None:
+                    variants.put(layout.key, layer_plan, matrix)
             linear.weight.data.copy_(matrix.weight)
             if keep_stored:
                 applied.stored[layout.key] = matrix

@@ -16,8 +16,8 @@ import torch
 
 from compsearch.compress.formats import FORMATS, StorageFormat
 from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized, BlockType, pack, unpack
-from compsearch.compress.ggml_quantize import quantize_blocks
-from compsearch.compress.techniques import NORMS, QUANTIZERS, Quantizer
+from compsearch.compress.ggml_quantize import quantize_blocks, quantize_blocks_gptq
+from compsearch.compress.techniques import HESSIAN, NORMS, QUANTIZERS, Quantizer
 
 # What llama-quantize uses where a row length does not suit a K-type (llama-quant.cpp).
 FALLBACKS = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
@@ -52,6 +52,9 @@ class GGMLFormat(StorageFormat):
 
 def _quantizer(block_type: BlockType):
     def quantize(values, bits, group_size, stats, keep, key):
+        if stats.hessian is not None:  # error-compensating fill; its diagonal is the importance
+            return quantize_blocks_gptq(values, block_type, stats.hinv_factor(key, activation_order=True),
+                                        stats.activation_order(), torch.diagonal(stats.hessian), keep)
         importance = stats.norms.square() if stats.norms is not None else None  # proportional to mean x^2
         if keep is not None:  # pruned weights are stored as codes too, but must not steer the scales
             values = values * keep
@@ -61,6 +64,6 @@ def _quantizer(block_type: BlockType):
 
 for _type in BLOCK_TYPES.values():
     FORMATS.register(GGMLFormat(_type))
-    QUANTIZERS.register(Quantizer(_type.name, _type.name, _quantizer(_type), needs=frozenset({NORMS}),
+    QUANTIZERS.register(Quantizer(_type.name, _type.name, _quantizer(_type), needs=frozenset({NORMS, HESSIAN}),
                                   bits=(_type.bits,), fallback=FALLBACKS.get(_type.name)))
 GGUF_TYPES = tuple(BLOCK_TYPES)

@@ -49,24 +49,35 @@ class MatrixStats:
     hessian: torch.Tensor | None = None  # X^T X / tokens
     cache: dict | None = None
     cache_key: str | None = None
-    _factor: torch.Tensor | None = field(default=None, repr=False)
+    _factors: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def has(self, needs: frozenset[str]) -> bool:
         """Whether the statistics named in `needs` (`norms`, `hessian`) are here."""
         present = {NORMS: self.norms is not None, HESSIAN: self.hessian is not None}
         return all(present[need] for need in needs)
 
-    def hinv_factor(self, name: str) -> torch.Tensor:
+    def hinv_factor(self, name: str, activation_order: bool = False) -> torch.Tensor:
+        """The upper Cholesky factor of H^-1 (`gptq.inverse_hessian_factor`); with `activation_order`,
+        of H with its rows and columns in `activation_order()`."""
         if self.hessian is None:
             raise PlanError(f"{name}: GPTQ/SparseGPT need calibration Hessians; compute them first")
-        if self._factor is None:
-            if self.cache is not None and self.cache_key in self.cache:
-                self._factor = self.cache[self.cache_key]
+        if activation_order not in self._factors:
+            cache = self.cache if self.cache_key is not None else None
+            key = f"{self.cache_key}{'#act' if activation_order else ''}"
+            if cache is not None and key in cache:
+                factor = cache[key]
             else:
-                self._factor = inverse_hessian_factor(self.hessian)
-                if self.cache is not None and self.cache_key is not None:
-                    self.cache[self.cache_key] = self._factor
-        return self._factor
+                order = self.activation_order()
+                factor = inverse_hessian_factor(self.hessian[order][:, order] if activation_order else self.hessian)
+                if cache is not None:
+                    cache[key] = factor
+            self._factors[activation_order] = factor
+        return self._factors[activation_order]
+
+    def activation_order(self) -> torch.Tensor:
+        """Input features by decreasing mean square activation (the Hessian's diagonal), as GPTQ's
+        `act_order` takes them."""
+        return torch.argsort(torch.diagonal(self.hessian), descending=True, stable=True)
 
 
 def compress_matrix(weight: torch.Tensor, layout: MatrixLayout, plan: LayerPlan,

@@ -1,8 +1,9 @@
 """How much host memory a worker needs, and whether the local machine holds the workers asked for.
 
-A worker holds the base model in float32, a compressed copy of it while a trial runs, and, when the
-space uses calibration Hessians (GPTQ, SparseGPT, whitened low-rank, structured pruning), X^T X of
-every distinct layer input plus about as much again in cached inverse factors and SVDs. Checked
+A worker holds the base model in float32, a compressed copy of it while a trial runs, the compressed
+layer variants it keeps (`compress.variants`), and, when the space uses calibration Hessians (GPTQ,
+SparseGPT, whitened low-rank, structured pruning, GGUF types), X^T X of every distinct layer input plus
+about twice as much again in cached inverse factors (natural and activation order) and SVDs. Checked
 against the memory available before the workers start (local Ray only: a cluster's nodes differ),
 so a job that would be killed by the out-of-memory monitor is told how many workers fit instead.
 Measured on SmolLM2-135M (structured space, 2 workers): peaks of 3.2-4.1 GiB per worker; estimated 3.8 GiB.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import psutil
 
 from compsearch.compress.calibration import shared_input_key
+from compsearch.compress.variants import variant_cache_bytes
 from compsearch.search.job import JobContext
 
 FLOAT32_BYTES = 4
@@ -32,8 +34,8 @@ def worker_memory_bytes(ctx: JobContext) -> int:
     statistics = 0
     if needs_hessians(ctx):
         inputs = {shared_input_key(layer.name): layer.in_features for layer in ctx.layers}
-        statistics = 2 * sum(size * size for size in inputs.values()) * FLOAT32_BYTES  # X^T X and cached factors
-    return models + statistics + RUNTIME_BYTES
+        statistics = 3 * sum(size * size for size in inputs.values()) * FLOAT32_BYTES  # X^T X and cached factors
+    return models + variant_cache_bytes(ctx.total_params) + statistics + RUNTIME_BYTES
 
 
 def memory_warning(ctx: JobContext, workers: int, available_bytes: int | None = None) -> str | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from compsearch.compress import apply_plan_, input_hessians, input_norms
+from compsearch.compress.variants import VariantCache, variant_cache_bytes
 from compsearch.evaluators import base_log_probs, perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.evaluators.measure import GGUFTarget, Measurements
@@ -98,6 +99,7 @@ class TrialEvaluator:
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._input_hessians: dict[str, torch.Tensor] | None = None
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
+        self.variants = VariantCache(variant_cache_bytes(sum(p.numel() for p in self.model.parameters())))
         self._profile: tuple | None = None  # profiling windows, their base log-probs, the block replay
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -134,7 +136,7 @@ class TrialEvaluator:
         norms = self.input_norms(self._linear_names()) if any(lp.needs_norms for lp in wanted) else None
         hessians = self.input_hessians(self._linear_names()) if any(lp.needs_hessian for lp in wanted) else None
         return apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
-                           hessians=hessians, undoable=undoable)
+                           hessians=hessians, undoable=undoable, variants=self.variants)
 
     def evaluate(self, plan_json: str) -> dict:
         """Metrics of one plan: `ppl` (and `kl`, task metrics, measured and predicted latency when asked),

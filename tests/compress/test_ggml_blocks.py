@@ -6,7 +6,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 
 from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized, pack, unpack
-from compsearch.compress.ggml_quantize import quantize_blocks
+from compsearch.compress.ggml_quantize import quantize_blocks, quantize_blocks_gptq
+from compsearch.compress.matrix import MatrixStats
 
 REFERENCE_QUANTIZERS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the types gguf-py quantizes itself
 
@@ -70,6 +71,44 @@ def test_rounding_beats_ggml_reference_rounding(weights, name):
     reference = torch.from_numpy(dequantize(quantize(weight.numpy(), qtype), qtype))
     ours = quantize_blocks(weight, BLOCK_TYPES[name]).dequantize()
     assert (weight - ours).norm() < (weight - reference).norm()
+
+
+@pytest.fixture(scope="module")
+def calibration(weights):
+    """Correlated inputs with a few loud features, and the statistics GPTQ reads."""
+    generator = torch.Generator().manual_seed(2)
+    mixing = torch.randn(512, 512, generator=generator) / 512 ** 0.5 + torch.eye(512)
+    inputs = torch.randn(2048, 512, generator=generator) @ mixing
+    inputs[:, 100:104] *= 8
+    return MatrixStats(hessian=inputs.T @ inputs / len(inputs))
+
+
+def _output_error(weight: torch.Tensor, q: BlockQuantized, hessian: torch.Tensor) -> float:
+    delta = weight - q.dequantize()
+    return float((delta @ hessian * delta).sum())
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+def test_error_compensating_fill_lowers_the_output_error(weights, calibration, name):
+    weight, _ = weights
+    t, hessian = BLOCK_TYPES[name], calibration.hessian
+    order = calibration.activation_order()
+    assert order[0] in range(100, 104) and sorted(order.tolist()) == list(range(512))
+    rounded = quantize_blocks(weight, t, torch.diagonal(hessian))
+    filled = quantize_blocks_gptq(weight, t, calibration.hinv_factor("w", activation_order=True), order,
+                                  torch.diagonal(hessian))
+    assert np.array_equal(dequantize(pack(filled), GGMLQuantizationType[name.upper()]), filled.dequantize().numpy())
+    assert _output_error(weight, filled, hessian) < 0.8 * _output_error(weight, rounded, hessian)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q6_k"])
+def test_error_compensating_fill_keeps_pruned_weights_at_zero(weights, calibration, name):
+    weight, _ = weights
+    keep = torch.rand(weight.shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    filled = quantize_blocks_gptq(weight, BLOCK_TYPES[name], calibration.hinv_factor("w", activation_order=True),
+                                  calibration.activation_order(), keep=keep)
+    values = filled.dequantize()
+    assert torch.all(values[~keep] == 0) and (values[keep] != 0).float().mean() > 0.75
 
 
 def test_rows_the_block_does_not_divide_are_refused():
