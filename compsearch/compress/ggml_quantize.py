@@ -23,7 +23,7 @@ from functools import partial
 import torch
 
 from compsearch.compress.ggml_blocks import BlockQuantized, BlockType
-from compsearch.compress.gptq import BLOCK_COLUMNS
+from compsearch.compress.gptq import compensated_rounding
 
 SCALE_STEPS = torch.arange(-9, 10, dtype=torch.float32) * 0.1  # symmetric grids: nmax + step
 AFFINE_STEPS = torch.arange(0, 21, dtype=torch.float32) * 0.1 - 1.0  # make_qkx2_quants: rmin -1, rdelta 0.1
@@ -55,35 +55,14 @@ def quantize_blocks(weight: torch.Tensor, block_type: BlockType, importance: tor
 def quantize_blocks_gptq(weight: torch.Tensor, block_type: BlockType, hinv_factor: torch.Tensor,
                          order: torch.Tensor, importance: torch.Tensor | None = None,
                          keep: torch.Tensor | None = None) -> BlockQuantized:
-    """`weight` in `block_type` with GPTQ's error compensation, columns taken in `order` (a permutation
-    of the input features: most active first) and rounded under the scales `quantize_blocks` fits to
-    the original weights ("static groups": the stored layout is unchanged by the order).
-    `hinv_factor` is the upper Cholesky factor of the inverse calibration Hessian with rows and columns
-    in `order` (`MatrixStats.hinv_factor(..., activation_order=True)`). With a keep mask, pruned
-    weights are rounded as 0 and their removal error is compensated too."""
-    rows, cols = weight.shape
-    _check_row_length(cols, block_type)
-    if hinv_factor.shape != (cols, cols) or order.shape != (cols,):
-        raise ValueError(f"GPTQ needs a {cols}x{cols} inverse Hessian factor and a column order of {cols}, "
-                         f"got {tuple(hinv_factor.shape)} and {tuple(order.shape)}")
+    """`weight` in `block_type` with GPTQ's error compensation (`gptq.compensated_rounding`), columns taken
+    in `order` (most active input first) and rounded under the scales `quantize_blocks` fits to the
+    original weights, so the stored layout is the type's. `hinv_factor`: of H in `order`
+    (`MatrixStats.hinv_factor(..., activation_order=True)`)."""
+    _check_row_length(weight.shape[1], block_type)
     x = weight.float() if keep is None else weight.float() * keep
     q = quantize_blocks(x, block_type, importance)
-    round_column = _column_rounder(q)
-    work = x[:, order].t().contiguous()  # one row per column, in rounding order
-    kept = keep[:, order].t() if keep is not None else None
-    codes = q.codes.clone()
-    for start in range(0, cols, BLOCK_COLUMNS):
-        end = min(start + BLOCK_COLUMNS, cols)
-        batch, factor = work[start:end].clone(), hinv_factor[start:end, start:end]
-        errors = torch.zeros_like(batch)
-        for i in range(end - start):
-            column = int(order[start + i])
-            target = batch[i] if kept is None else batch[i] * kept[start + i]
-            codes[:, column], value = round_column(target, column)
-            errors[i] = (batch[i] - value) / factor[i, i]
-            batch[i:] -= factor[i, i:].unsqueeze(1) * errors[i].unsqueeze(0)
-        work[end:] -= hinv_factor[start:end, end:].t() @ errors
-    q.codes = codes
+    q.codes = compensated_rounding(x, hinv_factor, order, _column_rounder(q), keep)
     return q
 
 

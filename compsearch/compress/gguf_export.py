@@ -28,6 +28,9 @@ from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
 SKIPPED_TEMPLATE_KEYS = ("general.architecture", "general.file_type")  # written anew
+# Gemma's RMSNorm scales by (1 + weight): llama.cpp's files store 1 + weight (transformers' loader
+# subtracts the 1 again), so an export adds it back.
+UNIT_OFFSET_NORM_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
 class GGUFExportError(ValueError):
@@ -232,7 +235,10 @@ def _tensor_data(key: str, tensor: torch.Tensor, matrix: StoredMatrix | None, co
         data = pack(matrix.quantized)
         raw_type = gguf.GGMLQuantizationType[matrix.quantized.type.name.upper()]
     elif tensor.dim() == 1:
-        data, raw_type = tensor.detach().float().numpy().astype(np.float32), None
+        values = tensor.detach().float()
+        if arch in UNIT_OFFSET_NORM_ARCHS and key.endswith("norm.weight"):
+            values = values + 1
+        data, raw_type = values.numpy().astype(np.float32), None
     else:
         data, raw_type = tensor.detach().to(torch.float16).numpy(), None
     return (data[rows] if rows is not None else data), raw_type

@@ -4,14 +4,19 @@ Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-tr
 (2022). Columns are quantized left to right; the error of a column is spread over the columns not yet
 quantized through the upper Cholesky factor of H^-1 (H = X^T X of the layer's calibration inputs),
 which minimizes ||X W^T - X Q^T|| column by column. Lazy batch updates in blocks of 128 columns.
-Columns are taken in their natural order (no act-order) so group g always covers inputs
-[g * group_size, (g + 1) * group_size) and the stored format is the one RTN uses.
+Group g always covers inputs [g * group_size, (g + 1) * group_size), so the stored format is the one RTN
+uses. Without a column order, columns are taken in their natural order and a group's scale is set when
+its first column is reached (the reference code's default); with activation order (most active input
+first, as GPTQ's `act_order`), every group's scale and zero point are set beforehand from the original
+weights ("static" groups) and `compensated_rounding` takes the columns in that order.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from compsearch.compress.quantize import QuantizedMatrix, group_scale_zero, round_to_grid
+from compsearch.compress.quantize import QuantizedMatrix, grouped_columns, group_scale_zero, round_to_grid
 
 BLOCK_COLUMNS = 128
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added to the diagonal, as in the reference code
@@ -38,15 +43,50 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> t
     return torch.linalg.cholesky(inverse, upper=True).float()
 
 
+ColumnRounder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def compensated_rounding(weight: torch.Tensor, hinv_factor: torch.Tensor, order: torch.Tensor,
+                         round_column: ColumnRounder, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ's column loop on any grid: the uint8 codes (rows, cols) of `weight`.
+
+    Columns are taken in `order` (a permutation of the inputs); `round_column(values, column)` gives
+    the codes and values of input `column` on the grid, whose scales are fixed beforehand;
+    `hinv_factor` is the upper Cholesky factor of the inverse Hessian with its rows and columns in
+    `order`. With a `keep` mask, pruned weights are rounded as 0 (their removal error is compensated too).
+    """
+    rows, cols = weight.shape
+    if hinv_factor.shape != (cols, cols) or order.shape != (cols,):
+        raise ValueError(f"GPTQ needs a {cols}x{cols} inverse Hessian factor and an order of {cols} columns, "
+                         f"got {tuple(hinv_factor.shape)} and {tuple(order.shape)}")
+    work = weight.float()[:, order].t().contiguous()  # one row per column, in rounding order
+    kept = keep[:, order].t() if keep is not None else None
+    codes = torch.zeros(cols, rows, dtype=torch.uint8)
+    for start in range(0, cols, BLOCK_COLUMNS):
+        end = min(start + BLOCK_COLUMNS, cols)
+        batch, factor = work[start:end].clone(), hinv_factor[start:end, start:end]
+        errors = torch.zeros_like(batch)
+        for i in range(end - start):
+            column = int(order[start + i])
+            codes[column], value = round_column(batch[i] if kept is None else batch[i] * kept[start + i], column)
+            errors[i] = (batch[i] - value) / factor[i, i]
+            batch[i:] -= factor[i, i:].unsqueeze(1) * errors[i].unsqueeze(0)
+        work[end:] -= hinv_factor[start:end, end:].t() @ errors
+    return codes.t().contiguous()
+
+
 def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> QuantizedMatrix:
-    """GPTQ-quantize a (rows, cols) matrix; `hinv_factor` from `inverse_hessian_factor` (cols x cols).
+                  mask: torch.Tensor | None = None, order: torch.Tensor | None = None) -> QuantizedMatrix:
+    """GPTQ-quantize a (rows, cols) matrix; `hinv_factor` from `inverse_hessian_factor` (cols x cols), of
+    H in `order` when an `order` is given (static groups, see the module docstring).
 
     With a keep `mask` (a pruned matrix), pruned weights take the zero point (exactly 0) and their
     removal error is compensated like rounding error, so sparsity survives quantization.
-    Group scales and zero points are set when the group's first column is reached, from the
-    weights as already updated by the errors of earlier columns (as in the reference code).
+    Without an order, group scales and zero points are set when the group's first column is reached,
+    from the weights as already updated by the errors of earlier columns (as in the reference code).
     """
+    if order is not None:
+        return _static_groups(weight, bits, group_size, hinv_factor, mask, order)
     rows, cols = weight.shape
     if hinv_factor.shape != (cols, cols):
         raise ValueError(f"GPTQ needs a {cols}x{cols} inverse Hessian factor, got {tuple(hinv_factor.shape)}")
@@ -75,4 +115,18 @@ def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor:
             block[:, i:] -= error.unsqueeze(1) * factor[i, i:].unsqueeze(0)
             errors[:, i] = error
         work[:, end:] -= errors @ hinv_factor[start:end, end:]
+    return QuantizedMatrix(codes, scales, zeros.to(torch.uint8), bits, group_size)
+
+
+def _static_groups(weight: torch.Tensor, bits: int, group_size: int, hinv_factor: torch.Tensor,
+                   mask: torch.Tensor | None, order: torch.Tensor) -> QuantizedMatrix:
+    x = weight.float() if mask is None else weight.float() * mask
+    scales, zeros = group_scale_zero(grouped_columns(x, group_size), bits)
+    group = torch.arange(x.shape[1]) // group_size
+    scale, zero = scales.float()[:, group].t().contiguous(), zeros[:, group].t().contiguous()  # per column
+
+    def round_column(values: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        code = round_to_grid(values, scale[column], zero[column], bits)
+        return code.to(torch.uint8), (code - zero[column]) * scale[column]
+    codes = compensated_rounding(x, hinv_factor, order, round_column, mask)
     return QuantizedMatrix(codes, scales, zeros.to(torch.uint8), bits, group_size)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from compsearch.compress.quantize import QuantizedMatrix, _grouped, group_scale_zero, round_to_grid
+from compsearch.compress.quantize import QuantizedMatrix, grouped_columns, group_scale_zero, round_to_grid
 
 ITERATIONS = 20
 LP_NORM = 0.7
@@ -33,7 +33,7 @@ BETA_START, BETA_GROWTH = 10.0, 1.01
 def quantize_hqq(weight: torch.Tensor, bits: int, group_size: int, iterations: int = ITERATIONS) -> QuantizedMatrix:
     """Quantize with HQQ's proximal updates of the scale and integer zero; the best pair is kept."""
     rows, cols = weight.shape
-    grouped = _grouped(weight.float(), group_size)
+    grouped = grouped_columns(weight.float(), group_size)
     padding = (-cols) % group_size
     valid = torch.ones(1, 1, group_size)
     if padding:  # the last group of a row is zero-padded: padding must not steer the fit

@@ -28,7 +28,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedM
     near-zero weights are not shifted by an outlier on the other side of 0.
     """
     rows, cols = weight.shape
-    grouped = _grouped(weight.float(), group_size)  # (rows, groups, group_size), zero-padded
+    grouped = grouped_columns(weight.float(), group_size)  # (rows, groups, group_size), zero-padded
     scales, zeros = group_scale_zero(grouped, bits)
     codes = round_to_grid(grouped, scales.float().unsqueeze(2), zeros.unsqueeze(2), bits)
     codes = codes.reshape(rows, -1)[:, :cols]
@@ -56,12 +56,13 @@ def round_to_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     rows, cols = codes.shape
-    grouped = _grouped(codes.float(), group_size)
+    grouped = grouped_columns(codes.float(), group_size)
     values = (grouped - zeros.float().unsqueeze(2)) * scales.float().unsqueeze(2)
     return values.reshape(rows, -1)[:, :cols].contiguous()
 
 
-def _grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped_columns(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, groups, group_size): consecutive columns in groups, the last one zero-padded."""
     rows, cols = matrix.shape
     padding = (-cols) % group_size
     return F.pad(matrix, (0, padding)).reshape(rows, -1, group_size)

@@ -5,8 +5,8 @@ statistics (both fixed for a worker) and that layer plan, not on what the other 
 statistics are measured on the base model. So a worker that evaluates many plans (the sensitivity
 profile's one-layer plans, then the trials) keeps each (matrix, layer plan) result it computes and
 reuses it: GPTQ-style methods then cost once per variant instead of once per trial. The cache holds
-what the checkpoint stores (codes and scales, or 16-bit values), not float32 weights, and drops the
-least recently used variants beyond its byte budget.
+what the checkpoint stores (codes and scales, or the 16-bit values of a pruned matrix), not float32
+weights, and drops the least recently used variants beyond its byte budget.
 """
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ class VariantCache:
         return StoredMatrix(stored.layout, weight, stored.mask, stored.quantized)
 
     def put(self, key: str, plan: LayerPlan, matrix: StoredMatrix) -> None:
+        """Keep `matrix` unless it is a plain 16-bit copy (cheaper to make again than to keep)."""
+        if matrix.quantized is None and matrix.mask is None:
+            return
         half = matrix.weight.half() if matrix.quantized is None else None
         kept = StoredMatrix(matrix.layout, torch.empty(0), matrix.mask, matrix.quantized)
         parts = [half, matrix.mask, *(vars(matrix.quantized).values() if matrix.quantized is not None else ())]

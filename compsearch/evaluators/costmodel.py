@@ -48,6 +48,39 @@ def layer_matrices(layer: LayerInfo, plan: LayerPlan, device_type: str) -> list[
     return [(rows, cols, kernel)]
 
 
+def shapes_digest(layers: list[LayerInfo]) -> str:
+    """A short name for the layers' names and shapes (part of a cost table's key)."""
+    return hashlib.sha256(repr([(layer.name, layer.out_features, layer.in_features) for layer in layers]).encode()
+                          ).hexdigest()[:16]
+
+
+class CostTable:
+    """Measured costs in a JSON file under the cache folder, named by a digest of `key` (device, threads,
+    versions, model, settings): a table measured under other conditions is never read. Written
+    atomically, since several workers may share the cache."""
+
+    def __init__(self, key: dict, cache_dir: Path | None = None):
+        self.key = key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        root = Path(cache_dir or os.environ.get("COMPSEARCH_CACHE", Path.home() / ".cache" / "compsearch"))
+        self.path = root / "latency" / f"{digest}.json"
+        self.entries: dict = self._load()
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            return data["table"] if data.get("key") == self.key else {}
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".costmodel.", dir=self.path.parent)
+        with os.fdopen(handle, "w") as out:
+            json.dump({"key": self.key, "table": self.entries}, out, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
 class LatencyCostModel:
     """Predicts `predicted_decode_ms`, `predicted_decode_batch_ms`, `predicted_latency_ms` and
     `predicted_prefill_tok_s` of a plan without running it; see the module docstring."""
@@ -56,14 +89,11 @@ class LatencyCostModel:
         self.model, self.settings = model, settings
         self.device = next(model.parameters()).device
         self.linears = linear_layers(model, include_lm_head=True)
-        self.key = {"device": device_name(self.device), "device_type": self.device.type,
-                    "threads": torch.get_num_threads(), "torch": torch.__version__, "model": str(model_ref),
-                    "shapes": hashlib.sha256(repr([(layer.name, layer.out_features, layer.in_features)
-                                                   for layer in self.linears]).encode()).hexdigest()[:16], **settings.to_dict()}
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
-        root = Path(cache_dir or os.environ.get("COMPSEARCH_CACHE", Path.home() / ".cache" / "compsearch"))
-        self.path = root / "latency" / f"{digest}.json"
-        self.table: dict[str, float] = self._load()
+        self._store = CostTable({"device": device_name(self.device), "device_type": self.device.type,
+                                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                 "model": str(model_ref), "shapes": shapes_digest(self.linears), **settings.to_dict()},
+                                cache_dir)
+        self.path, self.table = self._store.path, self._store.entries
 
     @property
     def scenarios(self) -> dict[str, int]:
@@ -71,20 +101,8 @@ class LatencyCostModel:
         s = self.settings
         return {"decode_ms": 1, "decode_batch_ms": s.decode_batch, "latency_ms": s.prompt_tokens}
 
-    def _load(self) -> dict[str, float]:
-        try:
-            data = json.loads(self.path.read_text())
-            return data["table"] if data.get("key") == self.key else {}
-        except (OSError, ValueError, KeyError):
-            return {}
-
     def save(self) -> None:
-        """Write the table atomically (several workers may share the cache)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=".costmodel.", dir=self.path.parent)
-        with os.fdopen(handle, "w") as out:
-            json.dump({"key": self.key, "table": self.table}, out, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        self._store.save()
 
     def linear_ms(self, rows: int, cols: int, kernel: str, tokens: int) -> float:
         """Milliseconds of one call of a `rows x cols` Linear on `kernel` over `tokens` tokens (cached)."""

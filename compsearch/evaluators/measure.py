@@ -15,6 +15,7 @@ from torch import nn
 from compsearch.evaluators.costmodel import LatencyCostModel
 from compsearch.evaluators.kernels import timing_model
 from compsearch.evaluators.latency import LatencySettings, measure_generation, measure_latency
+from compsearch.evaluators.llamacpp_costmodel import LlamaCppCostModel
 from compsearch.evaluators.tasks import TaskSuite, score_tasks
 from compsearch.spaces.plan import Plan
 
@@ -31,7 +32,9 @@ class Measurements:
         self.gguf, self.threads = gguf, threads
         self._manager = suite.task_manager() if suite is not None and suite.names else None
         self.cost_model = None
-        if latency is not None and gguf is None:  # the cost model predicts torch's timings, not llama.cpp's
+        if latency is not None and gguf is not None:
+            self.cost_model = LlamaCppCostModel(model, model_ref, latency, gguf, threads, cache_dir)
+        elif latency is not None:
             self.cost_model = LatencyCostModel(model, model_ref, latency, cache_dir)
             if not self.cost_model.calibrated:
                 measure_latency(model, latency.prompt_tokens, repeats=1, warmup=1)  # first calls pay one-off costs

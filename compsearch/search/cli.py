@@ -109,8 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a ranked plan (and optionally its checkpoint)")
     _common(export)
     export.add_argument("--rank", type=int, default=1)
+    export.add_argument("--front", action="store_true",
+                        help="every plan of the feasible Pareto front, as .gguf files in the --out folder "
+                             "(with --format gguf; the base model is loaded once for all)")
     export.add_argument("--out", type=Path, required=True,
-                        help="a folder (compsearch), a .gguf file (gguf) or a text file (llama-quantize)")
+                        help="a folder (compsearch, or gguf with --front), a .gguf file (gguf) or a text file "
+                             "(llama-quantize)")
     export.add_argument("--format", dest="export_format", default="compsearch", choices=EXPORT_FORMATS,
                         help="compsearch: plan.json (and --checkpoint, safetensors); gguf: a file llama.cpp runs "
                              "(GGUF-type plans); llama-quantize: the plan as llama-quantize's --tensor-type-file")
@@ -270,8 +274,17 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from compsearch.search.commands import export
+    from compsearch.search.commands import export, export_front
 
+    if args.front:
+        if args.export_format != "gguf" or args.checkpoint or args.distill_steps:
+            raise UserError("--front writes .gguf files: use it with --format gguf (no --checkpoint, no distillation)")
+        for summary in export_front(args.study, args.out, _options(args), args.verify, args.gguf_template,
+                                    on_status=lambda line: print(line, flush=True)):
+            measured = f", in llama.cpp {summary['llamacpp_ppl']:.4f}" if "llamacpp_ppl" in summary else ""
+            print(f"rank {summary['rank']} (trial {summary['trial']}): {summary['out']} {_mb(summary['file_bytes'])}, "
+                  f"trial ppl {summary['metrics']['ppl']:.3f}{measured}")
+        return 0
     try:
         distill = DistillSettings(args.distill_steps, args.distill_lr, args.distill_scale_lr) if args.distill_steps else None
     except ValueError as error:

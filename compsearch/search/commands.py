@@ -179,7 +179,7 @@ def _ranked_plan(study, study_name: str, rank: int) -> tuple[Plan, dict]:
 def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: RunOptions, verify: bool,
                          export_format: str, template: Path | None, say: Callable[[str], None]) -> dict:
     """A .gguf file (`gguf`) or llama-quantize's tensor types (`llama-quantize`) for the ranked plan."""
-    from compsearch.compress.gguf_export import GGUFExportError, export_gguf, llama_quantize_types
+    from compsearch.compress.gguf_export import GGUFExportError, llama_quantize_types
 
     study, spec = _open_existing(study_name, options)
     plan, summary = _ranked_plan(study, study_name, rank)
@@ -187,25 +187,62 @@ def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: Ru
     check_writable(out_path.parent)
     ctx = prepare_job(spec, options.cache_dir)
     template = gguf_template(spec.model, template)
-    try:
-        if export_format == "llama-quantize":
-            out_path.write_text(llama_quantize_types(meta_model(load_config(ctx.model_ref)), plan, template))
-            return summary
-        model, stored = _export_evaluator(spec, ctx).compressed_model(plan, keep_stored=True)
-        say(f"writing {out_path}")
-        export_gguf(model, plan, stored, out_path, template, Path(ctx.model_ref))
-    except GGUFExportError as err:
-        raise UserError(str(err)) from None
-    summary.update(file_bytes=out_path.stat().st_size, plan_bytes=ctx.plan_bytes(plan))
-    if verify:
-        from compsearch.evaluators.llamacpp import LlamaCppMissing, llamacpp_perplexity
-
-        say("measuring the file's perplexity in llama.cpp on the study's evaluation windows")
+    if export_format == "llama-quantize":
         try:
-            summary["llamacpp_ppl"] = llamacpp_perplexity(out_path, ctx.windows.eval_ids)["ppl"]
-        except LlamaCppMissing as err:
+            out_path.write_text(llama_quantize_types(meta_model(load_config(ctx.model_ref)), plan, template))
+        except GGUFExportError as err:
             raise UserError(str(err)) from None
-    return summary
+        return summary
+    return _write_gguf_files(spec, ctx, [(plan, summary, out_path)], template, verify, say)[0]
+
+
+def export_front(study_name: str, out_dir: Path, options: RunOptions, verify: bool = False,
+                 template: Path | None = None, on_status: Callable[[str], None] | None = None) -> list[dict]:
+    """Every plan of the study's feasible Pareto front as a .gguf file in `out_dir`
+    (`rankNN-trialNNN.gguf`, and `front.json` with each file's summary): the base model is loaded once
+    and layers shared by several plans are compressed once."""
+    say = on_status or log.info
+    study, spec = _open_existing(study_name, options)
+    trials = trials_frame(study)
+    front = trials[trials["on_front"] & (trials["feasible"] == True)].sort_values("rank")  # noqa: E712
+    if front.empty:
+        raise UserError(f"study {study_name!r} has no feasible Pareto front yet: run trials first")
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    items = []
+    for rank, trial in zip(front["rank"].astype(int), front["trial"].astype(int)):
+        plan, summary = _ranked_plan(study, study_name, rank)
+        out_path = out_dir / f"rank{rank:02d}-trial{trial:03d}.gguf"
+        items.append((plan, {**summary, "study": study_name, "format": "gguf", "out": str(out_path)}, out_path))
+    ctx = prepare_job(spec, options.cache_dir)
+    summaries = _write_gguf_files(spec, ctx, items, gguf_template(spec.model, template), verify, say)
+    (out_dir / "front.json").write_text(json.dumps(summaries, indent=1, default=str) + "\n")
+    return summaries
+
+
+def _write_gguf_files(spec: JobSpec, ctx: JobContext, items: list[tuple[Plan, dict, Path]], template: Path | None,
+                      verify: bool, say: Callable[[str], None]) -> list[dict]:
+    """Write each (plan, summary, path) as a .gguf file with one evaluator; the summaries, completed."""
+    from compsearch.compress.gguf_export import GGUFExportError, export_gguf
+
+    evaluator = _export_evaluator(spec, ctx)
+    for plan, summary, out_path in items:
+        try:
+            model, stored = evaluator.compressed_model(plan, keep_stored=True)
+            say(f"writing {out_path}")
+            export_gguf(model, plan, stored, out_path, template, Path(ctx.model_ref))
+        except GGUFExportError as err:
+            raise UserError(str(err)) from None
+        summary.update(file_bytes=out_path.stat().st_size, plan_bytes=ctx.plan_bytes(plan))
+        if verify:
+            from compsearch.evaluators.llamacpp import LlamaCppMissing, llamacpp_perplexity
+
+            say(f"measuring {out_path.name}'s perplexity in llama.cpp on the study's evaluation windows")
+            try:
+                summary["llamacpp_ppl"] = llamacpp_perplexity(out_path, ctx.windows.eval_ids)["ppl"]
+            except LlamaCppMissing as err:
+                raise UserError(str(err)) from None
+    return [summary for _, summary, _ in items]
 
 
 def _export_evaluator(spec: JobSpec, ctx: JobContext) -> TrialEvaluator:

