@@ -5,10 +5,10 @@ Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-tr
 quantized through the upper Cholesky factor of H^-1 (H = X^T X of the layer's calibration inputs),
 which minimizes ||X W^T - X Q^T|| column by column. Lazy batch updates in blocks of 128 columns.
 Group g always covers inputs [g * group_size, (g + 1) * group_size), so the stored format is the one RTN
-uses. Without a column order, columns are taken in their natural order and a group's scale is set when
-its first column is reached (the reference code's default); with activation order (most active input
-first, as GPTQ's `act_order`), every group's scale and zero point are set beforehand from the original
-weights ("static" groups) and `compensated_rounding` takes the columns in that order.
+uses. Columns are taken in activation order (most active input first, GPTQ's `act_order`), with every
+group's scale and zero point set beforehand from the original weights ("static" groups, which keep
+the groups contiguous): on SmolLM2-135M at 3 bits g128 this took perplexity from 46.4 (natural order,
+scales set as each group is reached, the reference code's default) to 25.4.
 """
 from __future__ import annotations
 
@@ -76,50 +76,15 @@ def compensated_rounding(weight: torch.Tensor, hinv_factor: torch.Tensor, order:
 
 
 def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor: torch.Tensor,
-                  mask: torch.Tensor | None = None, order: torch.Tensor | None = None) -> QuantizedMatrix:
-    """GPTQ-quantize a (rows, cols) matrix; `hinv_factor` from `inverse_hessian_factor` (cols x cols), of
-    H in `order` when an `order` is given (static groups, see the module docstring).
+                  order: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizedMatrix:
+    """GPTQ-quantize a (rows, cols) matrix in RTN's format: every group's scale and integer zero point
+    set from the weights first, then the columns rounded in `order` (activation order,
+    `MatrixStats.activation_order()`) by `compensated_rounding`; `hinv_factor` is that of H in `order`
+    (`MatrixStats.hinv_factor(..., activation_order=True)`).
 
     With a keep `mask` (a pruned matrix), pruned weights take the zero point (exactly 0) and their
     removal error is compensated like rounding error, so sparsity survives quantization.
-    Without an order, group scales and zero points are set when the group's first column is reached,
-    from the weights as already updated by the errors of earlier columns (as in the reference code).
     """
-    if order is not None:
-        return _static_groups(weight, bits, group_size, hinv_factor, mask, order)
-    rows, cols = weight.shape
-    if hinv_factor.shape != (cols, cols):
-        raise ValueError(f"GPTQ needs a {cols}x{cols} inverse Hessian factor, got {tuple(hinv_factor.shape)}")
-    groups = -(-cols // group_size)
-    work = weight.float().clone()
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    scales = torch.ones(rows, groups, dtype=torch.float16)
-    zeros = torch.zeros(rows, groups)
-    scale = zero = None
-    for start in range(0, cols, BLOCK_COLUMNS):
-        end = min(start + BLOCK_COLUMNS, cols)
-        block, factor = work[:, start:end].clone(), hinv_factor[start:end, start:end]
-        errors = torch.zeros_like(block)
-        for i in range(end - start):
-            col = start + i
-            if col % group_size == 0:  # group_size divides BLOCK_COLUMNS: the group lies in this block
-                g = col // group_size
-                scales[:, g], zeros[:, g] = group_scale_zero(block[:, i:i + group_size], bits)
-                scale, zero = scales[:, g].float(), zeros[:, g]
-            column = block[:, i]
-            code = round_to_grid(column, scale, zero, bits)
-            if mask is not None:
-                code = torch.where(mask[:, col], code, zero)
-            codes[:, col] = code.to(torch.uint8)
-            error = (column - (code - zero) * scale) / factor[i, i]
-            block[:, i:] -= error.unsqueeze(1) * factor[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        work[:, end:] -= errors @ hinv_factor[start:end, end:]
-    return QuantizedMatrix(codes, scales, zeros.to(torch.uint8), bits, group_size)
-
-
-def _static_groups(weight: torch.Tensor, bits: int, group_size: int, hinv_factor: torch.Tensor,
-                   mask: torch.Tensor | None, order: torch.Tensor) -> QuantizedMatrix:
     x = weight.float() if mask is None else weight.float() * mask
     scales, zeros = group_scale_zero(grouped_columns(x, group_size), bits)
     group = torch.arange(x.shape[1]) // group_size

@@ -113,8 +113,8 @@ def _rtn(values, bits, group_size, stats, keep, key):
 
 
 def _gptq(values, bits, group_size, stats, keep, key):
-    return quantize_gptq(values, bits, group_size, stats.hinv_factor(key, activation_order=True), keep,
-                         stats.activation_order())
+    return quantize_gptq(values, bits, group_size, stats.hinv_factor(key, activation_order=True),
+                         stats.activation_order(), keep)
 
 
 def _hqq(values, bits, group_size, stats, keep, key):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from compsearch.compress.gptq import inverse_hessian_factor, quantize_gptq
+from compsearch.compress.matrix import MatrixStats
 from compsearch.compress.hqq import quantize_hqq
 from compsearch.compress.kmeans import palettize
 from compsearch.compress.lowrank import factorize, whitened_svd
@@ -35,7 +36,8 @@ def _weight_error(weight, approx):
 def test_gptq_output_error_well_below_rtn(problem, bits):
     weight, inputs, hessian = problem
     rtn = quantize_rtn(weight, bits, 64).dequantize()
-    gptq = quantize_gptq(weight, bits, 64, inverse_hessian_factor(hessian))
+    stats = MatrixStats(hessian=hessian)
+    gptq = quantize_gptq(weight, bits, 64, stats.hinv_factor("w", activation_order=True), stats.activation_order())
     assert gptq.codes.max() < 2 ** bits and gptq.scales.shape == (128, 4)
     assert _output_error(inputs, weight, gptq.dequantize()) < 0.7 * _output_error(inputs, weight, rtn)
 
@@ -43,7 +45,9 @@ def test_gptq_output_error_well_below_rtn(problem, bits):
 def test_gptq_keeps_a_sparsity_mask_exactly(problem):
     weight, inputs, hessian = problem
     mask = keep_mask(weight, 0.5, "2:4")
-    values = quantize_gptq(weight * mask, 4, 64, inverse_hessian_factor(hessian), mask).dequantize()
+    stats = MatrixStats(hessian=hessian)
+    values = quantize_gptq(weight * mask, 4, 64, stats.hinv_factor("w", activation_order=True), stats.activation_order(),
+                           mask).dequantize()
     assert torch.all(values[~mask] == 0)
 
 
