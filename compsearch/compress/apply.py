@@ -12,9 +12,9 @@ from compsearch.compress.lowrank import LowRankLinear, factorize
 from compsearch.compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
 from compsearch.compress.prune import kept_count
 from compsearch.compress.storage import FLOAT_BITS
+from compsearch.compress.structured import regroup_heads_, remove_structure_
 from compsearch.compress.techniques import FACTORIZATIONS, HESSIAN, NORMS
 from compsearch.compress.variants import VariantCache
-from compsearch.compress.structured import regroup_heads_, remove_structure_
 from compsearch.spaces.layers import LayerInfo, layer_info
 from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
 

@@ -67,8 +67,11 @@ class MatrixStats:
             if cache is not None and key in cache:
                 factor = cache[key]
             else:
-                order = self.activation_order()
-                factor = inverse_hessian_factor(self.hessian[order][:, order] if activation_order else self.hessian)
+                hessian = self.hessian
+                if activation_order:
+                    order = self.activation_order()
+                    hessian = hessian[order][:, order]
+                factor = inverse_hessian_factor(hessian)
                 if cache is not None:
                     cache[key] = factor
             self._factors[activation_order] = factor
