@@ -33,7 +33,8 @@ def quantize_blocks(weight: torch.Tensor, block_type: BlockType, importance: tor
     """`weight` (rows, cols; cols a multiple of the type's block size) in `block_type`; `importance`
     (cols,) is the calibration inputs' mean square per input feature."""
     rows, cols = weight.shape
-    _check_row_length(cols, block_type)
+    if cols % block_type.block_size:
+        raise ValueError(f"{block_type.name} needs rows of a multiple of {block_type.block_size} values, got {cols}")
     x = weight.float()
     sigma2 = 2 * x.square().mean(dim=1, keepdim=True)
     w = (importance.float().clamp(min=1e-12).unsqueeze(0) if importance is not None else 1.0) * (sigma2 + x.square()).sqrt()
@@ -59,16 +60,10 @@ def quantize_blocks_gptq(weight: torch.Tensor, block_type: BlockType, hinv_facto
     in `order` (most active input first) and rounded under the scales `quantize_blocks` fits to the
     original weights, so the stored layout is the type's. `hinv_factor`: of H in `order`
     (`MatrixStats.hinv_factor(..., activation_order=True)`)."""
-    _check_row_length(weight.shape[1], block_type)
     x = weight.float() if keep is None else weight.float() * keep
     q = quantize_blocks(x, block_type, importance)
     q.codes = compensated_rounding(x, hinv_factor, order, _column_rounder(q), keep)
     return q
-
-
-def _check_row_length(cols: int, t: BlockType) -> None:
-    if cols % t.block_size:
-        raise ValueError(f"{t.name} needs rows of a multiple of {t.block_size} values, got {cols}")
 
 
 def _column_rounder(q: BlockQuantized):

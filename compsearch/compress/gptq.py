@@ -1,7 +1,7 @@
 """GPTQ: group-wise quantization that compensates each column's rounding error with the inputs' Hessian.
 
 Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"
-(2022). Columns are quantized left to right; the error of a column is spread over the columns not yet
+(2022). Columns are quantized one at a time; the error of a column is spread over the columns not yet
 quantized through the upper Cholesky factor of H^-1 (H = X^T X of the layer's calibration inputs),
 which minimizes ||X W^T - X Q^T|| column by column. Lazy batch updates in blocks of 128 columns.
 Group g always covers inputs [g * group_size, (g + 1) * group_size), so the stored format is the one RTN

@@ -24,7 +24,7 @@ from torch import nn
 from compsearch.compress.apply import layer_layout
 from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized
 from compsearch.compress.matrix import StoredMatrix
-from compsearch.compress.techniques import QUANTIZERS, quantizer_for
+from compsearch.compress.techniques import quantizer_for
 from compsearch.evaluators.costmodel import CostTable, shapes_digest
 from compsearch.evaluators.latency import LatencySettings, device_name
 from compsearch.spaces.knobs import FLOAT_METHOD
@@ -99,7 +99,7 @@ class LlamaCppCostModel:
             plans = {}
             for layer in self.planned:
                 quantizer = quantizer_for(kind, layer.in_features)
-                plans[layer.name] = LayerPlan(bits=QUANTIZERS.get(quantizer.name).bits[0], quant_method=quantizer.name)
+                plans[layer.name] = LayerPlan(bits=quantizer.bits[0], quant_method=quantizer.name)
                 layout = layer_layout(layer, plans[layer.name])[0]
                 stored[layout.key] = StoredMatrix(layout, torch.empty(0), None,
                                                   _zero_blocks(quantizer.name, layout.rows, layout.cols))

@@ -149,7 +149,7 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
         return _export_for_llamacpp(study_name, rank, Path(out_dir), options, verify, export_format, gguf_template,
                                     on_status or log.info)
     study, spec = _open_existing(study_name, options)
-    plan, ranked = _ranked_plan(study, study_name, rank)
+    plan, ranked = _ranked_plan(trials_frame(study), study_name, rank)
     out_dir = Path(out_dir)
     check_writable(out_dir)
     summary = {"study": study_name, **ranked, "spec": spec.to_dict(), "protocol": study.user_attrs.get("protocol")}
@@ -164,9 +164,8 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
     return summary
 
 
-def _ranked_plan(study, study_name: str, rank: int) -> tuple[Plan, dict]:
-    """The plan ranked `rank` and its row's metrics."""
-    trials = trials_frame(study)
+def _ranked_plan(trials: pd.DataFrame, study_name: str, rank: int) -> tuple[Plan, dict]:
+    """The plan ranked `rank` in the study's `trials` table and its row's metrics."""
     ranked = trials[trials["rank"] == rank]
     if ranked.empty:
         count = int(trials["rank"].notna().sum())
@@ -182,7 +181,7 @@ def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: Ru
     from compsearch.compress.gguf_export import GGUFExportError, llama_quantize_types
 
     study, spec = _open_existing(study_name, options)
-    plan, summary = _ranked_plan(study, study_name, rank)
+    plan, summary = _ranked_plan(trials_frame(study), study_name, rank)
     summary.update(study=study_name, format=export_format, out=str(out_path))
     check_writable(out_path.parent)
     ctx = prepare_job(spec, options.cache_dir)
@@ -211,7 +210,7 @@ def export_front(study_name: str, out_dir: Path, options: RunOptions, verify: bo
     check_writable(out_dir)
     items = []
     for rank, trial in zip(front["rank"].astype(int), front["trial"].astype(int)):
-        plan, summary = _ranked_plan(study, study_name, rank)
+        plan, summary = _ranked_plan(trials, study_name, rank)
         out_path = out_dir / f"rank{rank:02d}-trial{trial:03d}.gguf"
         items.append((plan, {**summary, "study": study_name, "format": "gguf", "out": str(out_path)}, out_path))
     ctx = prepare_job(spec, options.cache_dir)

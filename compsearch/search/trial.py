@@ -25,6 +25,7 @@ from compsearch.evaluators.tasks import TaskSuite
 from compsearch.search.models import gguf_template, load_model, load_tokenizer
 from compsearch.search.profiling import BlockReplay
 from compsearch.search.spec import JobSpec
+from compsearch.spaces.layers import count_params
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class TrialEvaluator:
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._input_hessians: dict[str, torch.Tensor] | None = None
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
-        self.variants = VariantCache(variant_cache_bytes(sum(p.numel() for p in self.model.parameters())))
+        self.variants = VariantCache(variant_cache_bytes(count_params(self.model)))
         self._profile: tuple | None = None  # profiling windows, their base log-probs, the block replay
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
