@@ -14,7 +14,8 @@ position scored), KL divergence to the F16 file (top-1024 base tokens per positi
 prompt processing tokens/s and generation ms/token on 2 threads.
 
 Writes benchmarks/results/gguf.csv (model,source,name,imatrix,file_bytes,bpw_linear,ppl,kl,pp_tok_s,tg_ms,
-and, for files made from a plan, the latency cost model's pred_pp_tok_s,pred_tg_ms) and prints, for every
+for files made from a plan the latency cost model's pred_pp_tok_s,pred_tg_ms, and for a study's files the
+perplexity its trial measured, trial_ppl) and prints, for every
 preset made with the importance matrix, the best compsearch file no larger, and the cost model's error.
 
     python benchmarks/gguf_vs_presets.py --llama-tools DIR [--model gemma3-270m] [--trials 32] [--workdir DIR]
@@ -157,9 +158,10 @@ def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, bench: Ben
 
 
 def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budget: str | None = None
-                     ) -> list[tuple[str, Path, Plan]]:
+                     ) -> list[tuple[str, Path, Plan, float]]:
     """The feasible front of a `gguf` study (objectives ppl and memory; with `memory_budget`, a study
-    of its own under that budget), each plan exported as a .gguf file."""
+    of its own under that budget), each plan exported as a .gguf file: (name, file, plan, the trial's
+    perplexity)."""
     options = RunOptions(results_dir=workdir / "results", workers=2, cache_dir=None,
                          on_status=lambda line: print(line, flush=True),
                          on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
@@ -174,15 +176,16 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     if not all(path.exists() for path in names):
         export_front(study, folder, options)
     label = f" ({memory_budget} study)" if memory_budget else ""
-    files = [(f"trial {int(trial)}{label}", path, Plan.from_json(plan))
-             for trial, path, plan in zip(front["trial"], names, front["plan_json"])]
+    files = [(f"trial {int(trial)}{label}", path, Plan.from_json(plan), ppl)
+             for trial, path, plan, ppl in zip(front["trial"], names, front["plan_json"], front["ppl"])]
     if memory_budget:  # the front is by perplexity, which is noisy: also the feasible trial of least KL
         best = table[table["feasible"] == True].sort_values("kl").iloc[0]  # noqa: E712
         if best["trial"] not in set(front["trial"]):
             path = folder / f"least-kl-trial{int(best['trial']):03d}.gguf"
             if not path.exists():
                 export(study, int(best["rank"]), path, options, export_format="gguf")
-            files.append((f"trial {int(best['trial'])}{label}, least KL", path, Plan.from_json(best["plan_json"])))
+            files.append((f"trial {int(best['trial'])}{label}, least KL", path, Plan.from_json(best["plan_json"]),
+                          best["ppl"]))
     return files
 
 
@@ -241,18 +244,20 @@ def main() -> None:
         statistics = input_norms(model, windows.calib_ids, names), input_hessians(model, windows.calib_ids, names)
         files += [(source, name, True, path, plan) for name, source, path, plan in
                   one_type_everywhere(args.llama_tools, f16, imatrix, model, bench, statistics, args.workdir)]
-    if "study" in parts:
-        files += [("compsearch", name, True, path, plan)
-                  for name, path, plan in compsearch_front(args.trials, args.workdir, bench)]
-    for budget in filter(None, args.budgets.split(",")):
-        files += [("compsearch", name, True, path, plan)
-                  for name, path, plan in compsearch_front(args.budget_trials, args.workdir, bench, budget)]
+    trial_ppl = {}  # file -> the perplexity its trial measured in PyTorch
+    studies = ([compsearch_front(args.trials, args.workdir, bench)] if "study" in parts else []) + [
+        compsearch_front(args.budget_trials, args.workdir, bench, budget) for budget in filter(None, args.budgets.split(","))]
+    for front in studies:
+        files += [("compsearch", name, True, path, plan) for name, path, plan, _ in front]
+        trial_ppl.update({path: ppl for _, path, _, ppl in front})
     cost = LlamaCppCostModel(model, bench.ref, SPEED, GGUFTarget(bench.template, Path(bench.ref)), THREADS,
                              cache_dir=args.workdir)
     rows = []
     for source, name, with_matrix, path, plan in files:
         rows.append({"model": bench.label, "source": source, "name": name, "imatrix": with_matrix,
                      **measure(path, windows.eval_ids, base)})
+        if path in trial_ppl:
+            rows[-1]["trial_ppl"] = trial_ppl[path]
         if plan is not None:  # the cost model's prediction, from its own timing files
             predicted = cost.predict(plan)
             rows[-1].update(pred_pp_tok_s=predicted["predicted_prefill_tok_s"], pred_tg_ms=predicted["predicted_decode_ms"])
@@ -264,6 +269,11 @@ def main() -> None:
             error = ((predicted[guess] - predicted[measured]).abs() / predicted[measured])
             print(f"cost model, {what}: mean |error| {100 * error.mean():.1f}%, max {100 * error.max():.1f}% "
                   f"over {len(predicted)} files")
+    measured = pd.DataFrame([row for row in rows if "trial_ppl" in row])
+    if len(measured):
+        gap = 100 * (measured["ppl"] / measured["trial_ppl"] - 1)
+        print(f"llama.cpp's perplexity of the study files against their trials': {gap.min():+.2f}% to "
+              f"{gap.max():+.2f}% over {len(measured)} files")
     table = _merged(args.out, pd.DataFrame(rows))
     write_table(table.round(4), args.out)
     print("\nat each preset's size (with importance matrix), compsearch's study files no larger with lower perplexity "

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from compsearch.compress.edits import ModelEdits
+from compsearch.compress.formats import StorageFormat
 from compsearch.compress.lowrank import LowRankLinear, factorize
 from compsearch.compress.matrix import MatrixLayout, MatrixStats, StoredMatrix, compress_matrix
 from compsearch.compress.prune import kept_count
 from compsearch.compress.storage import FLOAT_BITS
 from compsearch.compress.structured import regroup_heads_, remove_structure_
-from compsearch.compress.techniques import FACTORIZATIONS, HESSIAN, NORMS
+from compsearch.compress.techniques import FACTORIZATIONS, HESSIAN, NORMS, quantizer_format
 from compsearch.compress.variants import VariantCache
 from compsearch.spaces.layers import LayerInfo, layer_info
 from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
@@ -136,9 +137,25 @@ def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, kee
             linear.weight.data.copy_(matrix.weight)
             if keep_stored:
                 applied.stored[layout.key] = matrix
+        if layer_plan.bits < FLOAT_BITS and quantizer_format(layer_plan.quant_method).rounds_inputs:
+            _round_inputs_(model, name, targets, quantizer_format(layer_plan.quant_method), applied.edits)
         bias = getattr(targets[-1], "bias", None)  # an embedding has none
         if bias is not None:
             bias.data.copy_(bias.data.half().float())
+
+
+def _round_inputs_(model: nn.Module, name: str, targets: list[nn.Module], storage: StorageFormat,
+                   edits: ModelEdits) -> None:
+    """Make the matrices of layer `name` round their inputs as the runtime of their format does (a
+    token embedding's rows are looked up, not multiplied: the output head that shares its weight)."""
+    if isinstance(targets[0], nn.Embedding):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or head.weight is not targets[0].weight:
+            return
+        edits.before_change(model, next(key for key, module in model.named_modules() if module is head))
+        targets = [head]
+    for linear in targets:
+        linear.register_forward_pre_hook(lambda _, args: (storage.round_inputs(args[0]), *args[1:]))
 
 
 def _planned_layer(model: nn.Module, name: str) -> LayerInfo:

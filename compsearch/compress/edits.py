@@ -2,12 +2,13 @@
 exactly, whatever the technique touched."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_STATE = ("_parameters", "_buffers", "_modules")
+_STATE = ("_parameters", "_buffers", "_modules", "_forward_pre_hooks")  # copied, not shared, when saved
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ModelEdits:
         self.changed.append(name)
         if self.undoable:
             module = model.get_submodule(name)
-            attributes = {key: (dict(value) if key in _STATE else value) for key, value in vars(module).items()}
+            attributes = {key: (copy.copy(value) if key in _STATE else value) for key, value in vars(module).items()}
             tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}.values()
             self._saved.append((name, _Saved(module, attributes, [(t, t.detach().clone()) for t in tensors])))
 

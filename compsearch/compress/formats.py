@@ -36,13 +36,16 @@ class StorageFormat(ABC):
 
     `exact_zero`: the grid always holds an exact 0, so a pruned weight can be stored as a code;
     `trainable`: the field of the quantized matrix (a float tensor) that distillation may scale,
-    leaving codes and format intact; `row_multiple`: rows must hold a multiple of this many values.
+    leaving codes and format intact; `row_multiple`: rows must hold a multiple of this many values;
+    `rounds_inputs`: the runtime that reads the format rounds a matrix's inputs before multiplying
+    (`round_inputs`), so a compressed model does too.
     """
 
     name: str
     exact_zero: bool = True
     trainable: str
     row_multiple: int = 1
+    rounds_inputs: bool = False
 
     @abstractmethod
     def values_nbytes(self, rows: int, cols: int, count: int, bits: int, group_size: int) -> int:
@@ -60,6 +63,10 @@ class StorageFormat(ABC):
     def kernel(self, bits: int, group_size: int, device_type: str) -> str:
         """The fast kernel a matrix of this format runs on (`int8`, `int4`), or `simulated` for none."""
         return "simulated"
+
+    def round_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs (..., cols) as the runtime multiplies them with a matrix of this format."""
+        return x
 
 
 class AffineGrid(StorageFormat):

@@ -65,6 +65,7 @@ class BlockType:
     sub_min_bits: int = 0
     grid: tuple[int, ...] | None = None
     min_subtracted: bool = True  # K-types: value - dmin*m; Q4_1/Q5_1: value + m
+    input_type: str = "q8_0"  # how llama.cpp rounds the inputs multiplied with it (its vec_dot_type)
 
     @property
     def code_levels(self) -> int:
@@ -245,20 +246,20 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("q8_0", 8, 32, 34, 32, 128, (), d_offset=0),
     BlockType("q4_0", 4, 32, 18, 32, 8, (_plane(2, 4, 0, _nibbles_32()),), d_offset=0),
     BlockType("q4_1", 4, 32, 20, 32, 0, (_plane(4, 4, 0, _nibbles_32()),), d_offset=0, dmin_offset=2,
-              min_subtracted=False),
+              min_subtracted=False, input_type="q8_1"),
     BlockType("q5_0", 5, 32, 22, 32, 16, (_plane(2, 1, 4, _bits_32()), _plane(6, 4, 0, _nibbles_32())),
               d_offset=0),
     BlockType("q5_1", 5, 32, 24, 32, 0, (_plane(4, 1, 4, _bits_32()), _plane(8, 4, 0, _nibbles_32())),
-              d_offset=0, dmin_offset=2, min_subtracted=False),
+              d_offset=0, dmin_offset=2, min_subtracted=False, input_type="q8_1"),
     BlockType("iq4_nl", 4, 32, 18, 32, 0, (_plane(2, 4, 0, _nibbles_32()),), d_offset=0, grid=IQ4_NL_GRID),
     BlockType("q2_k", 2, QK_K, 84, 16, 0, (_plane(16, 2, 0, _two_bit_256()),), d_offset=80, dmin_offset=82,
-              sub_scale_bits=4, sub_min_bits=4),
+              sub_scale_bits=4, sub_min_bits=4, input_type="q8_K"),
     BlockType("q3_k", 3, QK_K, 110, 16, 4, (_plane(0, 1, 2, _bit_planes_256()), _plane(32, 2, 0, _two_bit_256())),
-              d_offset=108, sub_scale_bits=6, sub_scale_signed=True),
+              d_offset=108, sub_scale_bits=6, sub_scale_signed=True, input_type="q8_K"),
     BlockType("q4_k", 4, QK_K, 144, 32, 0, (_plane(16, 4, 0, _nibbles_256()),), d_offset=0, dmin_offset=2,
-              sub_scale_bits=6, sub_min_bits=6),
+              sub_scale_bits=6, sub_min_bits=6, input_type="q8_K"),
     BlockType("q5_k", 5, QK_K, 176, 32, 0, (_plane(16, 1, 4, _bit_planes_256()), _plane(48, 4, 0, _nibbles_256())),
-              d_offset=0, dmin_offset=2, sub_scale_bits=6, sub_min_bits=6),
+              d_offset=0, dmin_offset=2, sub_scale_bits=6, sub_min_bits=6, input_type="q8_K"),
     BlockType("q6_k", 6, QK_K, 210, 16, 32, (_plane(0, 4, 0, _q6_low()), _plane(128, 2, 4, _two_bit_256())),
-              d_offset=208, sub_scale_bits=8, sub_scale_signed=True),
+              d_offset=208, sub_scale_bits=8, sub_scale_signed=True, input_type="q8_K"),
 )}

@@ -2,8 +2,8 @@
 lower case: `q4_k`, `q8_0`, ...).
 
 The bytes a plan is charged are the type's blocks, the values a trial computes with are exactly those
-llama.cpp loads, and a plan whose layers all use these types exports to a .gguf file
-(`compsearch.compress.gguf_export`). K-types need rows (input features) of a multiple of 256 values;
+llama.cpp loads (multiplied with inputs rounded as llama.cpp rounds them: `ggml_inputs`), and a plan
+whose layers all use these types exports to a .gguf file (`compsearch.compress.gguf_export`). K-types need rows (input features) of a multiple of 256 values;
 a layer whose rows are not gets the type llama-quantize falls back to (Q4_K -> Q5_0, ...), so a
 per-group choice means what it means in llama.cpp's own mixes.
 """
@@ -16,6 +16,7 @@ import torch
 
 from compsearch.compress.formats import FORMATS, StorageFormat
 from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized, BlockType, pack, unpack
+from compsearch.compress.ggml_inputs import round_inputs
 from compsearch.compress.ggml_quantize import quantize_blocks, quantize_blocks_gptq
 from compsearch.compress.techniques import HESSIAN, NORMS, QUANTIZERS, Quantizer
 
@@ -29,6 +30,7 @@ class GGMLFormat(StorageFormat):
     zeroes them); distillation may scale the per-block fp16 scales."""
 
     trainable = "d"
+    rounds_inputs = True
 
     def __init__(self, block_type: BlockType):
         self.type = block_type
@@ -48,6 +50,9 @@ class GGMLFormat(StorageFormat):
     def unpack(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, int], bits: int, group_size: int,
                keep: torch.Tensor | None) -> BlockQuantized:
         return unpack(self.type, np.asarray(parts["blocks"].numpy()), shape)
+
+    def round_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return round_inputs(x, self.type.input_type)
 
 
 def _quantizer(block_type: BlockType):

@@ -13,7 +13,8 @@ from compsearch.spaces.plan import LayerPlan, Plan
 def _snapshot(model):
     return ({name: param.clone() for name, param in model.state_dict().items()},
             {name: type(module) for name, module in model.named_modules()},
-            {name: getattr(module, "num_key_value_groups", None) for name, module in model.named_modules()})
+            {name: getattr(module, "num_key_value_groups", None) for name, module in model.named_modules()},
+            {name: len(module._forward_pre_hooks) for name, module in model.named_modules()})
 
 
 def _plan(layers, last: LayerPlan) -> Plan:
@@ -25,7 +26,8 @@ def _plan(layers, last: LayerPlan) -> Plan:
             plans[layer.name] = LayerPlan(bits=4, quant_method="gptq", **structure)
         elif layer.kind == "o_proj":
             plans[layer.name] = LayerPlan(rank_fraction=0.25)
-    plans["model.embed_tokens"] = LayerPlan(bits=8, quant_method="q8_0")  # tied to the output head
+    plans["model.embed_tokens"] = LayerPlan(bits=8, quant_method="q8_0")  # tied to the output head, which
+    # now rounds its inputs as llama.cpp does
     plans["model.layers.1.mlp.down_proj"] = last
     return Plan(plans)
 
