@@ -174,7 +174,7 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     folder = workdir / f"front-{memory_budget}" if memory_budget else workdir / "front"
     names = [folder / f"rank{int(rank):02d}-trial{int(trial):03d}.gguf" for rank, trial in zip(front["rank"], front["trial"])]
     if not all(path.exists() for path in names):
-        export_front(study, folder, options)
+        export_front(study, folder, options, overwrite=True)
     label = f" ({memory_budget} study)" if memory_budget else ""
     files = [(f"trial {int(trial)}{label}", path, Plan.from_json(plan), ppl)
              for trial, path, plan, ppl in zip(front["trial"], names, front["plan_json"], front["ppl"])]

@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--gguf-template", type=Path,
                         help="a GGUF of the base model whose metadata (tokenizer, chat template) the .gguf copies "
                              "(default: the bundled model's own; Llama checkpoints without one get it from their files)")
+    export.add_argument("--force", action="store_true", help="write over files already at --out")
     export.add_argument("--checkpoint", action="store_true", help="also write the compressed model (safetensors)")
     export.add_argument("--verify", action="store_true",
                         help="reload what was written and measure its perplexity (a .gguf in llama.cpp itself)")
@@ -280,7 +281,7 @@ def _export(args: argparse.Namespace) -> int:
         if args.export_format != "gguf" or args.checkpoint or args.distill_steps:
             raise UserError("--front writes .gguf files: use it with --format gguf (no --checkpoint, no distillation)")
         for summary in export_front(args.study, args.out, _options(args), args.verify, args.gguf_template,
-                                    on_status=lambda line: print(line, flush=True)):
+                                    on_status=lambda line: print(line, flush=True), overwrite=args.force):
             measured = f", in llama.cpp {summary['llamacpp_ppl']:.4f}" if "llamacpp_ppl" in summary else ""
             print(f"rank {summary['rank']} (trial {summary['trial']}): {summary['out']} {_mb(summary['file_bytes'])}, "
                   f"trial ppl {summary['metrics']['ppl']:.3f}{measured}")
@@ -291,7 +292,7 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"--distill-steps/--distill-lr/--distill-scale-lr: {error}") from None
     summary = export(args.study, args.rank, args.out, _options(args), args.checkpoint, args.verify, distill,
                      on_status=lambda line: print(line, flush=True), export_format=args.export_format,
-                     gguf_template=args.gguf_template)
+                     gguf_template=args.gguf_template, overwrite=args.force)
     metrics = summary["metrics"]
     if args.export_format != "compsearch":
         print(f"exported rank {summary['rank']} (trial {summary['trial']}) as {args.export_format}: {args.out}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,32 @@ def is_jobs_address(address: str | None) -> bool:
     return bool(address) and address.startswith(JOBS_SCHEMES)
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a cluster address (HOST:PORT, ray://HOST:PORT, http[s]://HOST:PORT) where nothing listens,
+    at once: Ray itself would keep retrying for minutes. `auto` (a local cluster's own file) passes."""
+    match = re.fullmatch(r"(?:[a-z]+://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(f"--address {address!r}: nothing answers at {host}:{port} ({err.strerror or err}); "
+                        "check the head node's address and port, or leave --address out to start Ray here") from None
+
+
+def protect_token_file() -> None:
+    """Ray writes its cluster token to ~/.ray/auth_token readable by every user (0644); the token lets
+    anyone who has it run code on the cluster, so keep it to its owner (0600)."""
+    token_file = _token_file()
+    if token_file.is_file() and token_file.stat().st_uid == os.getuid() and token_file.stat().st_mode & 0o077:
+        token_file.chmod(0o600)
+
+
+def _token_file() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+
+
 def use_token_auth() -> None:
     """Turn on Ray token auth for this process when a token is at hand (Ray's default for new clusters).
 
@@ -55,8 +83,7 @@ def use_token_auth() -> None:
     """
     if "RAY_AUTH_MODE" in os.environ:
         return
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.exists():
+    if os.environ.get("RAY_AUTH_TOKEN") or _token_file().exists():
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
@@ -65,6 +92,7 @@ def jobs_client(address: str):
     if os.environ.get(IN_JOB_ENV):
         raise UserError(f"--address {address}: this driver already runs inside a Ray job; give a cluster "
                         "address (auto, ray://HEAD:10001) instead of a Jobs API address")
+    check_reachable(address)
     use_token_auth()
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient

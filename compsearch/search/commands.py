@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from compsearch.compress import COMPRESS_VERSION, load_compressed, save_compress
 from compsearch.compress.distill import DistillSettings, distill_
 from compsearch.evaluators import perplexity_and_kl
 from compsearch.search.errors import UserError
-from compsearch.search.job import JobContext, check_writable, prepare_job
+from compsearch.search.job import JobContext, check_out, check_writable, prepare_job
 from compsearch.search.models import gguf_template, load_config, load_tokenizer
 from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, TRIALS_FILE, trials_frame,
                             write_results)
@@ -71,7 +72,14 @@ def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False)
         optuna.delete_study(study_name=spec.study, storage=storage)
         _remove_tables(options.results_dir / spec.study)
     study = create_study(spec, storage, ctx.study_attrs())
-    return _run(ctx, study, trials, options, requeued=[])
+    try:
+        return _run(ctx, study, trials, options, requeued=[])
+    except Exception:
+        if not any(trial.state != optuna.trial.TrialState.WAITING for trial in study.get_trials(deepcopy=False)):
+            # failed before any trial started (workers, profile): leave no empty study that blocks a new submit
+            optuna.delete_study(study_name=spec.study, storage=storage)
+            _remove_tables(options.results_dir / spec.study)
+        raise
 
 
 def resume(study_name: str, trials: int, options: RunOptions) -> pd.DataFrame:
@@ -96,6 +104,10 @@ def resume(study_name: str, trials: int, options: RunOptions) -> pd.DataFrame:
 
 
 def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions, requeued: list[int]) -> pd.DataFrame:
+    done = done_count(study)
+    if trials < done:
+        raise UserError(f"study {ctx.spec.study!r} has {done} trials done already; --trials is the total to reach: "
+                        f"give more than {done}")
     study.set_user_attr(TARGET_ATTR, trials)
     if options.on_ready:
         options.on_ready(ctx, study, requeued)
@@ -124,6 +136,8 @@ def status(study_name: str, options: RunOptions) -> dict:
 
 def leaderboard(study_name: str, options: RunOptions, top: int = 10) -> pd.DataFrame:
     """The ranked completed trials (feasible front first), best `top` rows."""
+    if top < 1:
+        raise UserError(f"--top {top}: give how many rows to show, at least 1")
     study, _ = _open_existing(study_name, options)
     trials = trials_frame(study)
     return trials[trials["rank"].notna()].head(top)
@@ -132,7 +146,7 @@ def leaderboard(study_name: str, options: RunOptions, top: int = 10) -> pd.DataF
 def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, checkpoint: bool = False,
            verify: bool = False, distill: DistillSettings | None = None,
            on_status: Callable[[str], None] | None = None, export_format: str = "compsearch",
-           gguf_template: Path | None = None) -> dict:
+           gguf_template: Path | None = None, overwrite: bool = False) -> dict:
     """Write the plan ranked `rank` (and with `checkpoint` the compressed model) to `out_dir`.
 
     With `distill`, the checkpoint's model is first distilled from the base model on the study's
@@ -140,6 +154,7 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
     split, goes to export.json and to the study (`distilled_ppl` in the trials table).
     `export_format` `gguf` writes a .gguf file llama.cpp runs to `out_dir` (a file path), and
     `llama-quantize` the `--tensor-type-file` that makes the same mix with llama.cpp's quantizer.
+    Files already at `out_dir` are written over only with `overwrite`.
     """
     if export_format not in EXPORT_FORMATS:
         raise UserError(f"--format {export_format!r} is unknown; choose one of {EXPORT_FORMATS}")
@@ -147,10 +162,11 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
         raise UserError("distillation changes the model's weights: add --checkpoint to keep them")
     if export_format != "compsearch":
         return _export_for_llamacpp(study_name, rank, Path(out_dir), options, verify, export_format, gguf_template,
-                                    on_status or log.info)
+                                    on_status or log.info, overwrite)
     study, spec = _open_existing(study_name, options)
     plan, ranked = _ranked_plan(trials_frame(study), study_name, rank)
     out_dir = Path(out_dir)
+    check_out(out_dir, folder=True, overwrite=overwrite)
     check_writable(out_dir)
     summary = {"study": study_name, **ranked, "spec": spec.to_dict(), "protocol": study.user_attrs.get("protocol")}
     (out_dir / "plan.json").write_text(plan.to_json() + "\n")
@@ -176,13 +192,14 @@ def _ranked_plan(trials: pd.DataFrame, study_name: str, rank: int) -> tuple[Plan
 
 
 def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: RunOptions, verify: bool,
-                         export_format: str, template: Path | None, say: Callable[[str], None]) -> dict:
+                         export_format: str, template: Path | None, say: Callable[[str], None], overwrite: bool) -> dict:
     """A .gguf file (`gguf`) or llama-quantize's tensor types (`llama-quantize`) for the ranked plan."""
     from compsearch.compress.gguf_export import GGUFExportError, llama_quantize_types
 
     study, spec = _open_existing(study_name, options)
     plan, summary = _ranked_plan(trials_frame(study), study_name, rank)
     summary.update(study=study_name, format=export_format, out=str(out_path))
+    check_out(out_path, folder=False, overwrite=overwrite)
     check_writable(out_path.parent)
     ctx = prepare_job(spec, options.cache_dir)
     template = gguf_template(spec.model, template)
@@ -196,7 +213,8 @@ def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: Ru
 
 
 def export_front(study_name: str, out_dir: Path, options: RunOptions, verify: bool = False,
-                 template: Path | None = None, on_status: Callable[[str], None] | None = None) -> list[dict]:
+                 template: Path | None = None, on_status: Callable[[str], None] | None = None,
+                 overwrite: bool = False) -> list[dict]:
     """Every plan of the study's feasible Pareto front as a .gguf file in `out_dir`
     (`rankNN-trialNNN.gguf`, and `front.json` with each file's summary): the base model is loaded once
     and layers shared by several plans are compressed once."""
@@ -207,6 +225,7 @@ def export_front(study_name: str, out_dir: Path, options: RunOptions, verify: bo
     if front.empty:
         raise UserError(f"study {study_name!r} has no feasible Pareto front yet: run trials first")
     out_dir = Path(out_dir)
+    check_out(out_dir, folder=True, overwrite=overwrite)
     check_writable(out_dir)
     items = []
     for rank, trial in zip(front["rank"].astype(int), front["trial"].astype(int)):
@@ -317,6 +336,11 @@ def _check_counts(trials: int, options: RunOptions) -> None:
         raise UserError(f"--trials {trials}: give the number of trials to reach, at least 1")
     if options.workers < 1 or options.cpus_per_worker < 1:
         raise UserError(f"--workers {options.workers} / --cpus-per-worker {options.cpus_per_worker}: both must be >= 1")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if options.address is None and options.workers * options.cpus_per_worker > cpus:
+        raise UserError(f"--workers {options.workers} x --cpus-per-worker {options.cpus_per_worker} needs "
+                        f"{options.workers * options.cpus_per_worker} CPUs; this machine has {cpus}: use "
+                        f"--workers {max(1, cpus // options.cpus_per_worker)} or more with --address of a Ray cluster")
     if not 0 <= options.gpus_per_worker:
         raise UserError(f"--gpus-per-worker {options.gpus_per_worker}: give 0 (CPU), a fraction like 0.5, or whole GPUs")
     bad = {name: amount for name, amount in (options.worker_resources or {}).items()

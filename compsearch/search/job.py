@@ -14,7 +14,7 @@ from compsearch.evaluators.bigbench import TaskError
 from compsearch.evaluators.metrics import is_task_metric
 from compsearch.evaluators.tasks import TaskSuite, task_column
 from compsearch.search.errors import UserError
-from compsearch.search.models import gguf_template, load_config, load_tokenizer, resolve_model
+from compsearch.search.models import check_weights, gguf_template, load_config, load_tokenizer, resolve_model
 from compsearch.search.spec import JobSpec, parse_memory_budget
 from compsearch.spaces.layers import (LayerInfo, count_params, embedding_layers, head_is_tied, linear_layers,
                                       meta_model)
@@ -64,6 +64,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
     """Load what the job needs without loading weights, and refuse budgets no plan can meet."""
     model_ref = resolve_model(spec.model, cache_dir)
     config = load_config(model_ref, spec.trust_remote_code)
+    check_weights(model_ref)
     skeleton = meta_model(config, spec.trust_remote_code)
     if spec.include_lm_head and head_is_tied(skeleton):
         raise UserError("--include-lm-head: this model's output head shares its weight with the input embeddings, "
@@ -145,6 +146,15 @@ def _gguf_layout(spec: JobSpec, skeleton, model_ref: str):
         return gguf_file_layout(skeleton, template, Path(model_ref))
     except GGUFExportError as err:
         raise UserError(str(err)) from None
+
+
+def check_out(path: Path, folder: bool, overwrite: bool) -> None:
+    """Refuse to write an export over files already there, unless asked to (`overwrite`)."""
+    path = Path(path)
+    taken = path.is_dir() and any(path.iterdir()) if folder else path.exists()
+    if taken and not overwrite:
+        what = "is a folder with files in it" if folder else "exists"
+        raise UserError(f"--out {str(path)!r} {what}; pass --force to write over it, or choose another --out")
 
 
 def check_writable(folder: Path) -> None:

@@ -107,6 +107,27 @@ def load_config(ref: str, trust_remote_code: bool = False):
                         f"({str(err).splitlines()[0]}); pass --model with a folder or a cached hub id") from None
 
 
+def check_weights(ref: str) -> None:
+    """Refuse a local model folder without readable weights before any worker tries to load them: it
+    must hold *.safetensors files (headers and sizes are checked, not the values) or pytorch_model*.bin."""
+    folder = Path(ref)
+    if not folder.is_dir():
+        return  # a hub id: transformers finds (or refuses) its files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"model folder {ref!r} has a config but no weights (*.safetensors); copy the model's "
+                        "weight files there, or pass --model with a complete folder")
+    from safetensors import safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own kinds for truncated or garbled files
+            raise UserError(f"model weights {str(path)!r} cannot be read ({str(err).splitlines()[0]}); "
+                            "the file is damaged or incomplete: copy or download it again") from None
+
+
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

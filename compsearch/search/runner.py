@@ -17,6 +17,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from compsearch.compress import plan_bits_per_weight
 from compsearch.search.capacity import memory_warning
+from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext
 from compsearch.search.results import TASK_SCORES_ATTR, trials_frame, write_results
@@ -86,10 +87,12 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, log_to_driver=False)
+    protect_token_file()
     return True
 
 

@@ -80,7 +80,21 @@ class SensitivityCache:
 
     def __init__(self, path: Path):
         self.path = path
-        self.values: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.values: dict[str, float] = self._read(path) if path.exists() else {}
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, float]:
+        """The cached measurements; a damaged file (truncated, garbled, not a mapping of numbers) is
+        reported once and its measurements are made again."""
+        try:
+            values = json.loads(path.read_text())
+            if isinstance(values, dict) and all(isinstance(v, (int, float)) for v in values.values()):
+                return values
+            problem = "not a mapping of plan keys to numbers"
+        except (ValueError, UnicodeDecodeError) as err:
+            problem = str(err).splitlines()[0]
+        log.warning("sensitivity cache %s is damaged (%s): measuring its entries again", path, problem)
+        return {}
 
     @staticmethod
     def key(plan_json: str) -> str:

@@ -46,7 +46,7 @@ RUNTIMES = ("torch", "llamacpp")  # what latency is measured in
 SAMPLERS = ("nsga2", "tpe", "random")
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class JobSpec:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        if not _STUDY_NAME.match(self.study):
+        if not _STUDY_NAME.fullmatch(self.study):  # fullmatch: `$` would let a trailing newline through
             raise UserError(f"study name {self.study!r} must be 1-100 letters, digits, '_', '.' or '-'")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown or not self.objectives or len(set(self.objectives)) != len(self.objectives):

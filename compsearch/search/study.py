@@ -37,10 +37,14 @@ def open_storage(url: str) -> BaseStorage:
     """An Optuna storage from a URL: any SQLAlchemy URL (with trial heartbeats), or `journal:PATH`."""
     if url.startswith(JOURNAL_PREFIX):
         path = Path(url[len(JOURNAL_PREFIX):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        _make_folder(path.parent, url)
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as err:
+            raise UserError(f"storage {url!r} cannot be opened ({err.strerror}); give journal:PATH with a file "
+                            "you can write") from None
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(Path(url[len("sqlite:///"):]).parent, url)
     try:
         with warnings.catch_warnings(category=ExperimentalWarning, action="ignore"):
             storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
@@ -51,6 +55,15 @@ def open_storage(url: str) -> BaseStorage:
     except Exception as err:  # SQLAlchemy raises many kinds for bad URLs or unreachable servers
         raise UserError(f"storage {url!r} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         f"give an SQLAlchemy URL like sqlite:///path.db or postgresql://..., or journal:PATH") from None
+
+
+def _make_folder(folder: Path, url: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"storage {url!r} needs the folder {str(folder)!r}, which cannot be made ({err.strerror}"
+                        f"{': a file of that name is in the way' if isinstance(err, FileExistsError) else ''}); "
+                        "pass another --results-dir or --storage") from None
 
 
 def _write_ahead_log(storage: RDBStorage) -> None:

@@ -34,6 +34,7 @@ def _error(capsys, argv) -> str:
     (["--data", "/no/such/file.txt"], "no such file or folder"),
     (["--bits", "4,7"], "bits 7 is not supported"),
     (["--trials", "0"], "--trials 0"),
+    (["--workers", "100"], "needs 100 CPUs; this machine has"),
 ])
 def test_bad_submit_inputs(tiny_model_dir, tmp_path, capsys, extra, fragment):
     argv = cli_args(tiny_model_dir, tmp_path, "bad", 2) + extra  # a later --model overrides the first
@@ -79,3 +80,7 @@ def test_read_commands(existing, capsys, tmp_path):
     assert "no study 'ghost'" in _error(capsys, ["status", "--study", "ghost", "--results-dir", str(existing)])
     assert "no study 'ghost'" in _error(
         capsys, ["resume", "--study", "ghost", "--results-dir", str(existing), "--trials", "3"])
+    assert "--top 0: give how many rows" in _error(
+        capsys, ["leaderboard", "--study", "kept", "--results-dir", str(existing), "--top", "0"])
+    assert "trials done already; --trials is the total to reach" in _error(
+        capsys, ["resume", "--study", "kept", "--results-dir", str(existing), "--trials", "1"])

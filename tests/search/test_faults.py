@@ -18,7 +18,7 @@ from compsearch.search.commands import RunOptions, submit
 from compsearch.search.errors import UserError
 from compsearch.search.job import prepare_job
 from compsearch.search.runner import WorkerResources, _RayTrialEvaluator, check_resources, run_study
-from compsearch.search.study import create_study, default_storage_url, done_count, open_storage
+from compsearch.search.study import create_study, default_storage_url, done_count, open_storage, study_exists
 from tests.search.helpers import tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -137,3 +137,15 @@ def test_workers_no_node_can_host_are_refused_on_a_local_instance(ray_session):
     with pytest.raises(UserError, match="node_zzz=0"):
         check_resources(WorkerResources(1, 0.0, {"node_zzz": 1}), local=True)
     check_resources(WorkerResources(1, 0.0, {"node_zzz": 1}), local=False)  # a cluster may still scale up
+
+
+def test_a_submit_refused_before_any_trial_leaves_no_study_behind(ray_session, tiny_model_dir, tmp_path):
+    if ray_session.cluster_resources().get("GPU"):
+        pytest.skip("this machine has a GPU")
+    spec = tiny_spec(tiny_model_dir, "refused", space="quant")
+    options = RunOptions(results_dir=tmp_path, workers=1, gpus_per_worker=1.0)
+    with pytest.raises(UserError, match="--gpus-per-worker"):
+        submit(spec, 2, options)
+    assert not study_exists(open_storage(options.storage_url("refused")), "refused")
+    trials = submit(spec, 1, RunOptions(results_dir=tmp_path, workers=1))  # the corrected submit is not refused
+    assert len(trials) == 1

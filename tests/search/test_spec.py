@@ -24,6 +24,7 @@ def test_bad_memory_budgets(text, fragment):
     ({"objectives": ("ppl", "speed")}, "objectives"), ({"sampler": "cmaes"}, "sampler 'cmaes'"),
     ({"space": "everything"}, "space 'everything'"), ({"granularity": "row"}, "granularity 'row'"),
     ({"bits": (4, 9)}, "bits 9"), ({"latency_budget_ms": -1.0}, "latency budget"), ({"study": "a b"}, "study name"),
+    ({"study": "name\n"}, "study name"),
 ])
 def test_bad_specs_name_the_value(kwargs, fragment):
     with pytest.raises(UserError, match=fragment):

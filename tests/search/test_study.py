@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from compsearch.search.commands import RunOptions, export, leaderboard, resume, status, submit
+from compsearch.search.errors import UserError
 from compsearch.search.study import done_count, load_study, open_storage
 from tests.search.helpers import tiny_spec
 
@@ -82,11 +83,13 @@ def test_export_checkpoint_reproduces_trial_perplexity(finished_study, tmp_path)
     assert math.isclose(summary["checkpoint_ppl"], summary["metrics"]["ppl"], rel_tol=1e-5)
     assert abs(summary["checkpoint_bytes"] - summary["plan_bytes"]) < 0.02 * summary["plan_bytes"] + 64 * 1024
     assert (tmp_path / "plan.json").exists() and (tmp_path / "export.json").exists()
+    with pytest.raises(UserError, match="is a folder with files in it; pass --force"):
+        export("e2e", 2, tmp_path, options)
+    assert json.loads((tmp_path / "export.json").read_text())["rank"] == 1  # untouched
 
 
 def test_export_distills_and_records_the_result(finished_study, tmp_path):
     from compsearch.compress.distill import DistillSettings
-    from compsearch.search.errors import UserError
 
     _, results, options, _, _ = finished_study
     with pytest.raises(UserError, match="--checkpoint"):
@@ -111,8 +114,6 @@ def test_resume_continues_to_the_new_total(finished_study):
 
 
 def test_resume_refuses_a_study_measured_by_another_compression_version(finished_study):
-    from compsearch.search.errors import UserError
-
     _, _, options, _, _ = finished_study
     study, _ = load_study("e2e", open_storage(options.storage_url("e2e")))
     protocol = study.user_attrs["protocol"]
