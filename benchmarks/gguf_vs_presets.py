@@ -166,7 +166,9 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
                          on_status=lambda line: print(line, flush=True),
                          on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
     study = "gguf-bench" + (f"-{memory_budget}" if memory_budget else "")
-    spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf",
+    # One type per decoder block (its seven projections) and one for the embedding: the sensitivity profile
+    # then measures 31 groups on SmolLM2-135M, not the 121 of per-projection choices (the gguf space's default).
+    spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf", granularity="block",
                    objectives=("ppl", "memory"), quant_methods=STUDY_TYPES, memory_budget=memory_budget)
     study_table = workdir / "results" / study / "trials.parquet"
     table = pd.read_parquet(study_table) if study_table.exists() else submit(spec, trials, options)

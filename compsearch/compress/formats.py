@@ -37,6 +37,7 @@ class StorageFormat(ABC):
     `exact_zero`: the grid always holds an exact 0, so a pruned weight can be stored as a code;
     `trainable`: the field of the quantized matrix (a float tensor) that distillation may scale,
     leaving codes and format intact; `row_multiple`: rows must hold a multiple of this many values;
+    `whole_groups`: rows must hold whole groups of the plan's group size;
     `rounds_inputs`: the runtime that reads the format rounds a matrix's inputs before multiplying
     (`round_inputs`), so a compressed model does too.
     """
@@ -45,6 +46,7 @@ class StorageFormat(ABC):
     exact_zero: bool = True
     trainable: str
     row_multiple: int = 1
+    whole_groups: bool = False
     rounds_inputs: bool = False
 
     @abstractmethod
@@ -105,6 +107,32 @@ class AffineGrid(StorageFormat):
         return "simulated"
 
 
+class SymmetricGrid(AffineGrid):
+    """Integer codes on (code - 2**(bits-1)) * scale, an fp16 scale per group of `group_size` inputs of a
+    row: the grid is symmetric about 0, so no zero point is stored. This is compressed-tensors' symmetric
+    integer format (`pack-quantized`), which vLLM runs at 4 and 8 bits: it needs whole groups and stores
+    every code (no masks: a pruned weight is a code of 0)."""
+
+    name = "symmetric"
+    whole_groups = True
+
+    def values_nbytes(self, rows: int, cols: int, count: int, bits: int, group_size: int) -> int:
+        if cols % group_size:
+            raise ValueError(f"symmetric groups of {group_size} do not divide rows of {cols} values; "
+                             "compressed-tensors and vLLM need whole groups")
+        return packed_nbytes(rows * cols, bits) + rows * (cols // group_size) * SCALE_BITS // 8
+
+    def pack(self, quantized: QuantizedMatrix, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        codes = quantized.codes[keep] if keep is not None else quantized.codes
+        return {"codes": pack_bits(codes, quantized.bits), "scales": quantized.scales.contiguous()}
+
+    def unpack(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, int], bits: int, group_size: int,
+               keep: torch.Tensor | None) -> QuantizedMatrix:
+        scales = parts["scales"]
+        zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.uint8)
+        return super().unpack({**parts, "zeros": pack_bits(zeros, bits)}, shape, bits, group_size, keep)
+
+
 class Palette(StorageFormat):
     """Codes packed at `bits` indexing one codebook of 2**bits fp16 values per row (`group_size` unused).
     A codebook need not hold an exact 0."""
@@ -133,4 +161,5 @@ class Palette(StorageFormat):
 
 FORMATS: Registry[StorageFormat] = Registry("storage format")
 FORMATS.register(AffineGrid())
+FORMATS.register(SymmetricGrid())
 FORMATS.register(Palette())

@@ -16,7 +16,9 @@ from typing import Callable
 
 import torch
 
-from compsearch.compress.quantize import QuantizedMatrix, grouped_columns, group_scale_zero, round_to_grid
+from compsearch.compress.quantize import (
+    QuantizedMatrix, group_scale_symmetric, group_scale_zero, grouped_columns, round_to_grid,
+)
 
 BLOCK_COLUMNS = 128
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added to the diagonal, as in the reference code
@@ -76,17 +78,17 @@ def compensated_rounding(weight: torch.Tensor, hinv_factor: torch.Tensor, order:
 
 
 def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor: torch.Tensor,
-                  order: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizedMatrix:
+                  order: torch.Tensor, mask: torch.Tensor | None = None, symmetric: bool = False) -> QuantizedMatrix:
     """GPTQ-quantize a (rows, cols) matrix in RTN's format: every group's scale and integer zero point
-    set from the weights first, then the columns rounded in `order` (activation order,
-    `MatrixStats.activation_order()`) by `compensated_rounding`; `hinv_factor` is that of H in `order`
-    (`MatrixStats.hinv_factor(..., activation_order=True)`).
+    (`symmetric`: the middle code) set from the weights first, then the columns rounded in `order`
+    (activation order, `MatrixStats.activation_order()`) by `compensated_rounding`; `hinv_factor` is
+    that of H in `order` (`MatrixStats.hinv_factor(..., activation_order=True)`).
 
     With a keep `mask` (a pruned matrix), pruned weights take the zero point (exactly 0) and their
     removal error is compensated like rounding error, so sparsity survives quantization.
     """
     x = weight.float() if mask is None else weight.float() * mask
-    scales, zeros = group_scale_zero(grouped_columns(x, group_size), bits)
+    scales, zeros = (group_scale_symmetric if symmetric else group_scale_zero)(grouped_columns(x, group_size), bits)
     group = torch.arange(x.shape[1]) // group_size
     scale, zero = scales.float()[:, group].t().contiguous(), zeros[:, group].t().contiguous()  # per column
 

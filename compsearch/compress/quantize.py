@@ -1,4 +1,5 @@
-"""Group-wise asymmetric round-to-nearest quantization with an integer zero point."""
+"""Group-wise round-to-nearest quantization: asymmetric with an integer zero point per group, or symmetric
+about 0 (the zero point is the middle code, not stored)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,15 +22,16 @@ class QuantizedMatrix:
         return dequantize(self.codes, self.scales, self.zeros, self.group_size)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix:
-    """Round each weight to the nearest of 2**bits levels spanning its group's [min, max] and 0.
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedMatrix:
+    """Round each weight to the nearest of 2**bits levels spanning its group's [min, max] and 0
+    (`symmetric`: levels -2**(bits-1) .. 2**(bits-1) - 1 times a scale, `group_scale_symmetric`).
 
     The range always contains 0 and the zero point is an integer, so 0 (a pruned weight) is exact and
     near-zero weights are not shifted by an outlier on the other side of 0.
     """
     rows, cols = weight.shape
     grouped = grouped_columns(weight.float(), group_size)  # (rows, groups, group_size), zero-padded
-    scales, zeros = group_scale_zero(grouped, bits)
+    scales, zeros = (group_scale_symmetric if symmetric else group_scale_zero)(grouped, bits)
     codes = round_to_grid(grouped, scales.float().unsqueeze(2), zeros.unsqueeze(2), bits)
     codes = codes.reshape(rows, -1)[:, :cols]
     return QuantizedMatrix(codes.to(torch.uint8), scales, zeros.to(torch.uint8), bits, group_size)
@@ -47,6 +49,15 @@ def group_scale_zero(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, to
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group
     zeros = torch.round(-low / scales.float()).clamp(0, qmax)
     return scales, zeros
+
+
+def group_scale_symmetric(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scale of each group for a grid symmetric about 0 (the largest magnitude on the top level,
+    2**(bits-1) - 1), and the zero point every group shares: the middle code 2**(bits-1)."""
+    top = (1 << (bits - 1)) - 1
+    scales = (grouped.abs().amax(dim=-1) / top).to(torch.float16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group
+    return scales, torch.full(scales.shape, float(1 << (bits - 1)))
 
 
 def round_to_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

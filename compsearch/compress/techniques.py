@@ -121,8 +121,20 @@ def _hqq(values, bits, group_size, stats, keep, key):
     return quantize_hqq(values, bits, group_size)
 
 
+def _rtn_symmetric(values, bits, group_size, stats, keep, key):
+    return quantize_rtn(values, bits, group_size, symmetric=True)
+
+
+def _gptq_symmetric(values, bits, group_size, stats, keep, key):
+    return quantize_gptq(values, bits, group_size, stats.hinv_factor(key, activation_order=True),
+                         stats.activation_order(), keep, symmetric=True)
+
+
 QUANTIZERS.register(Quantizer("rtn", "affine", _rtn))
 QUANTIZERS.register(Quantizer("gptq", "affine", _gptq, needs=frozenset({HESSIAN})))
+# Symmetric grids (no zero point): compressed-tensors' format, which vLLM serves (`vllm` space).
+QUANTIZERS.register(Quantizer("rtn-sym", "symmetric", _rtn_symmetric))
+QUANTIZERS.register(Quantizer("gptq-sym", "symmetric", _gptq_symmetric, needs=frozenset({HESSIAN})))
 QUANTIZERS.register(Quantizer("hqq", "affine", _hqq))
 QUANTIZERS.register(Quantizer("kmeans", "palette", _kmeans, needs=frozenset({NORMS})))
 

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"Hugging Face model folder or id (default: the bundled {DEFAULT_MODEL})")
     submit.add_argument("--data", help="text file or folder for calibration and evaluation (default: pydoc topics)")
     submit.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACES)} (default: joint)")
-    submit.add_argument("--granularity", default="block", help=f"one decision per: {', '.join(GRANULARITIES)}")
+    submit.add_argument("--granularity", help=f"one decision per: {', '.join(GRANULARITIES)} (default: the space's "
+                        "own: block; layer for gguf and vllm)")
     submit.add_argument("--no-tie-fused", dest="tie_fused", action="store_false",
                         help="let q/k/v and gate/up choose separately at layer granularity")
     submit.add_argument("--include-lm-head", action="store_true", help="compress the output head too (untied models)")
@@ -113,18 +114,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="every plan of the feasible Pareto front, as .gguf files in the --out folder "
                              "(with --format gguf; the base model is loaded once for all)")
     export.add_argument("--out", type=Path, required=True,
-                        help="a folder (compsearch, or gguf with --front), a .gguf file (gguf) or a text file "
-                             "(llama-quantize)")
+                        help="a folder (compsearch, compressed-tensors, or gguf with --front), a .gguf file (gguf) "
+                             "or a text file (llama-quantize)")
     export.add_argument("--format", dest="export_format", default="compsearch", choices=EXPORT_FORMATS,
                         help="compsearch: plan.json (and --checkpoint, safetensors); gguf: a file llama.cpp runs "
-                             "(GGUF-type plans); llama-quantize: the plan as llama-quantize's --tensor-type-file")
+                             "(GGUF-type plans); llama-quantize: the plan as llama-quantize's --tensor-type-file; "
+                             "compressed-tensors: a checkpoint folder vLLM and transformers load (vllm space plans)")
     export.add_argument("--gguf-template", type=Path,
                         help="a GGUF of the base model whose metadata (tokenizer, chat template) the .gguf copies "
                              "(default: the bundled model's own; Llama checkpoints without one get it from their files)")
     export.add_argument("--force", action="store_true", help="write over files already at --out")
     export.add_argument("--checkpoint", action="store_true", help="also write the compressed model (safetensors)")
     export.add_argument("--verify", action="store_true",
-                        help="reload what was written and measure its perplexity (a .gguf in llama.cpp itself)")
+                        help="reload what was written and measure its perplexity (a .gguf in llama.cpp itself); "
+                             "exit 1 when it does not reproduce the trial")
     export.add_argument("--distill-steps", type=int, default=0,
                         help="distill the checkpoint's model from the base model for this many steps first "
                              "(scales, codebooks, 16-bit weights, norms; needs --checkpoint)")
@@ -280,12 +283,14 @@ def _export(args: argparse.Namespace) -> int:
     if args.front:
         if args.export_format != "gguf" or args.checkpoint or args.distill_steps:
             raise UserError("--front writes .gguf files: use it with --format gguf (no --checkpoint, no distillation)")
+        status = 0
         for summary in export_front(args.study, args.out, _options(args), args.verify, args.gguf_template,
                                     on_status=lambda line: print(line, flush=True), overwrite=args.force):
             measured = f", in llama.cpp {summary['llamacpp_ppl']:.4f}" if "llamacpp_ppl" in summary else ""
             print(f"rank {summary['rank']} (trial {summary['trial']}): {summary['out']} {_mb(summary['file_bytes'])}, "
                   f"trial ppl {summary['metrics']['ppl']:.3f}{measured}")
-        return 0
+            status = max(status, _verified(summary))
+        return status
     try:
         distill = DistillSettings(args.distill_steps, args.distill_lr, args.distill_scale_lr) if args.distill_steps else None
     except ValueError as error:
@@ -298,9 +303,13 @@ def _export(args: argparse.Namespace) -> int:
         print(f"exported rank {summary['rank']} (trial {summary['trial']}) as {args.export_format}: {args.out}")
         if "file_bytes" in summary:
             print(f"file {_mb(summary['file_bytes'])} (plan {_mb(summary['plan_bytes'])}); trial ppl {metrics['ppl']:.3f}")
+        if "checkpoint_bytes" in summary:
+            print(f"checkpoint {_mb(summary['checkpoint_bytes'])} on disk (plan {_mb(summary['plan_bytes'])})")
         if "llamacpp_ppl" in summary:
             print(f"perplexity in llama.cpp {summary['llamacpp_ppl']:.4f} (trial reported {metrics['ppl']:.4f})")
-        return 0
+        if "checkpoint_ppl" in summary:
+            print(f"reloaded checkpoint ppl {summary['checkpoint_ppl']:.4f} (trial reported {metrics['ppl']:.4f})")
+        return _verified(summary)
     print(f"exported rank {summary['rank']} (trial {summary['trial']}): ppl {metrics['ppl']:.3f}, "
           f"{_mb(metrics['memory_bytes'])} planned -> {args.out}/plan.json")
     if "checkpoint" in summary:
@@ -313,7 +322,16 @@ def _export(args: argparse.Namespace) -> int:
         expected, source = ((summary["distilled_ppl"], "distilled model") if "distilled_ppl" in summary
                             else (metrics["ppl"], "trial reported"))
         print(f"reloaded checkpoint ppl {summary['checkpoint_ppl']:.4f} ({source} {expected:.4f})")
-    return 0
+    return _verified(summary)
+
+
+def _verified(summary: dict) -> int:
+    """Exit status of an export: 1 when --verify found that what was written does not reproduce the trial."""
+    if summary.get("verified", True):
+        return 0
+    print(f"compsearch: error: the export does not reproduce its trial (perplexity off by "
+          f"{100 * summary['verify_gap']:.2f}%, see above); it was written, but do not rely on it", file=sys.stderr)
+    return 1
 
 
 def _print_ready(ctx, study, requeued: list[int]) -> None:

@@ -51,8 +51,8 @@ def is_jobs_address(address: str | None) -> bool:
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse a cluster address (HOST:PORT, ray://HOST:PORT, http[s]://HOST:PORT) where nothing listens,
-    at once: Ray itself would keep retrying for minutes. `auto` (a local cluster's own file) passes."""
+    """Refuse a cluster address (HOST:PORT, ray://HOST:PORT) where nothing listens, at once: Ray itself
+    would keep retrying for minutes. `auto` (a local cluster's own file) passes."""
     match = re.fullmatch(r"(?:[a-z]+://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
     if match is None:
         return
@@ -92,7 +92,6 @@ def jobs_client(address: str):
     if os.environ.get(IN_JOB_ENV):
         raise UserError(f"--address {address}: this driver already runs inside a Ray job; give a cluster "
                         "address (auto, ray://HEAD:10001) instead of a Jobs API address")
-    check_reachable(address)
     use_token_auth()
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient

@@ -31,6 +31,9 @@ from compsearch.spaces.layers import meta_model
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
+# How close a reloaded export's perplexity must be to its trial's for `--verify` to pass: the same
+# runtime reproduces it up to float summation order; llama.cpp within 1% (see README, GGUF).
+VERIFY_TOLERANCE = {"compsearch": 1e-3, "compressed-tensors": 1e-3, "gguf": 0.01}
 TARGET_ATTR = "target_trials"
 
 
@@ -153,13 +156,17 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
     calibration split (`compress.distill`); its perplexity before and after, on the evaluation
     split, goes to export.json and to the study (`distilled_ppl` in the trials table).
     `export_format` `gguf` writes a .gguf file llama.cpp runs to `out_dir` (a file path), and
-    `llama-quantize` the `--tensor-type-file` that makes the same mix with llama.cpp's quantizer.
-    Files already at `out_dir` are written over only with `overwrite`.
+    `llama-quantize` the `--tensor-type-file` that makes the same mix with llama.cpp's quantizer, and
+    `compressed-tensors` a checkpoint folder vLLM and transformers load (symmetric integer plans).
+    Files already at `out_dir` are written over only with `overwrite`. With `verify`, what was written
+    is loaded again and scored: `verified` says whether it reproduced the trial (`VERIFY_TOLERANCE`).
     """
     if export_format not in EXPORT_FORMATS:
         raise UserError(f"--format {export_format!r} is unknown; choose one of {EXPORT_FORMATS}")
     if distill is not None and not checkpoint:
         raise UserError("distillation changes the model's weights: add --checkpoint to keep them")
+    if export_format == "compressed-tensors":
+        return _export_compressed_tensors(study_name, rank, Path(out_dir), options, verify, overwrite)
     if export_format != "compsearch":
         return _export_for_llamacpp(study_name, rank, Path(out_dir), options, verify, export_format, gguf_template,
                                     on_status or log.info, overwrite)
@@ -172,12 +179,50 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
     (out_dir / "plan.json").write_text(plan.to_json() + "\n")
     if checkpoint:
         summary.update(_export_checkpoint(spec, plan, out_dir, options, verify, distill, on_status or log.info))
+    if "checkpoint_ppl" in summary:  # a distilled checkpoint must reproduce the distilled model
+        _verdict(summary, "checkpoint_ppl", summary.get("distilled_ppl", summary["metrics"]["ppl"]), "compsearch")
     if "distilled_ppl" in summary:
         study.set_user_attr(f"{DISTILLED_ATTR}:{summary['trial']}", {
             key: summary[key] for key in ("distilled_ppl", "distill_steps", "distill_final_loss")})
         write_results(study, options.results_dir)
     (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _export_compressed_tensors(study_name: str, rank: int, out_dir: Path, options: RunOptions, verify: bool,
+                               overwrite: bool) -> dict:
+    """The ranked plan as a compressed-tensors checkpoint (`compress.ct_export`)."""
+    from compsearch.compress.ct_export import (
+        CompressedTensorsExportError, check_exportable, checkpoint_nbytes, export_compressed_tensors, load_checkpoint,
+    )
+
+    study, spec = _open_existing(study_name, options)
+    plan, summary = _ranked_plan(trials_frame(study), study_name, rank)
+    summary.update(study=study_name, format="compressed-tensors", out=str(out_dir))
+    check_out(out_dir, folder=True, overwrite=overwrite)
+    check_writable(out_dir)
+    ctx = prepare_job(spec, options.cache_dir)
+    evaluator = _export_evaluator(spec, ctx)
+    try:
+        check_exportable(evaluator.model, plan)
+        model, stored = evaluator.compressed_model(plan, keep_stored=True)
+        export_compressed_tensors(model, plan, stored, out_dir, load_tokenizer(ctx.model_ref, spec.trust_remote_code))
+    except CompressedTensorsExportError as err:
+        raise UserError(str(err)) from None
+    summary.update(checkpoint_bytes=checkpoint_nbytes(out_dir), plan_bytes=ctx.plan_bytes(plan))
+    if verify:
+        loaded = load_checkpoint(out_dir, spec.trust_remote_code)
+        summary["checkpoint_ppl"] = perplexity_and_kl(loaded, ctx.windows.eval_ids, spec.batch_size)["ppl"]
+        _verdict(summary, "checkpoint_ppl", summary["metrics"]["ppl"], "compressed-tensors")
+    (out_dir / "plan.json").write_text(plan.to_json() + "\n")
+    (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _verdict(summary: dict, measured: str, expected: float, export_format: str) -> None:
+    """Record whether the reloaded export's perplexity `summary[measured]` reproduces `expected`."""
+    gap = abs(summary[measured] - expected) / expected
+    summary.update(verified=bool(gap <= VERIFY_TOLERANCE[export_format]), verify_gap=gap)
 
 
 def _ranked_plan(trials: pd.DataFrame, study_name: str, rank: int) -> tuple[Plan, dict]:
@@ -260,6 +305,7 @@ def _write_gguf_files(spec: JobSpec, ctx: JobContext, items: list[tuple[Plan, di
                 summary["llamacpp_ppl"] = llamacpp_perplexity(out_path, ctx.windows.eval_ids)["ppl"]
             except LlamaCppMissing as err:
                 raise UserError(str(err)) from None
+            _verdict(summary, "llamacpp_ppl", summary["metrics"]["ppl"], "gguf")
     return [summary for _, summary, _ in items]
 
 

@@ -41,7 +41,7 @@ def objective_sign(name: str) -> int:
 
 
 QUALITY_OBJECTIVES = ("ppl", "kl")
-EXPORT_FORMATS = ("compsearch", "gguf", "llama-quantize")  # what `export --format` writes
+EXPORT_FORMATS = ("compsearch", "gguf", "llama-quantize", "compressed-tensors")  # what `export --format` writes
 RUNTIMES = ("torch", "llamacpp")  # what latency is measured in
 SAMPLERS = ("nsga2", "tpe", "random")
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -57,7 +57,7 @@ class JobSpec:
     model: str = DEFAULT_MODEL
     data: str | None = None
     space: str = "joint"
-    granularity: str = "block"
+    granularity: str | None = None  # None: the space's own (block; layer for gguf and vllm)
     tie_fused: bool = True
     include_lm_head: bool = False
     # Overrides of the space's choices, one per knob (`spaces.knobs.KNOBS`; a test keeps them in step).
@@ -111,7 +111,7 @@ class JobSpec:
                             f"from {sorted(OBJECTIVES)}, e.g. --objectives ppl,memory")
         if self.sampler not in SAMPLERS:
             raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {SAMPLERS}")
-        if self.granularity not in GRANULARITIES:
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise UserError(f"granularity {self.granularity!r} is unknown; choose one of {GRANULARITIES}")
         if self.memory_budget is not None:
             parse_memory_budget(self.memory_budget, base_bytes=1)

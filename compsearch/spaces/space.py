@@ -102,7 +102,9 @@ class Space:
         a head fraction becomes the fraction of heads the attention's groups really keep, and a method
         whose technique is off takes the default: plans that do the same compare equal. A quantizer
         that stores one width (a GGUF type) sets the bits, and one whose format cannot hold the layer's
-        rows gives way to its fallback (as llama-quantize does); `f16` keeps the layer in 16 bits.
+        rows gives way to its fallback (as llama-quantize does); `f16` keeps the layer in 16 bits. A
+        format that needs whole groups (compressed-tensors) takes the largest offered group size, no
+        larger than the one chosen, that divides the layer's inputs.
         """
         values = {**{knob: choices[0] for knob, choices in self.choices.items()}, **choice}
         channel_fraction = float(values["channel_fraction"]) if layer.kind in MLP_KINDS else 1.0
@@ -116,7 +118,8 @@ class Space:
             rank_fraction = 1.0
         sparsity, pattern = _layer_plan_fields_for_sparsity(values["sparsity"])
         bits, quant_method = _quantization(int(values["bits"]), values["quant_method"], in_features)
-        return LayerPlan(bits=bits, group_size=int(values["group_size"]), sparsity=sparsity,
+        group_size = _whole_group(int(values["group_size"]), bits, quant_method, in_features, self.choices["group_size"])
+        return LayerPlan(bits=bits, group_size=group_size, sparsity=sparsity,
                          pattern=pattern, prune_method=values["prune_method"] if sparsity else "magnitude",
                          quant_method=quant_method, rank_fraction=rank_fraction,
                          lowrank_method=values["lowrank_method"] if rank_fraction < 1.0 else "svd",
@@ -161,6 +164,12 @@ class Space:
                     _quantization(16, method, layer.in_features)
                 except ValueError as err:
                     raise SpaceError(f"{layer.name}: {err}; leave {method} out of --quant-methods") from None
+                bits, actual = _quantization(4, method, layer.in_features)
+                for group_size in self.choices["group_size"]:
+                    try:
+                        _whole_group(group_size, bits, actual, layer.in_features, self.choices["group_size"])
+                    except SpaceError as err:
+                        raise SpaceError(f"{layer.name}: {err}") from None
 
     def offered_types(self, layers: list[LayerInfo]) -> dict[str, dict[str, str]]:
         """For each layer role (q_proj, down_proj, ...): quant method chosen -> what the layer really gets,
@@ -184,6 +193,19 @@ def _quantization(bits: int, quant_method: str, in_features: int) -> tuple[int, 
         quantizer = quantizer_for(quant_method, in_features)
         return quantizer.bits[0], quantizer.name
     return bits, quant_method if bits < 16 else "rtn"
+
+
+def _whole_group(group_size: int, bits: int, quant_method: str, in_features: int, offered: tuple) -> int:
+    """The group size of a layer: see `Space.layer_plan`."""
+    from compsearch.compress.techniques import quantizer_format
+
+    if bits >= 16 or in_features % group_size == 0 or not quantizer_format(quant_method).whole_groups:
+        return group_size
+    fitting = [int(g) for g in offered if int(g) <= group_size and in_features % int(g) == 0]
+    if not fitting:
+        raise SpaceError(f"{quant_method} needs whole groups, and no offered group size up to {group_size} "
+                         f"divides {in_features} inputs; offer a smaller --group-sizes value (e.g. 32)")
+    return max(fitting)
 
 
 def _layer_plan_fields_for_sparsity(value: str) -> tuple[float, str]:
@@ -231,6 +253,10 @@ SPACES: dict[str, Space] = {
     # llama.cpp's own mixes choose them. f16 first: it is the "off" choice.
     "gguf": Space("gguf", granularity="layer", embeddings=True, quant_methods=(
         "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_1", "q5_0", "q4_1", "q4_0")),
+    # What vLLM serves fast from compressed-tensors checkpoints: symmetric integer weights at 4 and 8 bits
+    # (W4A16, W8A16), grouped, GPTQ or round-to-nearest; q/k/v and gate/up tied as vLLM fuses them.
+    "vllm": Space("vllm", granularity="layer", bits=(4, 8, 16), group_sizes=(32, 64, 128),
+                  quant_methods=("gptq-sym", "rtn-sym")),
     "sota": Space("sota", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("gptq", "hqq"),
                   sparsities=("0", "0.5", "2:4"), prune_methods=("sparsegpt",), rank_fractions=(1.0, 0.5),
                   lowrank_methods=("whiten",), channel_fractions=(1.0, 0.75), head_fractions=(1.0, 0.67)),

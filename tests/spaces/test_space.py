@@ -68,6 +68,19 @@ def test_nm_pattern_must_divide_inputs():
         Space("s", sparsities=("0", "4:8")).check_layers([LayerInfo("x", 8, 12)])
 
 
+def test_vllm_groups_are_whole_groups_of_each_layers_inputs():
+    space = SPACES["vllm"]
+    down, q_proj = LayerInfo("model.layers.0.mlp.down_proj", 576, 1536), LayerInfo("model.layers.0.self_attn.q_proj", 576, 576)
+    choice = {"bits": 4, "group_size": 128, "quant_method": "gptq-sym"}
+    assert space.layer_plan(down, choice).group_size == 128
+    assert space.layer_plan(q_proj, choice).group_size == 64  # 576 = 4.5 x 128: the largest whole group offered
+    assert space.layer_plan(q_proj, {**choice, "quant_method": "rtn"}).group_size == 128  # its format allows a ragged group
+    assert space.layer_plan(q_proj, {**choice, "bits": 16}).is_identity
+    space.check_layers([down, q_proj])
+    with pytest.raises(SpaceError, match="no offered group size up to 32 divides 20 inputs"):
+        space.check_layers([LayerInfo("x", 8, 20)])
+
+
 def test_gguf_choices_set_the_bits_and_fall_back_where_rows_do_not_fit():
     space = SPACES["gguf"]
     down, q_proj = LayerInfo("model.layers.0.mlp.down_proj", 576, 1536), LayerInfo("model.layers.0.self_attn.q_proj", 576, 576)
