@@ -53,6 +53,11 @@ def check_exportable(model: nn.Module, plan: Plan) -> None:
                 f"{name}: quant method {layer_plan.quant_method!r} stores the {storage!r} format; compressed-tensors "
                 "(as vLLM and transformers load it) holds symmetric integer weights: search with the vllm space "
                 "(quant methods gptq-sym, rtn-sym)")
+        in_features = model.get_submodule(name).in_features
+        if in_features % layer_plan.group_size:
+            raise CompressedTensorsExportError(
+                f"{name}: groups of {layer_plan.group_size} do not divide its {in_features} inputs, and "
+                "compressed-tensors (and vLLM) need whole groups: use a group size that divides them")
 
 
 def export_compressed_tensors(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix], out_dir: Path,

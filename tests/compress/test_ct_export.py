@@ -83,3 +83,10 @@ def test_plans_compressed_tensors_cannot_hold_are_refused(calibrated_wide, tmp_p
         export_compressed_tensors(model, Plan({"model.embed_tokens": LayerPlan(bits=8, group_size=64,
                                                                                quant_method="gptq-sym")}), {}, tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_groups_that_do_not_divide_a_layers_inputs_are_refused(calibrated_tiny, tmp_path):
+    model, _, _, layers, _ = calibrated_tiny  # 64 inputs: no whole group of 128
+    plan = Plan({layers[0].name: LayerPlan(bits=4, group_size=128, quant_method="gptq-sym")})
+    with pytest.raises(CompressedTensorsExportError, match="groups of 128 do not divide its 64 inputs"):
+        export_compressed_tensors(model, plan, {}, tmp_path)

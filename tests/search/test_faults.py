@@ -5,6 +5,8 @@ enough to be caught mid-trial; the main thread kills a worker's process by PID a
 second `submit --force` while the driver is alive. The tests then read what the storage and
 the Parquet tables hold.
 """
+import json
+import shutil
 import threading
 import time
 
@@ -139,13 +141,14 @@ def test_workers_no_node_can_host_are_refused_on_a_local_instance(ray_session):
     check_resources(WorkerResources(1, 0.0, {"node_zzz": 1}), local=False)  # a cluster may still scale up
 
 
-def test_a_submit_refused_before_any_trial_leaves_no_study_behind(ray_session, tiny_model_dir, tmp_path):
-    if ray_session.cluster_resources().get("GPU"):
-        pytest.skip("this machine has a GPU")
-    spec = tiny_spec(tiny_model_dir, "refused", space="quant")
-    options = RunOptions(results_dir=tmp_path, workers=1, gpus_per_worker=1.0)
-    with pytest.raises(UserError, match="--gpus-per-worker"):
-        submit(spec, 2, options)
-    assert not study_exists(open_storage(options.storage_url("refused")), "refused")
-    trials = submit(spec, 1, RunOptions(results_dir=tmp_path, workers=1))  # the corrected submit is not refused
+def test_a_submit_that_fails_before_any_trial_leaves_no_study_behind(ray_session, tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken-model"  # weights that do not fit their config: every worker fails to load them
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
+    options = RunOptions(results_dir=tmp_path / "results", workers=1)
+    with pytest.raises(Exception, match="size"):
+        submit(tiny_spec(broken, "retried", guided=False), 1, options)
+    assert not study_exists(open_storage(options.storage_url("retried")), "retried")
+    trials = submit(tiny_spec(tiny_model_dir, "retried", guided=False), 1, options)  # the fixed submit is not refused
     assert len(trials) == 1

@@ -6,8 +6,8 @@ tokens from the second half). Four plans, every Linear symmetric integer with GP
 - uniform W4 g128 (the 576-wide q/k/v/o/gate/up rows hold no whole 128-groups: 64 there, as the
   `vllm` space gives them),
 - uniform W8 g128,
-- the feasible front's plan of least perplexity from an 8-trial `vllm` study under a memory budget of
-  0.45 of the 16-bit model (4, 8 or 16 bits per decoder block),
+- the feasible plan of least perplexity that mixes 4, 8 and 16 bits from an 8-trial `vllm` study under
+  a memory budget of 0.6 of the 16-bit model (bits and groups of 64 or 128 chosen per decoder block),
 - 2:4 SparseGPT with W8 g128 on every Linear (compressed-tensors 0.20 stores it densely).
 Each is compressed as a trial is, its perplexity measured (`trial_ppl`), written as a checkpoint
 (`export --format compressed-tensors`), loaded with `AutoModelForCausalLM.from_pretrained` and scored
@@ -15,11 +15,14 @@ again (`checkpoint_ppl`); `plan_bytes` is the plan's memory, `checkpoint_bytes` 
 
 Writes benchmarks/results/compressed_tensors.csv.
 
-    python benchmarks/compressed_tensors.py [--study-trials 8] [--workdir DIR]
+    python benchmarks/ct_export.py [--study-trials 8] [--workdir DIR]
+
+(Not named compressed_tensors.py: it would shadow the compressed_tensors package.)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -40,21 +43,24 @@ from compsearch.search.job import prepare_job  # noqa: E402
 from compsearch.search.models import load_tokenizer  # noqa: E402
 from compsearch.search.spec import JobSpec  # noqa: E402
 from compsearch.search.trial import TrialEvaluator, WorkerSettings  # noqa: E402
-from compsearch.spaces.plan import LayerPlan, Plan  # noqa: E402
+from compsearch.spaces.plan import Plan  # noqa: E402
 
-BUDGET = "0.45"  # of the 16-bit model: between uniform W4 and W8, so the front mixes them
+BUDGET = "0.6"  # of the 16-bit model: uniform W4 is 0.42, W8 0.62: the front mixes 4, 8 and 16 bits
 
 
-def study_plan(workdir: Path, trials: int) -> Plan:
-    """The plan of least perplexity on the feasible front of a `vllm` study under `BUDGET` (4, 8 or 16
-    bits per decoder block, GPTQ g128: a small sensitivity profile)."""
-    spec = JobSpec(study="ct-bench", space="vllm", granularity="block", quant_methods=("gptq-sym",),
-                   group_sizes=(128,), memory_budget=BUDGET)
-    table_path = workdir / "results" / "ct-bench" / "trials.parquet"
+def study_plan(workdir: Path, trials: int) -> tuple[str, Plan]:
+    """The feasible plan of least perplexity that mixes 4, 8 and 16 bits from a `vllm` study under
+    `BUDGET` (4, 8 or 16 bits per decoder block, GPTQ, groups of 64 or 128: a small sensitivity
+    profile), with its name."""
+    spec = JobSpec(study=f"ct-bench-{BUDGET}", space="vllm", granularity="block", quant_methods=("gptq-sym",),
+                   group_sizes=(64, 128), memory_budget=BUDGET)
+    table_path = workdir / "results" / spec.study / "trials.parquet"
     table = pd.read_parquet(table_path) if table_path.exists() else submit(
         spec, trials, RunOptions(results_dir=workdir / "results", workers=2, on_status=print))
-    front = table[table["on_front"] & (table["feasible"] == True)].sort_values("ppl")  # noqa: E712
-    return Plan.from_json(front.iloc[0]["plan_json"])
+    feasible = table[table["feasible"] == True].sort_values("ppl")  # noqa: E712
+    widths = feasible["plan_json"].map(lambda text: {lp.bits for lp in Plan.from_json(text).layers.values()})
+    row = feasible[widths.map(lambda bits: bits >= {4, 8, 16})].iloc[0]
+    return f"vllm study trial {int(row['trial'])} (budget {BUDGET})", Plan.from_json(row["plan_json"])
 
 
 def main() -> None:
@@ -67,16 +73,17 @@ def main() -> None:
     spec = JobSpec(study="ct-bench", space="vllm")
     ctx = prepare_job(spec)
     space = ctx.space
+    w8 = {"bits": 8, "group_size": 128, "quant_method": "gptq-sym"}
     uniform = {
         "uniform W4 g128": {"bits": 4, "group_size": 128, "quant_method": "gptq-sym"},
-        "uniform W8 g128": {"bits": 8, "group_size": 128, "quant_method": "gptq-sym"},
+        "uniform W8 g128": w8,
     }
     plans = {name: Plan({layer.name: space.layer_plan(layer, choice) for layer in ctx.layers})
              for name, choice in uniform.items()}
-    plans[f"vllm study (budget {BUDGET}), least-ppl front plan"] = study_plan(args.workdir, args.study_trials)
-    plans["2:4 SparseGPT + W8 g128"] = Plan({layer.name: LayerPlan(
-        bits=8, group_size=128, quant_method="gptq-sym", sparsity=0.5, pattern="2:4", prune_method="sparsegpt")
-        for layer in ctx.layers})
+    name, plan = study_plan(args.workdir, args.study_trials)
+    plans[name] = plan
+    plans["2:4 SparseGPT + W8 g128"] = Plan({layer.name: dataclasses.replace(
+        space.layer_plan(layer, w8), sparsity=0.5, pattern="2:4", prune_method="sparsegpt") for layer in ctx.layers})
     evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids,
                                WorkerSettings(with_kl=False, threads=os.cpu_count()))
     tokenizer = load_tokenizer(ctx.model_ref)
@@ -85,7 +92,7 @@ def main() -> None:
         started = time.perf_counter()
         model, stored = evaluator.compressed_model(plan, keep_stored=True)
         trial_ppl = perplexity_and_kl(model, ctx.windows.eval_ids, evaluator.batch_size)["ppl"]
-        out = args.workdir / name.split(" (")[0].replace(" ", "-").replace(":", "")
+        out = args.workdir / "checkpoints" / name.split(" (")[0].replace(" ", "-").replace(":", "")
         export_compressed_tensors(model, plan, stored, out, tokenizer)
         checkpoint_ppl = perplexity_and_kl(load_checkpoint(out), ctx.windows.eval_ids, evaluator.batch_size)["ppl"]
         bits = sorted({lp.bits for lp in plan.layers.values()})
