@@ -339,8 +339,8 @@ def _print_ready(ctx, study, requeued: list[int]) -> None:
     budget = f", budget {_mb(ctx.memory_budget_bytes)}" if ctx.memory_budget_bytes else ""
     print(f"study {study.study_name}: {len(ctx.layers)} layers in {len(ctx.space.groups(ctx.layers))} groups, "
           f"16-bit model {_mb(ctx.base_bytes)}; plans span {_mb(low)}..{_mb(high)}{budget}")
-    for role, fallbacks in ctx.space.offered_types(ctx.layers).items():
-        print(f"  {role}: rows llama.cpp's K-types cannot hold, so " +
+    for role, fallbacks in ctx.space.fallbacks(ctx.layers).items():
+        print(f"  {role}: rows that cannot hold a choice get another: " +
               ", ".join(f"{chosen} -> {actual}" for chosen, actual in fallbacks.items()))
     if requeued:
         print(f"re-queued interrupted trials {requeued}")

@@ -171,16 +171,23 @@ class Space:
                     except SpaceError as err:
                         raise SpaceError(f"{layer.name}: {err}") from None
 
-    def offered_types(self, layers: list[LayerInfo]) -> dict[str, dict[str, str]]:
-        """For each layer role (q_proj, down_proj, ...): quant method chosen -> what the layer really gets,
-        where they differ (a K-type on rows it cannot hold falls back, as llama-quantize does)."""
-        offered: dict[str, dict[str, str]] = {}
+    def fallbacks(self, layers: list[LayerInfo]) -> dict[str, dict[str, str]]:
+        """For each layer role (q_proj, down_proj, ...): choice -> what the layer really gets, where they
+        differ: a GGUF K-type on rows it cannot hold falls back as llama-quantize does (`q4_k` -> `q5_0`),
+        a group size that does not divide the rows of a whole-group format to a smaller one
+        (`group 128` -> `group 64`)."""
+        found: dict[str, dict[str, str]] = {}
         for layer in layers:
+            role = found.setdefault(f"{layer.kind} ({layer.in_features} inputs)", {})
             for method in self.choices["quant_method"]:
-                actual = _quantization(16, method, layer.in_features)[1]
+                bits, actual = _quantization(4, method, layer.in_features)
                 if method != FLOAT_METHOD and actual != method and len(self.choices["quant_method"]) > 1:
-                    offered.setdefault(f"{layer.kind} ({layer.in_features} inputs)", {})[method] = actual
-        return offered
+                    role[method] = actual
+                for group_size in self.choices["group_size"]:
+                    fitted = _whole_group(group_size, bits, actual, layer.in_features, self.choices["group_size"])
+                    if fitted != group_size:
+                        role[f"group {group_size}"] = f"group {fitted}"
+        return {role: changes for role, changes in found.items() if changes}
 
 
 def _quantization(bits: int, quant_method: str, in_features: int) -> tuple[int, str]:

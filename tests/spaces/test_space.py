@@ -76,6 +76,7 @@ def test_vllm_groups_are_whole_groups_of_each_layers_inputs():
     assert space.layer_plan(q_proj, choice).group_size == 64  # 576 = 4.5 x 128: the largest whole group offered
     assert space.layer_plan(q_proj, {**choice, "quant_method": "rtn"}).group_size == 128  # its format allows a ragged group
     assert space.layer_plan(q_proj, {**choice, "bits": 16}).is_identity
+    assert space.fallbacks([down, q_proj]) == {"q_proj (576 inputs)": {"group 128": "group 64"}}
     space.check_layers([down, q_proj])
     with pytest.raises(SpaceError, match="no offered group size up to 32 divides 20 inputs"):
         space.check_layers([LayerInfo("x", 8, 20)])
@@ -87,6 +88,6 @@ def test_gguf_choices_set_the_bits_and_fall_back_where_rows_do_not_fit():
     assert (space.layer_plan(down, {"quant_method": "q4_k"}).bits, space.layer_plan(down, {"quant_method": "q4_k"}).quant_method) == (4, "q4_k")
     assert space.layer_plan(q_proj, {"quant_method": "q4_k"}).quant_method == "q5_0"  # llama-quantize's fallback
     assert space.layer_plan(q_proj, {"quant_method": "f16"}).is_identity
-    assert space.offered_types([q_proj])["q_proj (576 inputs)"]["q3_k"] == "iq4_nl"
+    assert space.fallbacks([q_proj])["q_proj (576 inputs)"]["q3_k"] == "iq4_nl"
     with pytest.raises(SpaceError, match="leave q4_0 out"):
         Space("g", quant_methods=("f16", "q4_0")).check_layers([LayerInfo("x", 8, 20)])
