@@ -72,6 +72,8 @@ for _metric in (
     Metric("gguf_file_bytes", "bytes", MINIMIZE, "bytes of the trial's GGUF file (GGUF plans timed in llama.cpp)"),
     Metric("pruned", "", None, "why the latency cost model ruled the plan out before it ran"),
     Metric("worker", "", None, "host:pid of the worker that ran the trial"),
+    Metric("threads", "threads", None, "torch threads the worker compressed with (an export uses as many: float "
+                                       "sums, hence GPTQ's rounding, depend on the thread count)"),
     Metric("node_id", "", None, "the Ray node of that worker"),
 ):
     METRICS.register(_metric)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import optuna
 import pandas as pd
+import torch
 
 from compsearch.compress import COMPRESS_VERSION, load_compressed, save_compressed
 from compsearch.compress.distill import DistillSettings, distill_
@@ -178,7 +179,8 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
     summary = {"study": study_name, **ranked, "spec": spec.to_dict(), "protocol": study.user_attrs.get("protocol")}
     (out_dir / "plan.json").write_text(plan.to_json() + "\n")
     if checkpoint:
-        summary.update(_export_checkpoint(spec, plan, out_dir, options, verify, distill, on_status or log.info))
+        summary.update(_export_checkpoint(spec, plan, out_dir, options, verify, distill, on_status or log.info,
+                                          ranked["threads"]))
     if "checkpoint_ppl" in summary:  # a distilled checkpoint must reproduce the distilled model
         _verdict(summary, "checkpoint_ppl", summary.get("distilled_ppl", summary["metrics"]["ppl"]), "compsearch")
     if "distilled_ppl" in summary:
@@ -205,7 +207,7 @@ def _export_compressed_tensors(study_name: str, rank: int, out_dir: Path, option
     evaluator = _export_evaluator(spec, ctx)
     try:
         check_exportable(evaluator.model, plan)
-        model, stored = evaluator.compressed_model(plan, keep_stored=True)
+        model, stored = _compressed_as_trial(evaluator, plan, summary["threads"])
         export_compressed_tensors(model, plan, stored, out_dir, load_tokenizer(ctx.model_ref, spec.trust_remote_code))
     except CompressedTensorsExportError as err:
         raise UserError(str(err)) from None
@@ -233,7 +235,9 @@ def _ranked_plan(trials: pd.DataFrame, study_name: str, rank: int) -> tuple[Plan
         raise UserError(f"--rank {rank} does not exist: study {study_name!r} has {count} ranked trials (1..{count})")
     row = ranked.iloc[0]
     metrics = {key: _plain(row[key]) for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
-    return Plan.from_json(row["plan_json"]), {"trial": int(row["trial"]), "rank": rank, "metrics": metrics}
+    threads = _plain(row["threads"]) if "threads" in row else None  # None: a trial from before it was recorded
+    return Plan.from_json(row["plan_json"]), {"trial": int(row["trial"]), "rank": rank, "metrics": metrics,
+                                              "threads": int(threads) if threads else None}
 
 
 def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: RunOptions, verify: bool,
@@ -291,7 +295,7 @@ def _write_gguf_files(spec: JobSpec, ctx: JobContext, items: list[tuple[Plan, di
     evaluator = _export_evaluator(spec, ctx)
     for plan, summary, out_path in items:
         try:
-            model, stored = evaluator.compressed_model(plan, keep_stored=True)
+            model, stored = _compressed_as_trial(evaluator, plan, summary["threads"])
             say(f"writing {out_path}")
             export_gguf(model, plan, stored, out_path, template, Path(ctx.model_ref))
         except GGUFExportError as err:
@@ -315,11 +319,23 @@ def _export_evaluator(spec: JobSpec, ctx: JobContext) -> TrialEvaluator:
     return TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, settings)
 
 
+def _compressed_as_trial(evaluator: TrialEvaluator, plan: Plan, threads: int | None):
+    """The compressed model and its stored matrices, compressed on as many torch `threads` as the trial's
+    worker used: float sums, hence GPTQ's rounding, depend on the thread count, and the export must hold
+    the very codes the trial measured."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return evaluator.compressed_model(plan, keep_stored=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _export_checkpoint(spec: JobSpec, plan: Plan, out_dir: Path, options: RunOptions, verify: bool,
-                       distill: DistillSettings | None, say: Callable[[str], None]) -> dict:
+                       distill: DistillSettings | None, say: Callable[[str], None], threads: int | None) -> dict:
     ctx = prepare_job(spec, options.cache_dir)
     evaluator = _export_evaluator(spec, ctx)
-    model, stored = evaluator.compressed_model(plan, keep_stored=True)
+    model, stored = _compressed_as_trial(evaluator, plan, threads)
     result = {}
     if distill is not None:
         result.update(_distill(evaluator, model, stored, distill, say))

@@ -162,7 +162,8 @@ class TrialEvaluator:
                 metrics.update(self.measurements.tasks(model))
             metrics.update(self.measurements.measured_latency(model, plan, stored))
         metrics.update(peak.metrics)
-        metrics.update(compress_s=compressed - started, evaluate_s=time.perf_counter() - compressed, worker=self.worker)
+        metrics.update(compress_s=compressed - started, evaluate_s=time.perf_counter() - compressed, worker=self.worker,
+                       threads=torch.get_num_threads())
         check_declared(metrics)
         return metrics
 
