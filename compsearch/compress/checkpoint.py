@@ -16,7 +16,10 @@ from compsearch.compress.techniques import quantizer_format
 from compsearch.spaces.layers import linear_layers
 from compsearch.spaces.plan import Plan
 
-WEIGHTS_FILE = "model.safetensors"
+# Not model.safetensors: a folder of packed matrices must not look like a plain checkpoint, which
+# `AutoModelForCausalLM.from_pretrained` would load with every compressed Linear left random.
+WEIGHTS_FILE = "compsearch.safetensors"
+OLD_WEIGHTS_FILE = "model.safetensors"  # what earlier versions wrote; still read
 PLAN_FILE = "plan.json"
 FORMAT = "compsearch-packed-1"  # matrices without `quant_method` in their layout are RTN, as written before
 
@@ -73,10 +76,11 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
     path = Path(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as archive:
+    weights = path / WEIGHTS_FILE if (path / WEIGHTS_FILE).exists() else path / OLD_WEIGHTS_FILE
+    with safe_open(str(weights), framework="pt") as archive:
         metadata = archive.metadata()
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path / WEIGHTS_FILE} is not a compsearch checkpoint (format {metadata.get('format')!r})")
+            raise ValueError(f"{weights} is not a compsearch checkpoint (format {metadata.get('format')!r})")
         plan = Plan.from_json(metadata["plan"])
         layouts = {key: MatrixLayout(**value) for key, value in json.loads(metadata["matrices"]).items()}
         shape_like_plan_(model, linear_layers(model, include_lm_head=True), plan)

@@ -2,6 +2,7 @@
 import copy
 
 import pytest
+from transformers import AutoModelForCausalLM
 import torch
 from safetensors import safe_open
 
@@ -83,6 +84,8 @@ def test_accounting_matches_stored_bytes_and_checkpoint_reproduces_metrics(tiny,
 
     reloaded, reloaded_tokenizer = load_compressed(tmp_path)
     assert reloaded_tokenizer is not None
+    with pytest.raises(OSError):  # not a plain checkpoint: transformers must not load it with random Linears
+        AutoModelForCausalLM.from_pretrained(tmp_path)
     for name, param in compressed.named_parameters():
         assert torch.equal(param, reloaded.get_parameter(name)), name
     before = perplexity_and_kl(compressed, windows.eval_ids, 2)["ppl"]
