@@ -137,8 +137,9 @@ def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, kee
             linear.weight.data.copy_(matrix.weight)
             if keep_stored:
                 applied.stored[layout.key] = matrix
-        if layer_plan.bits < FLOAT_BITS and quantizer_format(layer_plan.quant_method).rounds_inputs:
-            _round_inputs_(model, name, targets, quantizer_format(layer_plan.quant_method), applied.edits)
+        storage = quantizer_format(layer_plan.quant_method) if layer_plan.bits < FLOAT_BITS else None
+        if storage is not None and storage.rounds_inputs:
+            _round_inputs_(model, name, targets, storage, applied.edits)
         bias = getattr(targets[-1], "bias", None)  # an embedding has none
         if bias is not None:
             bias.data.copy_(bias.data.half().float())

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compsearch.compress.matrix import StoredMatrix
+from compsearch.compress.storage import FLOAT_BITS
 from compsearch.compress.techniques import quantizer_format
 from compsearch.spaces.plan import Plan
 
@@ -42,9 +43,10 @@ def check_exportable(model: nn.Module, plan: Plan) -> None:
             raise CompressedTensorsExportError(
                 f"{name}: a compressed-tensors checkpoint keeps the model's shapes, so it holds no low-rank "
                 "factors or structured pruning; export this plan with --format compsearch")
-        if layer_plan.bits >= 16:
+        if layer_plan.bits >= FLOAT_BITS:
             continue
-        if isinstance(model.get_submodule(name), nn.Embedding):
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
             raise CompressedTensorsExportError(f"{name}: the token embedding is kept at 16 bits in compressed-tensors "
                                                "exports; search with the vllm space")
         storage = quantizer_format(layer_plan.quant_method).name
@@ -53,10 +55,9 @@ def check_exportable(model: nn.Module, plan: Plan) -> None:
                 f"{name}: quant method {layer_plan.quant_method!r} stores the {storage!r} format; compressed-tensors "
                 "(as vLLM and transformers load it) holds symmetric integer weights: search with the vllm space "
                 "(quant methods gptq-sym, rtn-sym)")
-        in_features = model.get_submodule(name).in_features
-        if in_features % layer_plan.group_size:
+        if module.in_features % layer_plan.group_size:
             raise CompressedTensorsExportError(
-                f"{name}: groups of {layer_plan.group_size} do not divide its {in_features} inputs, and "
+                f"{name}: groups of {layer_plan.group_size} do not divide its {module.in_features} inputs, and "
                 "compressed-tensors (and vLLM) need whole groups: use a group size that divides them")
 
 
@@ -73,7 +74,7 @@ def export_compressed_tensors(model: nn.Module, plan: Plan, stored: dict[str, St
     check_exportable(model, plan)
     schemes: dict[tuple[int, int], list[str]] = {}
     for name, layer_plan in plan.layers.items():
-        if layer_plan.bits < 16:
+        if layer_plan.bits < FLOAT_BITS:
             schemes.setdefault((layer_plan.bits, layer_plan.group_size), []).append(name)
     config = QuantizationConfig(
         config_groups={f"group_{index}": QuantizationScheme(

@@ -39,9 +39,6 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q8_k(blocks: torch.Tensor) -> torch.Tensor:
     signed_max = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))
-    safe = torch.where(signed_max != 0, signed_max, torch.ones_like(signed_max))
-    inverse = torch.where(signed_max != 0, -127.0 / safe, torch.zeros_like(safe))
-    codes = torch.round(blocks * inverse).clamp(max=127)
-    scale = torch.where(signed_max != 0, 1.0 / inverse.where(inverse != 0, torch.ones_like(inverse)),
-                        torch.zeros_like(inverse))
-    return codes * scale
+    # an all-zero block rounds to 0 under any scale: give it one that is finite
+    inverse = -127.0 / torch.where(signed_max != 0, signed_max, torch.ones_like(signed_max))
+    return torch.round(blocks * inverse).clamp(max=127) * (1.0 / inverse)

@@ -3,9 +3,10 @@ lower case: `q4_k`, `q8_0`, ...).
 
 The bytes a plan is charged are the type's blocks, the values a trial computes with are exactly those
 llama.cpp loads (multiplied with inputs rounded as llama.cpp rounds them: `ggml_inputs`), and a plan
-whose layers all use these types exports to a .gguf file (`compsearch.compress.gguf_export`). K-types need rows (input features) of a multiple of 256 values;
-a layer whose rows are not gets the type llama-quantize falls back to (Q4_K -> Q5_0, ...), so a
-per-group choice means what it means in llama.cpp's own mixes.
+whose layers all use these types exports to a .gguf file (`compsearch.compress.gguf_export`). K-types
+need rows (input features) of a multiple of 256 values; a layer whose rows are not gets the type
+llama-quantize falls back to (Q4_K -> Q5_0, ...), so a per-group choice means what it means in
+llama.cpp's own mixes.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from compsearch.evaluators.kernels import layer_kernel
 from compsearch.evaluators.latency import LatencySettings, device_name
+from compsearch.paths import default_cache_dir
 from compsearch.spaces.layers import LayerInfo, linear_layers
 from compsearch.spaces.plan import LayerPlan, Plan, rank_for, structured_shape
 
@@ -62,8 +63,7 @@ class CostTable:
     def __init__(self, key: dict, cache_dir: Path | None = None):
         self.key = key
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        root = Path(cache_dir or os.environ.get("COMPSEARCH_CACHE", Path.home() / ".cache" / "compsearch"))
-        self.path = root / "latency" / f"{digest}.json"
+        self.path = Path(cache_dir or default_cache_dir()) / "latency" / f"{digest}.json"
         self.entries: dict = self._load()
 
     def _load(self) -> dict:

@@ -198,12 +198,7 @@ def _export_compressed_tensors(study_name: str, rank: int, out_dir: Path, option
         CompressedTensorsExportError, check_exportable, checkpoint_nbytes, export_compressed_tensors, load_checkpoint,
     )
 
-    study, spec = _open_existing(study_name, options)
-    plan, summary = _ranked_plan(trials_frame(study), study_name, rank)
-    summary.update(study=study_name, format="compressed-tensors", out=str(out_dir))
-    check_out(out_dir, folder=True, overwrite=overwrite)
-    check_writable(out_dir)
-    ctx = prepare_job(spec, options.cache_dir)
+    spec, ctx, plan, summary = _export_target(study_name, rank, out_dir, options, "compressed-tensors", overwrite)
     evaluator = _export_evaluator(spec, ctx)
     try:
         check_exportable(evaluator.model, plan)
@@ -219,6 +214,19 @@ def _export_compressed_tensors(study_name: str, rank: int, out_dir: Path, option
     (out_dir / "plan.json").write_text(plan.to_json() + "\n")
     (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _export_target(study_name: str, rank: int, out: Path, options: RunOptions, export_format: str,
+                   overwrite: bool) -> tuple[JobSpec, JobContext, Plan, dict]:
+    """The study's spec and job, the ranked plan and the export's summary so far, once `out` (a folder
+    for compressed-tensors, else a file) is known to be free (or `overwrite`) and writable."""
+    study, spec = _open_existing(study_name, options)
+    plan, summary = _ranked_plan(trials_frame(study), study_name, rank)
+    summary.update(study=study_name, format=export_format, out=str(out))
+    folder = export_format == "compressed-tensors"
+    check_out(out, folder=folder, overwrite=overwrite)
+    check_writable(out if folder else out.parent)
+    return spec, prepare_job(spec, options.cache_dir), plan, summary
 
 
 def _verdict(summary: dict, measured: str, expected: float, export_format: str) -> None:
@@ -245,12 +253,7 @@ def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: Ru
     """A .gguf file (`gguf`) or llama-quantize's tensor types (`llama-quantize`) for the ranked plan."""
     from compsearch.compress.gguf_export import GGUFExportError, llama_quantize_types
 
-    study, spec = _open_existing(study_name, options)
-    plan, summary = _ranked_plan(trials_frame(study), study_name, rank)
-    summary.update(study=study_name, format=export_format, out=str(out_path))
-    check_out(out_path, folder=False, overwrite=overwrite)
-    check_writable(out_path.parent)
-    ctx = prepare_job(spec, options.cache_dir)
+    spec, ctx, plan, summary = _export_target(study_name, rank, out_path, options, export_format, overwrite)
     template = gguf_template(spec.model, template)
     if export_format == "llama-quantize":
         try:

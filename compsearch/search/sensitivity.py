@@ -24,7 +24,8 @@ import ray
 
 from compsearch.compress import COMPRESS_VERSION
 from compsearch.search.job import JobContext
-from compsearch.search.models import default_cache_dir, model_fingerprint
+from compsearch.paths import default_cache_dir
+from compsearch.search.models import model_fingerprint
 from compsearch.spaces.knobs import factors, off_values
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import Plan

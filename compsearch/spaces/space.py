@@ -143,8 +143,8 @@ class Space:
                      self.tie_fused if tie_fused is None else tie_fused, self.embeddings, **offered)
 
     def check_layers(self, layers: list[LayerInfo]) -> None:
-        """Refuse N:M patterns that do not divide a layer's input size, and head fractions for a model
-        whose attention heads cannot be removed."""
+        """Refuse N:M patterns that do not divide a layer's input size, head fractions for a model whose
+        attention heads cannot be removed, and quant methods or group sizes a layer cannot take at all."""
         if any(value < 1.0 for value in self.choices["head_fraction"]):
             attention = [layer for layer in layers if layer.kind in ATTENTION_KINDS]
             if not attention or not all(layer.heads for layer in attention):
@@ -158,18 +158,7 @@ class Space:
                 if bad:
                     raise SpaceError(f"sparsity pattern {value} needs input sizes divisible by {m}; {bad[0]} has "
                                      f"{next(layer.in_features for layer in layers if layer.name == bad[0])}")
-        for layer in layers:
-            for method in self.choices["quant_method"]:
-                try:
-                    _quantization(16, method, layer.in_features)
-                except ValueError as err:
-                    raise SpaceError(f"{layer.name}: {err}; leave {method} out of --quant-methods") from None
-                bits, actual = _quantization(4, method, layer.in_features)
-                for group_size in self.choices["group_size"]:
-                    try:
-                        _whole_group(group_size, bits, actual, layer.in_features, self.choices["group_size"])
-                    except SpaceError as err:
-                        raise SpaceError(f"{layer.name}: {err}") from None
+        self.fallbacks(layers)  # refuses a quant method or group size some layer cannot take at all
 
     def fallbacks(self, layers: list[LayerInfo]) -> dict[str, dict[str, str]]:
         """For each layer role (q_proj, down_proj, ...): choice -> what the layer really gets, where they
@@ -177,17 +166,30 @@ class Space:
         a group size that does not divide the rows of a whole-group format to a smaller one
         (`group 128` -> `group 64`)."""
         found: dict[str, dict[str, str]] = {}
-        for layer in layers:
+        for layer, method, actual, group_size, fitted in self._realized(layers):
             role = found.setdefault(f"{layer.kind} ({layer.in_features} inputs)", {})
-            for method in self.choices["quant_method"]:
-                bits, actual = _quantization(4, method, layer.in_features)
-                if method != FLOAT_METHOD and actual != method and len(self.choices["quant_method"]) > 1:
-                    role[method] = actual
-                for group_size in self.choices["group_size"]:
-                    fitted = _whole_group(group_size, bits, actual, layer.in_features, self.choices["group_size"])
-                    if fitted != group_size:
-                        role[f"group {group_size}"] = f"group {fitted}"
+            if method != FLOAT_METHOD and actual != method and len(self.choices["quant_method"]) > 1:
+                role[method] = actual
+            if fitted != group_size:
+                role[f"group {group_size}"] = f"group {fitted}"
         return {role: changes for role, changes in found.items() if changes}
+
+    def _realized(self, layers: list[LayerInfo]) -> Iterator[tuple[LayerInfo, str, str, int, int]]:
+        """(layer, quant method offered, the one it gets, group size offered, the one it gets) for every
+        layer; a choice a layer cannot take at all is a SpaceError naming the layer and the fix."""
+        offered = self.choices["group_size"]
+        for layer in layers:
+            for method in self.choices["quant_method"]:
+                try:
+                    bits, actual = _quantization(4, method, layer.in_features)
+                except ValueError as err:
+                    raise SpaceError(f"{layer.name}: {err}; leave {method} out of --quant-methods") from None
+                for group_size in offered:
+                    try:
+                        fitted = _whole_group(group_size, bits, actual, layer.in_features, offered)
+                    except SpaceError as err:
+                        raise SpaceError(f"{layer.name}: {err}") from None
+                    yield layer, method, actual, group_size, fitted
 
 
 def _quantization(bits: int, quant_method: str, in_features: int) -> tuple[int, str]:
