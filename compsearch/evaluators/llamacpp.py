@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from compsearch.evaluators.latency import LatencySettings, device_name
+from compsearch.evaluators.quality import base_kl_sum
 
 INSTALL_HINT = "install it with `pip install 'compsearch[llamacpp]'` (builds llama.cpp, about 8 minutes on 2 cores)"
 
@@ -65,14 +66,21 @@ def llamacpp_log_probs(gguf_path: Path, windows: torch.Tensor, threads: int | No
             yield torch.log_softmax(logits, dim=-1)
 
 
-def llamacpp_perplexity(gguf_path: Path, windows: torch.Tensor, threads: int | None = None) -> dict[str, float]:
-    """`ppl` and `nll` of the file over `windows` (token ids, BOS first), every position scored."""
-    nll_sum, tokens = 0.0, 0
-    for window, log_probs in zip(windows, llamacpp_log_probs(gguf_path, windows, threads)):
+def llamacpp_perplexity_and_kl(gguf_path: Path, windows: torch.Tensor, threads: int | None = None,
+                               base: list | None = None) -> dict[str, float]:
+    """`ppl` and `nll` of the file over `windows` (token ids, BOS first), every position scored; with the
+    base model's log-probs of each window (`base_log_probs` with batch size 1), also `kl` to it."""
+    nll_sum, kl_sum, tokens = 0.0, 0.0, 0
+    for index, (window, log_probs) in enumerate(zip(windows, llamacpp_log_probs(gguf_path, windows, threads))):
         targets = window[1:]
         nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
         tokens += len(targets)
-    return {"ppl": math.exp(nll_sum / tokens), "nll": nll_sum / tokens}
+        if base is not None:
+            kl_sum += base_kl_sum(base[index], log_probs)
+    metrics = {"ppl": math.exp(nll_sum / tokens), "nll": nll_sum / tokens}
+    if base is not None:
+        metrics["kl"] = kl_sum / tokens
+    return metrics
 
 
 def llamacpp_latency(gguf_path: Path, settings: LatencySettings = LatencySettings(),

@@ -102,6 +102,14 @@ def base_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int,
     return [TopKLogProbs.from_log_probs(log_probs, top_k) for log_probs, _ in next_token_log_probs(model, windows, batch_size)]
 
 
+def base_kl_sum(reference: TopKLogProbs | torch.Tensor, log_probs: torch.Tensor) -> float:
+    """KL(base || model) summed over positions; `reference` is the base's compact top-k or its full log-probs."""
+    if isinstance(reference, TopKLogProbs):
+        return reference.kl_sum(log_probs)
+    reference = reference.float()
+    return (reference.exp() * (reference - log_probs)).sum().item()
+
+
 def perplexity_and_kl(
     model: nn.Module, windows: torch.Tensor, batch_size: int, base: list | None = None
 ) -> dict[str, float]:
@@ -111,12 +119,7 @@ def perplexity_and_kl(
         nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
         tokens += targets.numel()
         if base is not None:
-            reference = base[index]
-            if isinstance(reference, TopKLogProbs):
-                kl_sum += reference.kl_sum(log_probs)
-            else:
-                reference = reference.float()
-                kl_sum += (reference.exp() * (reference - log_probs)).sum().item()
+            kl_sum += base_kl_sum(base[index], log_probs)
     metrics = {"ppl": math.exp(nll_sum / tokens) if math.isfinite(nll_sum) else math.inf, "nll": nll_sum / tokens}
     if base is not None:
         metrics["kl"] = kl_sum / tokens

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -10,13 +11,15 @@ import time
 from pathlib import Path
 
 import optuna
+import yaml
 
 from compsearch.compress.distill import DistillSettings
 from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.cluster import is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
+from compsearch.search.progress import Progress
 from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS, JobSpec
-from compsearch.spaces.knobs import CHOICE_FIELDS, KNOBS
+from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import SPACES
 
@@ -24,8 +27,12 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a Ray job re-runs on the cluster
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except UserError as err:
+        print(f"compsearch: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if not getattr(args, "address", None):
         # Read by Ray when it is imported (later, by the command): a local instance listens on loopback only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -38,59 +45,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compsearch: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"\ninterrupted; trials in flight were re-queued. Continue with "
-              f"`compsearch resume --study {args.study} --trials N`", file=sys.stderr)
+        if args.handler in (_submit, _resume):
+            print(f"\ninterrupted; trials in flight were re-queued. Continue with "
+                  f"`compsearch resume --study {args.study} --trials N`", file=sys.stderr)
+        else:
+            print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with a submit's --config job file read in (its values are the flags' defaults)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        args = _with_job_file(parser, argv, args.config)
+    args.argv = argv  # what a Ray job re-runs on the cluster
+    return args
+
+
+def job_spec(args: argparse.Namespace) -> JobSpec:
+    """The submit command's `JobSpec` (validated: a bad value raises `UserError`)."""
+    missing = [flag for flag, value in (("--study", args.study), ("--trials", args.trials)) if value is None]
+    if missing:
+        raise UserError(f"submit needs {' and '.join(missing)} (as flags or as keys of --config)")
+    return JobSpec(**{field.name: getattr(args, field.name) for field in dataclasses.fields(JobSpec)})
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compsearch", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    submit = commands.add_parser("submit", help="start a new search study")
-    _common(submit)
-    _run_options(submit)
-    submit.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"Hugging Face model folder or id (default: the bundled {DEFAULT_MODEL})")
-    submit.add_argument("--data", help="text file or folder for calibration and evaluation (default: pydoc topics)")
-    submit.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACES)} (default: joint)")
-    submit.add_argument("--granularity", help=f"one decision per: {', '.join(GRANULARITIES)} (default: the space's "
-                        "own: block; layer for gguf and vllm)")
-    submit.add_argument("--no-tie-fused", dest="tie_fused", action="store_false",
-                        help="let q/k/v and gate/up choose separately at layer granularity")
-    submit.add_argument("--include-lm-head", action="store_true", help="compress the output head too (untied models)")
-    for knob in KNOBS:  # overrides of the space's choices, one flag per knob
-        submit.add_argument(knob.flag, dest=knob.choices, type=_list_of(knob.parse), metavar="A,B,...",
-                            help=f"override the space's {knob.help}" + _registered_help(knob))
-    submit.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
-                        help=f"comma-separated: {', '.join(OBJECTIVES)} (minimized), or a task metric column such "
-                             "as task_bigbench_hyperbaton_acc (maximized; needs --tasks) (default: ppl,memory)")
-    submit.add_argument("--memory-budget", help="bytes with a unit (60MB, 1.2GiB) or a fraction of the 16-bit model (0.35)")
-    submit.add_argument("--latency-budget", dest="latency_budget_ms", type=float, help="milliseconds per forward pass")
-    submit.add_argument("--sampler", default="nsga2", help=f"{', '.join(SAMPLERS)} (default: nsga2)")
-    submit.add_argument("--seed", type=int, default=0)
-    submit.add_argument("--population-size", type=int, default=8, help="NSGA-II population / TPE start-up trials")
-    submit.add_argument("--no-uniform-seeds", dest="uniform_seeds", action="store_false",
-                        help="do not start with uniform plans (every layer alike)")
-    submit.add_argument("--no-guided", dest="guided", action="store_false",
-                        help="no sensitivity profile: no profile-optimal seeds, plain sampler children")
-    submit.add_argument("--profile-windows", type=int, default=2,
-                        help="calibration windows per sensitivity measurement")
-    submit.add_argument("--profile-seq-len", type=int, default=128, help="tokens of each of those windows")
-    submit.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (BOS included)")
-    submit.add_argument("--eval-windows", type=int, default=16)
-    submit.add_argument("--calib-windows", type=int, default=16)
-    submit.add_argument("--batch-size", type=int, default=0,
-                        help="windows per forward pass for perplexity, KL and tasks (default 0: fit free memory)")
-    _evaluator_options(submit)
-    submit.add_argument("--runtime", choices=RUNTIMES,
-                        help="what latency is measured in: torch, or llamacpp (each plan timed as a GGUF file in "
-                             "llama.cpp; the default for the gguf space)")
-    submit.add_argument("--gguf-template", help="a GGUF of the base model whose metadata the GGUF files copy "
-                                                "(default: the bundled model's own)")
-    submit.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
-    submit.add_argument("--force", action="store_true", help="replace an existing study of the same name")
-    submit.set_defaults(handler=_submit)
+    _submit_parser(commands.add_parser("submit", help="start a new search study", description=(
+        "Start a new search study. Every flag can also come from a YAML file (--config job.yaml: keys are the "
+        "flags' names with underscores, e.g. memory_budget: 60MB, bits: [2, 4, 8]); flags given here win. The "
+        "study's full job is written to RESULTS/STUDY/job.yaml, which --config reads back.")))
 
     resume = commands.add_parser("resume", help="continue a study to a total trial count")
     _common(resume)
@@ -136,7 +124,100 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--distill-scale-lr", type=float, default=DistillSettings.scale_lr,
                         help="Adam learning rate of the factors on quantization scales and codebooks")
     export.set_defaults(handler=_export)
+
+    evaluate = commands.add_parser("evaluate", help="score given configurations (plans, uniform presets, GGUF files)",
+                                   description="Score configurations you already have with a study's evaluators and "
+                                   "protocol; with --study they are recorded beside its trials (source column) and "
+                                   "shown by leaderboard and report. Repeat --plan/--uniform/--gguf for several.")
+    evaluate.add_argument("--study", help="the study whose protocol scores them and whose tables record them "
+                          "(default: none; the default protocol on --model, printed only)")
+    evaluate.add_argument("--results-dir", type=Path, default=Path("results"))
+    evaluate.add_argument("--storage", help="Optuna storage URL (default: sqlite in the study's results folder)")
+    evaluate.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
+    evaluate.add_argument("-v", "--verbose", action="store_true")
+    evaluate.add_argument("--model", help=f"without --study: the model (default: the bundled {DEFAULT_MODEL})")
+    evaluate.add_argument("--data", help="without --study: the text file or folder (default: pydoc topics)")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    for source, metavar, text in (("plan", "FILE.json", "a plan (export's plan.json or a study's best/rank*.json)"),
+                                  ("uniform", "PRESET", "one choice for every layer: rtn:4:g128, gptq:3:g128, "
+                                   "q4_k, wanda:0.5, sparsegpt:2:4, whiten:0.5, or joined by + (wanda:2:4+rtn:8:g128)"),
+                                  ("gguf", "FILE.gguf", "a GGUF file of the model, scored in llama.cpp itself")):
+        evaluate.add_argument(f"--{source}", dest="references", action=_AppendReference, metavar=metavar, help=text,
+                              default=[])
+    evaluate.set_defaults(handler=_evaluate)
+
+    report = commands.add_parser("report", help="an HTML report with figures of the study (works offline)")
+    _common(report)
+    report.add_argument("--out", type=Path, help="folder for report.html and the PNGs (default: RESULTS/STUDY/report)")
+    report.set_defaults(handler=_report)
+
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard for the study's storage, until Ctrl-C")
+    _common(dashboard)
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    dashboard.set_defaults(handler=_dashboard)
     return parser
+
+
+class _AppendReference(argparse.Action):
+    """--plan/--uniform/--gguf in the order given, as `Reference`s of one list."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        from compsearch.search.evaluate import Reference
+
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), Reference(option_string.lstrip("-"), value)])
+
+
+def _submit_parser(submit: argparse.ArgumentParser) -> None:
+    """The `submit` flags, grouped by concern in --help."""
+    submit.add_argument("--config", type=Path, help="a YAML job file (e.g. a study's job.yaml) with defaults for every flag")
+    _common(submit, study_required=False)
+    data = submit.add_argument_group("model and data")
+    data.add_argument("--model", default=DEFAULT_MODEL,
+                      help=f"Hugging Face model folder or id (default: the bundled {DEFAULT_MODEL})")
+    data.add_argument("--data", help="text file or folder for calibration and evaluation (default: pydoc topics)")
+    data.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (BOS included)")
+    data.add_argument("--eval-windows", type=int, default=16)
+    data.add_argument("--calib-windows", type=int, default=16)
+    data.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    space = submit.add_argument_group("space")
+    space.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACES)} (default: joint)")
+    space.add_argument("--granularity", help=f"one decision per: {', '.join(GRANULARITIES)} (default: the space's "
+                       "own: block; layer for gguf and vllm)")
+    space.add_argument("--no-tie-fused", dest="tie_fused", action="store_false",
+                       help="let q/k/v and gate/up choose separately at layer granularity")
+    space.add_argument("--include-lm-head", action="store_true", help="compress the output head too (untied models)")
+    for knob in KNOBS:  # overrides of the space's choices, one flag per knob
+        space.add_argument(knob.flag, dest=knob.choices, type=_list_of(knob.parse), metavar="A,B,...",
+                           help=f"override the space's {knob.help}" + _registered_help(knob))
+    goals = submit.add_argument_group("objectives and budgets")
+    goals.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
+                       help=f"comma-separated: {', '.join(OBJECTIVES)} (minimized), or a task metric column such "
+                            "as task_bigbench_hyperbaton_acc (maximized; needs --tasks) (default: ppl,memory)")
+    goals.add_argument("--memory-budget", help="bytes with a unit (60MB, 1.2GiB) or a fraction of the 16-bit model (0.35)")
+    goals.add_argument("--latency-budget", dest="latency_budget_ms", type=float, help="milliseconds per forward pass")
+    search = submit.add_argument_group("search")
+    search.add_argument("--sampler", default="nsga2", help=f"{', '.join(SAMPLERS)} (default: nsga2)")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--population-size", type=int, default=8, help="NSGA-II population / TPE start-up trials")
+    search.add_argument("--no-uniform-seeds", dest="uniform_seeds", action="store_false",
+                        help="do not start with uniform plans (every layer alike)")
+    search.add_argument("--no-guided", dest="guided", action="store_false",
+                        help="no sensitivity profile: no profile-optimal seeds, plain sampler children")
+    search.add_argument("--profile-windows", type=int, default=2, help="calibration windows per sensitivity measurement")
+    search.add_argument("--profile-seq-len", type=int, default=128, help="tokens of each of those windows")
+    search.add_argument("--force", action="store_true", help="replace an existing study of the same name")
+    _run_options(submit.add_argument_group("workers"), trials_required=False)
+    evaluation = submit.add_argument_group("evaluation")
+    evaluation.add_argument("--batch-size", type=int, default=0,
+                            help="windows per forward pass for perplexity, KL and tasks (default 0: fit free memory)")
+    _evaluator_options(evaluation)
+    evaluation.add_argument("--runtime", choices=RUNTIMES,
+                            help="what latency is measured in: torch, or llamacpp (each plan timed as a GGUF file in "
+                                 "llama.cpp; the default for the gguf space)")
+    evaluation.add_argument("--gguf-template", help="a GGUF of the base model whose metadata the GGUF files copy "
+                                                    "(default: the bundled model's own)")
+    submit.set_defaults(handler=_submit)
 
 
 def _evaluator_options(parser: argparse.ArgumentParser) -> None:
@@ -158,16 +239,17 @@ def _evaluator_options(parser: argparse.ArgumentParser) -> None:
                         help="base-model tokens cached per position for KL (0: the full distribution)")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--study", required=True)
+def _common(parser: argparse.ArgumentParser, study_required: bool = True) -> None:
+    parser.add_argument("--study", required=study_required, help=None if study_required else "the study's name (required)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in the study's results folder)")
     parser.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
-def _run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trials", type=int, required=True, help="total number of trials to reach")
+def _run_options(parser, trials_required: bool = True) -> None:
+    parser.add_argument("--trials", type=int, required=trials_required, help="total number of trials to reach"
+                        + ("" if trials_required else " (required)"))
     parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding the model once")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -186,23 +268,57 @@ def _address_option(parser: argparse.ArgumentParser) -> None:
 def _options(args: argparse.Namespace):
     from compsearch.search.commands import RunOptions
 
+    progress = Progress()
+
+    def on_trial(event) -> None:
+        progress.line(_trial_line(event))
+        if progress.live:  # in a log, each trial's line says how far the study is
+            progress.step("trials", event.done, event.target)
+
     return RunOptions(results_dir=args.results_dir, storage=args.storage, cache_dir=args.cache_dir,
                       workers=getattr(args, "workers", 2), cpus_per_worker=getattr(args, "cpus_per_worker", 1),
                       gpus_per_worker=getattr(args, "gpus_per_worker", 0.0),
                       worker_resources=getattr(args, "worker_resources", None),
-                      address=getattr(args, "address", None), on_trial=_print_trial, on_ready=_print_ready,
-                      on_status=lambda line: print(line, flush=True))
+                      address=getattr(args, "address", None), on_trial=on_trial, on_ready=_print_ready,
+                      on_status=progress.line, on_progress=progress.step)
+
+
+def _with_job_file(parser: argparse.ArgumentParser, argv: list[str], path: Path) -> argparse.Namespace:
+    """`argv` parsed again with the YAML job file's values as the submit flags' defaults (flags still win)."""
+    submit = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices["submit"]
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise UserError(f"--config {path}: cannot be read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    actions = {action.dest: action for action in submit._actions if action.dest not in ("help", "config", "handler")}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: give a mapping of flag names to values, e.g. `memory_budget: 60MB`")
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise UserError(f"--config {path}: unknown keys {unknown}; the keys are the submit flags' names with "
+                        f"underscores: {', '.join(sorted(actions))}")
+    submit.set_defaults(**{key: _job_file_value(actions[key], value, path) for key, value in values.items()})
+    return parser.parse_args(argv)
+
+
+def _job_file_value(action: argparse.Action, value, path: Path):
+    """A job file's value as the flag's own parser reads it (lists are written as YAML lists)."""
+    if value is None or action.type is None:
+        return tuple(value) if isinstance(value, list) else value
+    text = json.dumps(value) if isinstance(value, dict) else ",".join(map(str, value)) if isinstance(value, list) \
+        else str(value)
+    try:
+        return action.type(text)
+    except (argparse.ArgumentTypeError, ValueError) as err:
+        raise UserError(f"--config {path}: {action.dest}: {value!r} is not valid ({err})") from None
 
 
 def _submit(args: argparse.Namespace) -> int:
     from compsearch.search.commands import submit
 
-    fields = {name: getattr(args, name) for name in (
-        "model", "data", "space", "granularity", "tie_fused", "include_lm_head", *CHOICE_FIELDS, "objectives", "memory_budget", "latency_budget_ms", "sampler", "seed",
-        "population_size", "uniform_seeds", "guided", "profile_windows", "profile_seq_len", "seq_len", "eval_windows", "calib_windows", "batch_size",
-        "trust_remote_code", "tasks", "task_paths", "tasks_on", "task_limit", "measure_latency", "decode_tokens",
-        "decode_batch", "latency_repeats", "kl_top_k", "latency_prompt_tokens", "runtime", "gguf_template")}
-    spec = JobSpec(study=args.study, **fields)  # validated here, also when it runs as a Ray job
+    spec = job_spec(args)  # validated here, also when it runs as a Ray job
     if is_jobs_address(args.address):
         return _send_job(args)
     trials = submit(spec, args.trials, _options(args), force=args.force)
@@ -325,6 +441,38 @@ def _export(args: argparse.Namespace) -> int:
     return _verified(summary)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from compsearch.search.commands import evaluate
+
+    rows = evaluate(args.references, _options(args), args.study, args.model, args.data, args.trust_remote_code,
+                    on_status=lambda line: print(line, flush=True))
+    columns = [c for c in ("source", "name", "ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms", "feasible")
+               if c in rows and rows[c].notna().any()]
+    shown = rows[columns].copy()
+    shown["memory_bytes"] = shown["memory_bytes"].map(_mb)
+    print(shown.rename(columns={"memory_bytes": "memory"}).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.study:
+        print(f"recorded beside the trials of study {args.study}: `compsearch leaderboard --study {args.study}` "
+              "lists them, `compsearch report` draws them")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from compsearch.search.commands import report
+
+    path = report(args.study, _options(args), args.out)
+    print(f"report: {path} (figures as PNG beside it)")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from compsearch.search.commands import dashboard
+
+    dashboard(args.study, _options(args), args.host, args.port,
+              on_ready=lambda url: print(f"optuna-dashboard for study {args.study}: {url} (Ctrl-C stops it)", flush=True))
+    return 0
+
+
 def _verified(summary: dict) -> int:
     """Exit status of an export: 1 when --verify found that what was written does not reproduce the trial."""
     if summary.get("verified", True):
@@ -347,7 +495,7 @@ def _print_ready(ctx, study, requeued: list[int]) -> None:
     sys.stdout.flush()
 
 
-def _print_trial(event) -> None:
+def _trial_line(event) -> str:
     m = event.metrics
     if event.state == "COMPLETE":
         mark = "feasible" if event.feasible else "over budget"
@@ -355,8 +503,7 @@ def _print_trial(event) -> None:
     else:
         result = f"{event.state.lower()}: {event.error}"
     best = f"best ppl {event.best['ppl']:.3f} @ {_mb(event.best['memory_bytes'])}" if event.best else "no feasible yet"
-    print(f"[{event.done}/{event.target}] trial {event.trial}: {result} | {best} | feasible {event.feasible_count}",
-          flush=True)
+    return f"[{event.done}/{event.target}] trial {event.trial}: {result} | {best} | feasible {event.feasible_count}"
 
 
 def _print_summary(args: argparse.Namespace, trials) -> None:

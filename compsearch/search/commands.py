@@ -14,6 +14,7 @@ from typing import Callable
 import optuna
 import pandas as pd
 import torch
+import yaml
 
 from compsearch.compress import COMPRESS_VERSION, load_compressed, save_compressed
 from compsearch.compress.distill import DistillSettings, distill_
@@ -21,10 +22,10 @@ from compsearch.evaluators import perplexity_and_kl
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, check_out, check_writable, prepare_job
 from compsearch.search.models import gguf_template, load_config, load_tokenizer
-from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, TRIALS_FILE, trials_frame,
-                            write_results)
+from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, SEARCH_SOURCE, TRIALS_FILE,
+                                       trials_frame, write_results)
 from compsearch.search.runner import TrialEvent, run_study
-from compsearch.search.spec import EXPORT_FORMATS, JobSpec
+from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, JobSpec
 from compsearch.search.study import (create_study, default_storage_url, done_count, live_driver, load_study, open_storage,
                           requeue_interrupted, study_exists)
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 # runtime reproduces it up to float summation order; llama.cpp within 1% (see README, GGUF).
 VERIFY_TOLERANCE = {"compsearch": 1e-3, "compressed-tensors": 1e-3, "gguf": 0.01}
 TARGET_ATTR = "target_trials"
+JOB_FILE = "job.yaml"
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RunOptions:
     on_trial: Callable[[TrialEvent], None] | None = field(default=None, repr=False)
     on_ready: Callable[[JobContext, optuna.Study, list[int]], None] | None = field(default=None, repr=False)
     on_status: Callable[[str], None] | None = field(default=None, repr=False)
+    on_progress: Callable[[str, int, int], None] | None = field(default=None, repr=False)  # (stage, done, total)
 
     def storage_url(self, study: str) -> str:
         return self.storage or default_storage_url(self.results_dir, study)
@@ -76,6 +79,7 @@ def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False)
         optuna.delete_study(study_name=spec.study, storage=storage)
         _remove_tables(options.results_dir / spec.study)
     study = create_study(spec, storage, ctx.study_attrs())
+    write_job_file(spec, trials, options)
     try:
         return _run(ctx, study, trials, options, requeued=[])
     except Exception:
@@ -104,7 +108,21 @@ def resume(study_name: str, trials: int, options: RunOptions) -> pd.DataFrame:
         raise UserError(f"study {study_name!r} was measured with compression version {recorded['compress_version']}, "
                         f"this compsearch has version {COMPRESS_VERSION}: new trials would not be comparable with "
                         "its old ones; submit a new study")
+    write_job_file(spec, trials, options)
     return _run(ctx, study, trials, options, requeued=requeue_interrupted(study))
+
+
+def write_job_file(spec: JobSpec, trials: int, options: RunOptions) -> Path:
+    """RESULTS/STUDY/job.yaml: the study's spec and how it ran, under the submit flags' names, so that
+    `submit --config` re-runs or shares it."""
+    job = {**spec.to_dict(), "trials": trials, "workers": options.workers, "cpus_per_worker": options.cpus_per_worker,
+           "gpus_per_worker": options.gpus_per_worker}
+    if options.worker_resources:
+        job["worker_resources"] = json.dumps(options.worker_resources)
+    path = Path(options.results_dir) / spec.study / JOB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
 
 
 def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions, requeued: list[int]) -> pd.DataFrame:
@@ -119,13 +137,15 @@ def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions,
         return write_results(study, options.results_dir)
     return run_study(ctx, study, trials, options.workers, options.results_dir, options.cpus_per_worker,
                      options.address, options.on_trial, options.on_status, options.cache_dir,
-                     gpus_per_worker=options.gpus_per_worker, worker_resources=options.worker_resources)
+                     gpus_per_worker=options.gpus_per_worker, worker_resources=options.worker_resources,
+                     on_progress=options.on_progress)
 
 
 def status(study_name: str, options: RunOptions) -> dict:
     """Trial counts by state, the target, whether a driver is running, and the best feasible trial."""
     study, spec = _open_existing(study_name, options)
-    trials = trials_frame(study)
+    everything = trials_frame(study)
+    trials = everything[everything["source"] == SEARCH_SOURCE]
     ranked = trials[trials["rank"].notna()]
     return {
         "study": study_name, "spec": spec, "target": study.user_attrs.get(TARGET_ATTR), "done": done_count(study),
@@ -134,7 +154,7 @@ def status(study_name: str, options: RunOptions) -> dict:
         "front": int(trials["on_front"].sum()), "base": study.user_attrs.get("base_metrics"),
         "best": ranked.iloc[0].to_dict() if len(ranked) else None,
         "memory_budget_bytes": study.user_attrs.get("memory_budget_bytes"),
-        "base_bytes": study.user_attrs.get("base_bytes"),
+        "base_bytes": study.user_attrs.get("base_bytes"), "references": len(everything) - len(trials),
     }
 
 
@@ -144,7 +164,45 @@ def leaderboard(study_name: str, options: RunOptions, top: int = 10) -> pd.DataF
         raise UserError(f"--top {top}: give how many rows to show, at least 1")
     study, _ = _open_existing(study_name, options)
     trials = trials_frame(study)
-    return trials[trials["rank"].notna()].head(top)
+    return pd.concat([trials[trials["rank"].notna()].head(top), trials[trials["source"] != SEARCH_SOURCE]])
+
+
+def evaluate(references: list, options: RunOptions, study_name: str | None = None, model: str | None = None,
+             data: str | None = None, trust_remote_code: bool = False,
+             on_status: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Score configurations users already have (`search.evaluate.Reference`s) with the study's evaluators
+    and protocol, recorded beside its trials; without a study, with the default protocol on `model`."""
+    from compsearch.search.evaluate import evaluate as score
+
+    if study_name is None:
+        spec = JobSpec(study="evaluate", model=model or DEFAULT_MODEL, data=data, trust_remote_code=trust_remote_code)
+        return score(references, spec, options, None, on_status or log.info)
+    study, spec = _open_existing(study_name, options)
+    if model is not None and model != spec.model or data is not None and data != spec.data:
+        raise UserError(f"study {study_name!r} scores {spec.model} on {spec.data or 'the default data'}: leave out "
+                        "--model and --data (the study's protocol is used), or drop --study")
+    check_writable(options.results_dir)
+    return score(references, spec, options, study, on_status or log.info)
+
+
+def report(study_name: str, options: RunOptions, out_dir: Path | None = None) -> Path:
+    """The study's HTML report and figures (`compsearch.report`) in `out_dir` (default RESULTS/STUDY/report)."""
+    from compsearch.report import write_report
+
+    study, _ = _open_existing(study_name, options)
+    out_dir = Path(out_dir) if out_dir else Path(options.results_dir) / study_name / "report"
+    check_writable(out_dir)
+    return write_report(study, out_dir)
+
+
+def dashboard(study_name: str, options: RunOptions, host: str = "127.0.0.1", port: int = 8080,
+              on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve optuna-dashboard for the study's storage on `host`:`port` (0: any free port) until interrupted;
+    `on_ready` gets the study's address once the server listens."""
+    from compsearch.search.dashboard import serve_dashboard
+
+    _open_existing(study_name, options)  # refuses a study that is not there
+    serve_dashboard(open_storage(options.storage_url(study_name)), study_name, host, port, on_ready or log.info)
 
 
 def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, checkpoint: bool = False,
@@ -285,18 +343,22 @@ def export_front(study_name: str, out_dir: Path, options: RunOptions, verify: bo
         out_path = out_dir / f"rank{rank:02d}-trial{trial:03d}.gguf"
         items.append((plan, {**summary, "study": study_name, "format": "gguf", "out": str(out_path)}, out_path))
     ctx = prepare_job(spec, options.cache_dir)
-    summaries = _write_gguf_files(spec, ctx, items, gguf_template(spec.model, template), verify, say)
+    summaries = _write_gguf_files(spec, ctx, items, gguf_template(spec.model, template), verify, say,
+                                  options.on_progress)
     (out_dir / "front.json").write_text(json.dumps(summaries, indent=1, default=str) + "\n")
     return summaries
 
 
 def _write_gguf_files(spec: JobSpec, ctx: JobContext, items: list[tuple[Plan, dict, Path]], template: Path | None,
-                      verify: bool, say: Callable[[str], None]) -> list[dict]:
+                      verify: bool, say: Callable[[str], None],
+                      on_progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
     """Write each (plan, summary, path) as a .gguf file with one evaluator; the summaries, completed."""
     from compsearch.compress.gguf_export import GGUFExportError, export_gguf
 
     evaluator = _export_evaluator(spec, ctx)
-    for plan, summary, out_path in items:
+    for index, (plan, summary, out_path) in enumerate(items):
+        if on_progress is not None:
+            on_progress("GGUF files", index, len(items))
         try:
             model, stored = _compressed_as_trial(evaluator, plan, summary["threads"])
             say(f"writing {out_path}")
@@ -305,14 +367,16 @@ def _write_gguf_files(spec: JobSpec, ctx: JobContext, items: list[tuple[Plan, di
             raise UserError(str(err)) from None
         summary.update(file_bytes=out_path.stat().st_size, plan_bytes=ctx.plan_bytes(plan))
         if verify:
-            from compsearch.evaluators.llamacpp import LlamaCppMissing, llamacpp_perplexity
+            from compsearch.evaluators.llamacpp import LlamaCppMissing, llamacpp_perplexity_and_kl
 
             say(f"measuring {out_path.name}'s perplexity in llama.cpp on the study's evaluation windows")
             try:
-                summary["llamacpp_ppl"] = llamacpp_perplexity(out_path, ctx.windows.eval_ids)["ppl"]
+                summary["llamacpp_ppl"] = llamacpp_perplexity_and_kl(out_path, ctx.windows.eval_ids)["ppl"]
             except LlamaCppMissing as err:
                 raise UserError(str(err)) from None
             _verdict(summary, "llamacpp_ppl", summary["metrics"]["ppl"], "gguf")
+    if on_progress is not None:
+        on_progress("GGUF files", len(items), len(items))
     return [summary for _, summary, _ in items]
 
 
@@ -391,7 +455,7 @@ def _exists_message(spec: JobSpec, old: JobSpec) -> str:
 
 
 def _remove_tables(folder: Path) -> None:
-    for name in (TRIALS_FILE, LAYERS_FILE, PARETO_FILE):
+    for name in (TRIALS_FILE, LAYERS_FILE, PARETO_FILE, JOB_FILE):
         (folder / name).unlink(missing_ok=True)
     shutil.rmtree(folder / BEST_DIR, ignore_errors=True)
 

@@ -22,25 +22,32 @@ TRIALS_FILE, LAYERS_FILE, PARETO_FILE, BEST_DIR = "trials.parquet", "layers.parq
 _CONSTRAINT_PREFIX = "constraints:"
 TASK_SCORES_ATTR = "task_scores"  # study attribute `task_scores:<trial>`: tasks scored after the search
 DISTILLED_ATTR = "distilled"  # study attribute `distilled:<trial>`: an exported candidate after distillation
+REFERENCE_ATTR = "reference"  # study attribute `reference:<name>`: a configuration scored by `compsearch evaluate`
+SEARCH_SOURCE = "search"  # the `source` of the study's own trials (a reference's is its kind: uniform, plan, gguf)
 _DISTILLED_COLUMNS = ["distilled_ppl", "distill_steps", "distill_final_loss"]
 # Every declared metric is a column (`evaluators.metrics`); task metrics add `task_<task>_<metric>` columns.
 _METRIC_COLUMNS = [metric.name for metric in METRICS]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial of the study, ranked (see `rank_trials`); columns carry their units."""
+    """One row per trial of the study, ranked (see `rank_trials`), then one per reference configuration
+    scored beside it (`source` says which: the search's trials, or the reference's kind; references
+    have a `name` and no trial number or rank); columns carry their units."""
     spec = JobSpec.from_dict(study.user_attrs[SPEC_ATTR])
     protocol = study.user_attrs.get("protocol", {})
     front = {t.number for t in study.best_trials} if _has_complete(study) else set()
     rows = [_trial_row(study, spec, protocol, trial, front) for trial in study.get_trials(deepcopy=False)]
+    rows += [_reference_row(study, spec, protocol, record) for key, record in sorted(study.user_attrs.items())
+             if key.startswith(f"{REFERENCE_ATTR}:")]
     tasks = sorted({key for row in rows for key in row if is_task_metric(key)})
     frame = pd.DataFrame(rows, columns=trials_columns(tasks, protocol))
+    frame["trial"] = frame["trial"].astype("Int64")
     return rank_trials(frame, spec)
 
 
 # What the driver records about each trial besides its metrics.
 _TRIAL_COLUMNS = [
-    "study", "trial", "state", "rank", "on_front", "feasible", "memory_budget_bytes", "latency_budget_ms",
+    "study", "trial", "source", "name", "state", "rank", "on_front", "feasible", "memory_budget_bytes", "latency_budget_ms",
     "memory_violation", "latency_violation", "objectives", "plan_json", "trial_s", "started_at", "finished_at",
     "retry_of", "error", "interrupted", "seed",
 ]
@@ -58,7 +65,8 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
     duration = (trial.datetime_complete - trial.datetime_start).total_seconds() \
         if trial.datetime_complete and trial.datetime_start else None
     row = {
-        "study": study.study_name, "trial": trial.number, "state": trial.state.name, "on_front": trial.number in front,
+        "study": study.study_name, "trial": trial.number, "source": SEARCH_SOURCE, "state": trial.state.name,
+        "on_front": trial.number in front,
         "feasible": bool(constraints) and all(v <= 0 for v in constraints.values()) if trial.state == TrialState.COMPLETE
         else None,
         "memory_budget_bytes": study.user_attrs.get("memory_budget_bytes"),
@@ -79,11 +87,28 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
     return row
 
 
+def _reference_row(study: optuna.Study, spec: JobSpec, protocol: dict, record: dict) -> dict:
+    """A configuration scored by `compsearch evaluate` (`record`: its source, name, plan and metrics),
+    held against the study's budgets as its trials are (a metric it lacks counts as over budget)."""
+    memory_budget, latency_budget = study.user_attrs.get("memory_budget_bytes"), study.user_attrs.get("latency_budget_ms")
+    row = {"study": study.study_name, "trial": None, "state": "COMPLETE", "on_front": False,
+           "objectives": ",".join(spec.objectives), "memory_budget_bytes": memory_budget,
+           "latency_budget_ms": latency_budget, **record}
+    for name, budget, value in (("memory", memory_budget, record.get("memory_bytes")),
+                                ("latency", latency_budget, record.get("latency_ms"))):
+        if budget is not None:
+            row[f"{name}_violation"] = (value - budget) / budget if value is not None else math.inf
+    row["feasible"] = all(row.get(f"{name}_violation", 0) <= 0 for name in ("memory", "latency"))
+    row.update({f"protocol_{key}": value for key, value in protocol.items()})
+    return row
+
+
 def rank_trials(frame: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
-    """Rank completed trials: the feasible Pareto front first, then other feasible, then infeasible ones;
-    within each, by the first objective. Failed and running trials get no rank."""
+    """Rank the search's completed trials: the feasible Pareto front first, then other feasible, then
+    infeasible ones; within each, by the first objective. Failed and running trials, and reference
+    configurations, get no rank (references are listed after the trials)."""
     primary = OBJECTIVES[spec.objectives[0]]
-    complete = frame[frame["state"] == "COMPLETE"].copy()
+    complete = frame[(frame["state"] == "COMPLETE") & (frame["source"] == SEARCH_SOURCE)].copy()
     complete["_tier"] = [0 if front and feasible else 1 if feasible else 2
                          for front, feasible in zip(complete["on_front"], complete["feasible"])]
     ascending = objective_sign(spec.objectives[0]) > 0  # a task accuracy ranks highest first
@@ -92,14 +117,17 @@ def rank_trials(frame: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
     complete = complete.sort_values(["_tier", primary, "trial"], ascending=[True, ascending, True], kind="stable")
     frame = frame.copy()
     frame["rank"] = pd.Series(range(1, len(complete) + 1), index=complete.index, dtype="Int64")
-    return frame.sort_values(["rank", "trial"], na_position="last", kind="stable").reset_index(drop=True)
+    frame["_reference"] = frame["source"] != SEARCH_SOURCE
+    frame = frame.sort_values(["_reference", "rank", "trial"], na_position="last", kind="stable")
+    return frame.drop(columns="_reference").reset_index(drop=True)
 
 
 def layers_frame(study: optuna.Study, trials: pd.DataFrame) -> pd.DataFrame:
     """One row per trial x planned layer: the choices and the bytes they take."""
     layers = [LayerInfo(**info) for info in study.user_attrs.get("layers", [])]
     rows = []
-    for trial, plan_json in zip(trials["trial"], trials["plan_json"]):
+    searched = trials[trials["source"] == SEARCH_SOURCE]
+    for trial, plan_json in zip(searched["trial"], searched["plan_json"]):
         if not isinstance(plan_json, str):  # a trial that failed before it had a plan
             continue
         plan = Plan.from_json(plan_json)
@@ -132,12 +160,18 @@ def _write_best_plans(front: pd.DataFrame, folder: Path) -> None:
         name = f"rank{int(row.rank):03d}_trial{row.trial:05d}.json"
         wanted.add(name)
         metrics = {key: _plain(getattr(row, key)) for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
-        payload = {"study": row.study, "trial": row.trial, "rank": int(row.rank), "metrics": metrics,
+        payload = {"study": row.study, "trial": int(row.trial), "rank": int(row.rank), "metrics": metrics,
                    "plan": json.loads(row.plan_json)}
         _write_atomic(folder / name, lambda path: Path(path).write_text(json.dumps(payload, indent=1) + "\n"))
     for stale in folder.glob("rank*_trial*.json"):
         if stale.name not in wanted:
             stale.unlink()
+
+
+def storable(metrics: dict) -> dict:
+    """Metrics a storage attribute holds (JSON): non-finite floats become strings."""
+    return {key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
+            for key, value in metrics.items()}
 
 
 def _plain(value):

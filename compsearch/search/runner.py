@@ -20,11 +20,11 @@ from compsearch.search.capacity import memory_warning
 from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext
-from compsearch.search.results import TASK_SCORES_ATTR, trials_frame, write_results
+from compsearch.search.results import SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, write_results
 from compsearch.search.spec import OBJECTIVES, objective_sign
 from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_study
-from compsearch.search.sensitivity import measure_profile
+from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
 from compsearch.search.study import ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
@@ -125,7 +125,8 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
               on_trial: Callable[[TrialEvent], None] | None = None,
               on_status: Callable[[str], None] | None = None, cache_dir: Path | None = None,
               gpus_per_worker: float = 0.0, worker_resources: dict[str, float] | None = None,
-              evaluator: type = _RayTrialEvaluator) -> pd.DataFrame:
+              evaluator: type = _RayTrialEvaluator,
+              on_progress: Callable[[str, int, int], None] | None = None) -> pd.DataFrame:
     """Run trials on Ray workers until `target` trials are done; returns the trials table.
 
     Each of the `workers` actors asks for `cpus_per_worker` CPUs, `gpus_per_worker` GPUs (fractions
@@ -133,6 +134,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
 
     Before the first trial: the base model is measured once per study, the sensitivity profile is
     read from the cache or measured (guided studies), and the seed trials are enqueued (once per study).
+    `on_progress(stage, done, total)` hears of the profile's measurements as they finish.
     """
     say = on_status or log.info
     started_ray = start_ray(address, workers * cpus_per_worker)
@@ -148,8 +150,8 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         pool = spawn(workers)
         beat(study, [])
         if BASE_METRICS_ATTR not in study.user_attrs:
-            study.set_user_attr(BASE_METRICS_ATTR, _clean(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
-        _prepare_search(ctx, study, target, pool, workers, say, cache_dir)
+            study.set_user_attr(BASE_METRICS_ATTR, storable(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
+        _prepare_search(ctx, study, target, pool, workers, say, cache_dir, on_progress)
         _drive(ctx, study, target, pool, spawn, results_dir, on_trial or (lambda event: None))
         _score_front_tasks(ctx, study, pool)
     finally:
@@ -161,14 +163,18 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
 
 
 def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: list, workers: int,
-                    say: Callable[[str], None], cache_dir: Path | None) -> None:
+                    say: Callable[[str], None], cache_dir: Path | None,
+                    on_progress: Callable[[str, int, int], None] | None) -> None:
     if ctx.spec.guided:
         def progress(done: int, total: int) -> None:
-            if done == total or done % 40 < 8:
+            if on_progress is not None:
+                on_progress("sensitivity profile", done, total)
+            elif done == total or done % 40 < 8:
                 say(f"sensitivity profile: {done}/{total} measurements")
 
         ctx.profile, profile_s = measure_profile(ctx, pool, cache_dir, progress)
         study.set_user_attr("profile_s", study.user_attrs.get("profile_s", 0.0) + profile_s)
+        study.set_user_attr(PROFILE_ATTR, ctx.profile.kl)  # for the report: group -> factor -> option -> KL
         say(f"sensitivity profile ready ({'cached' if not profile_s else f'measured in {profile_s:.0f}s'})")
         if ctx.spec.sampler == "nsga2":
             study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, ctx.spec.seed))
@@ -246,14 +252,14 @@ def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, work
         return worker
     metrics["memory_bytes"] = trial.user_attrs["memory_bytes"]
     if "pruned" in metrics:  # the latency cost model ruled it out before it ran
-        for key, value in _clean(metrics).items():
+        for key, value in storable(metrics).items():
             trial.set_user_attr(key, value)
         _fail(study, trial, f"pruned: {metrics['pruned']}")
         return worker
     values = [metrics.get(OBJECTIVES[name]) for name in ctx.spec.objectives]
     bad = [f"{name}={value}" for name, value in zip(ctx.spec.objectives, values)
            if value is None or not math.isfinite(value)]
-    for key, value in _clean(metrics).items():
+    for key, value in storable(metrics).items():
         trial.set_user_attr(key, value)
     if bad:
         _fail(study, trial, f"non-finite metrics: {', '.join(bad)} (the compressed model diverged)")
@@ -286,19 +292,13 @@ def _score_front_tasks(ctx: JobContext, study: optuna.Study, pool: list) -> None
         except RayTaskError as err:
             log.warning("task scoring of trial %d failed: %s", number, err.cause)
             scores = {"task_error": f"{type(err.cause).__name__}: {err.cause}"}
-        study.set_user_attr(f"{TASK_SCORES_ATTR}:{number}", _clean(scores))
+        study.set_user_attr(f"{TASK_SCORES_ATTR}:{number}", storable(scores))
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
     log.warning("trial %d failed: %s", trial.number, error)
     trial.set_user_attr(ERROR_ATTR, error)
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-
-def _clean(metrics: dict) -> dict:
-    """JSON-safe metrics: non-finite floats become strings so storages accept them."""
-    return {key: (value if not isinstance(value, float) or math.isfinite(value) else str(value))
-            for key, value in metrics.items()}
 
 
 def _report(study: optuna.Study, number: int, target: int, ctx: JobContext, results_dir: Path,
@@ -326,7 +326,8 @@ def _rewrite_due(key: str) -> bool:
 def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, ctx: JobContext) -> TrialEvent:
     row = trials[trials["trial"] == number].iloc[0]
     primary = OBJECTIVES[ctx.spec.objectives[0]]
-    feasible = trials[(trials["state"] == "COMPLETE") & (trials["feasible"] == True)]  # noqa: E712
+    searched = trials[trials["source"] == SEARCH_SOURCE]
+    feasible = searched[(searched["state"] == "COMPLETE") & (searched["feasible"] == True)]  # noqa: E712
     ascending = objective_sign(ctx.spec.objectives[0]) > 0
     best = feasible.sort_values(primary, ascending=ascending).iloc[0].to_dict() if len(feasible) else None
     metrics = {key: row[key] for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}

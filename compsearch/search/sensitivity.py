@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Knobs of one technique only make sense together: they are measured together (`Knob.factor`).
 FACTORS = factors()
 OFF = off_values()  # the value of a knob that turns its technique off
+PROFILE_ATTR = "profile"  # the study attribute holding its measured `Profile.kl`
 
 
 def factor_options(space: Space) -> dict[str, list[dict[str, Any]]]:

@@ -9,7 +9,7 @@ from gguf import GGUFReader
 from compsearch.compress import apply_plan_, layer_nbytes
 from compsearch.compress.gguf_export import GGUFExportError, export_gguf, gguf_file_layout, llama_quantize_types
 from compsearch.evaluators import perplexity_and_kl
-from compsearch.evaluators.llamacpp import llamacpp_available, llamacpp_latency, llamacpp_perplexity
+from compsearch.evaluators.llamacpp import llamacpp_available, llamacpp_latency, llamacpp_perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.spaces.layers import meta_model
 from compsearch.spaces.plan import LayerPlan, Plan
@@ -64,7 +64,7 @@ def test_a_plans_file_bytes_are_known_before_it_is_written(exported, tiny_wide_d
 def test_llama_cpp_computes_what_the_trial_computed(exported):
     compressed, _, _, windows, path = exported
     trial = perplexity_and_kl(compressed, windows.eval_ids, 2)["ppl"]
-    in_llamacpp = llamacpp_perplexity(path, windows.eval_ids, threads=2)["ppl"]
+    in_llamacpp = llamacpp_perplexity_and_kl(path, windows.eval_ids, threads=2)["ppl"]
     assert abs(in_llamacpp - trial) / trial < 0.01, (in_llamacpp, trial)
 
 

@@ -63,8 +63,8 @@ def test_task_objectives_are_maximized(tmp_path, tiny_model_dir):
         tiny_spec(tiny_model_dir, objectives=("task_x_acc", "memory"), tasks=(task,), tasks_on="pareto")
     with pytest.raises(UserError, match="no such file"):
         tiny_spec(tiny_model_dir, tasks=("bigbench:/nonexistent.json",))
-    frame = pd.DataFrame({"trial": [0, 1, 2], "state": ["COMPLETE"] * 3, "on_front": [True] * 3,
-                          "feasible": [True] * 3, "task_bigbench_tiny_order_acc": [0.2, 0.9, 0.5]})
+    frame = pd.DataFrame({"trial": [0, 1, 2], "source": ["search"] * 3, "state": ["COMPLETE"] * 3,
+                          "on_front": [True] * 3, "feasible": [True] * 3, "task_bigbench_tiny_order_acc": [0.2, 0.9, 0.5]})
     assert rank_trials(frame, spec)["trial"].tolist() == [1, 2, 0]  # highest accuracy first
 
 

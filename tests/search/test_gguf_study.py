@@ -1,10 +1,14 @@
 """A study in the gguf space end to end: plans of GGUF types, each timed as a .gguf file in llama.cpp,
 its memory the file's bytes; the chosen plan exported as a file llama.cpp scores as the trial did."""
+import gguf
+import numpy as np
 import pandas as pd
 import pytest
 
 from compsearch.evaluators.llamacpp import llamacpp_available
-from compsearch.search.commands import RunOptions, export, export_front, submit
+from compsearch.search.commands import RunOptions, evaluate, export, export_front, submit
+from compsearch.search.errors import UserError
+from compsearch.search.evaluate import Reference
 from tests.search.helpers import tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -53,3 +57,32 @@ def test_the_whole_front_exports_as_files(gguf_study, tmp_path):
         path = tmp_path / "front" / f"rank{summary['rank']:02d}-trial{summary['trial']:03d}.gguf"
         assert path.stat().st_size == summary["file_bytes"] == summary["metrics"]["memory_bytes"]
     assert (tmp_path / "front" / "front.json").exists()
+
+
+def test_evaluate_scores_a_gguf_file_in_llama_cpp_as_its_trial(gguf_study, tmp_path):
+    """A GGUF file given to `evaluate` is scored in llama.cpp on the study's windows: the exported rank-1
+    file reads as its trial did; a uniform GGUF type is a reference row of the same study."""
+    trials, options = gguf_study
+    path = tmp_path / "rank1.gguf"
+    export("gguf", 1, path, options, export_format="gguf")
+    rows = evaluate([Reference("gguf", str(path)), Reference("uniform", "q8_0")], options, "gguf")
+    best = trials[trials["rank"] == 1].iloc[0]
+    scored = rows[rows["source"] == "gguf"].iloc[0]
+    assert scored["name"] == "rank1.gguf" and scored["memory_bytes"] == path.stat().st_size == best["memory_bytes"]
+    assert abs(scored["ppl"] - best["ppl"]) / best["ppl"] < 0.01 and abs(scored["kl"] - best["kl"]) < 0.01
+    assert scored["latency_ms"] > 0 and str(scored["latency_runtime"]).startswith("llama.cpp")
+    uniform = rows[rows["source"] == "uniform"].iloc[0]
+    assert uniform["memory_bytes"] > 0 and uniform["ppl"] > 1
+
+
+def test_evaluate_refuses_a_gguf_of_another_model(gguf_study, tmp_path):
+    _, options = gguf_study
+    other = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(other), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((7, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="give a GGUF of the study's model"):
+        evaluate([Reference("gguf", str(other))], options, "gguf")

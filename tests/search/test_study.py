@@ -5,9 +5,12 @@ import math
 import pandas as pd
 import pytest
 
-from compsearch.search.commands import RunOptions, export, leaderboard, resume, status, submit
+from compsearch.search.commands import RunOptions, evaluate, export, leaderboard, resume, status, submit
 from compsearch.search.errors import UserError
+from compsearch.search.evaluate import Reference
+from compsearch.search.results import trials_frame
 from compsearch.search.study import done_count, load_study, open_storage
+from compsearch.spaces.plan import LayerPlan, Plan
 from tests.search.helpers import tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -167,3 +170,47 @@ def test_profile_is_measured_once_and_reused_across_budgets(finished_study, tiny
     submit(other, 2, RunOptions(results_dir=results, workers=2, cache_dir=options.cache_dir))
     second, _ = load_study("other-budget", open_storage(options.storage_url("other-budget")))
     assert second.user_attrs["profile_s"] == 0.0
+
+
+def test_evaluate_records_references_beside_the_trials(finished_study, tmp_path):
+    """The rank-1 plan scored again as a reference reproduces its trial; a uniform preset is held
+    against the study's budget; both are rows of the study's tables (after its trials, unranked)."""
+    spec, results, options, _, _ = finished_study
+    best = sorted((results / "e2e" / "best").glob("rank001_*.json"))[0]
+    rows = evaluate([Reference("plan", str(best)), Reference("uniform", "rtn:4:g128")], options, "e2e")
+    assert list(rows["name"]) == [best.name, "rtn:4:g128"] and list(rows["source"]) == ["plan", "uniform"]
+    trials = trials_frame(load_study("e2e", open_storage(options.storage_url("e2e")))[0])
+    rank1 = trials[trials["rank"] == 1].iloc[0]
+    again = rows[rows["source"] == "plan"].iloc[0]
+    assert abs(again["ppl"] - rank1["ppl"]) / rank1["ppl"] < 1e-4 and again["memory_bytes"] == rank1["memory_bytes"]
+    uniform = rows[rows["source"] == "uniform"].iloc[0]
+    assert 4 < uniform["bits_per_weight"] < 5  # 4-bit codes and per-group scales
+    assert bool(uniform["feasible"]) == (uniform["memory_bytes"] <= rank1["memory_budget_bytes"])
+    table = pd.read_parquet(results / "e2e" / "trials.parquet")
+    assert set(table["source"]) == {"search", "plan", "uniform"}
+    assert table[table["source"] != "search"]["rank"].isna().all()
+    board = leaderboard("e2e", options, top=3)
+    assert list(board["source"]) == ["search"] * 3 + ["plan", "uniform"]
+    assert status("e2e", options)["references"] == 2
+    evaluate([Reference("uniform", "rtn:4:g128")], options, "e2e")  # the same name again replaces its row
+    assert status("e2e", options)["references"] == 2
+
+
+@pytest.mark.parametrize("reference, fragment", [
+    (Reference("uniform", "rtn:4:g100"), "group size 100 is not supported"),
+    (Reference("uniform", "awq:4"), "'awq' is not a quantizer"),
+    (Reference("plan", "/no/such/plan.json"), "cannot be read"),
+    (Reference("gguf", "/no/such/model.gguf"), "cannot be read"),
+])
+def test_evaluate_refuses_bad_configurations(finished_study, reference, fragment):
+    _, _, options, _, _ = finished_study
+    with pytest.raises(UserError, match=fragment):
+        evaluate([reference], options, "e2e")
+
+
+def test_evaluate_refuses_a_plan_of_another_model(finished_study, tmp_path):
+    _, _, options, _, _ = finished_study
+    plan = tmp_path / "plan.json"
+    plan.write_text(Plan({"model.layers.99.mlp.up_proj": LayerPlan(bits=4)}).to_json())
+    with pytest.raises(UserError, match="not compressible layers of"):
+        evaluate([Reference("plan", str(plan))], options, "e2e")
