@@ -27,7 +27,12 @@ def test_dashboard_serves_the_study_until_interrupted(tiny_model_dir, tmp_path):
             assert response.status == 200
     finally:
         server.send_signal(signal.SIGINT)
-        _, err = server.communicate(timeout=30)
+        try:
+            _, err = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()  # leave no server behind, then fail
+            server.communicate()
+            raise
     assert server.returncode == 130 and "interrupted" in err
 
 
