@@ -14,6 +14,8 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from compsearch.search.errors import UserError
 from compsearch.search.optuna_internals import storage_of, trial_id
@@ -53,8 +55,16 @@ def open_storage(url: str) -> BaseStorage:
             _write_ahead_log(storage)
         return storage
     except Exception as err:  # SQLAlchemy raises many kinds for bad URLs or unreachable servers
-        raise UserError(f"storage {url!r} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0]}); "
+        raise UserError(f"storage {shown_url(url)!r} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         f"give an SQLAlchemy URL like sqlite:///path.db or postgresql://..., or journal:PATH") from None
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as messages and logs show it: with its password masked (postgresql://u:***@db/x)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not an SQLAlchemy URL (journal:PATH): nothing to hide
+        return url
 
 
 def _make_folder(folder: Path, url: str) -> None:

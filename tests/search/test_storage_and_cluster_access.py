@@ -16,6 +16,12 @@ def test_storage_in_places_that_cannot_hold_it(url, fragment):
         open_storage(url)
 
 
+def test_a_storage_password_never_reaches_the_message():
+    with pytest.raises(UserError, match="cannot be opened") as raised:
+        open_storage("postgresql://bob:s3cret@127.0.0.1:1/studies")  # nothing listens on port 1
+    assert "s3cret" not in str(raised.value) and "bob:***@127.0.0.1" in str(raised.value)
+
+
 def test_a_file_where_the_study_folder_goes(tmp_path):
     (tmp_path / "study").write_text("")
     with pytest.raises(UserError, match="a file of that name is in the way"):
