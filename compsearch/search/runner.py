@@ -25,7 +25,8 @@ from compsearch.search.spec import OBJECTIVES, objective_sign
 from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_study
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
-from compsearch.search.study import ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue
+from compsearch.search.study import (ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue,
+                                     run_seed)
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
 
@@ -177,7 +178,8 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
         study.set_user_attr(PROFILE_ATTR, ctx.profile.kl)  # for the report: group -> factor -> option -> KL
         say(f"sensitivity profile ready ({'cached' if not profile_s else f'measured in {profile_s:.0f}s'})")
         if ctx.spec.sampler == "nsga2":
-            study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, ctx.spec.seed))
+            seed = run_seed(ctx.spec, study)
+            study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, seed), seed)
     enqueued = seed_study(ctx, study, ctx.profile, target)
     base = study.user_attrs[BASE_METRICS_ATTR]
     per_trial_s = float(base.get("compress_s", 0)) + float(base.get("evaluate_s", 0))

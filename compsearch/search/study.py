@@ -91,15 +91,24 @@ def _write_ahead_log(storage: RDBStorage) -> None:
     storage.engine.dispose()  # connections opened while the storage set itself up get the pragmas too
 
 
-def make_sampler(spec: JobSpec, child_generation=None) -> optuna.samplers.BaseSampler:
-    """The spec's sampler; NSGA-II makes its children with `child_generation` when given (guided search)."""
+def make_sampler(spec: JobSpec, child_generation=None, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, drawing from `seed` (default the spec's: see `run_seed`); NSGA-II makes its
+    children with `child_generation` when given (guided search)."""
+    seed = spec.seed if seed is None else seed
     if spec.sampler == "nsga2":
         with warnings.catch_warnings(category=ExperimentalWarning, action="ignore"):
-            return optuna.samplers.NSGAIISampler(population_size=spec.population_size, seed=spec.seed,
+            return optuna.samplers.NSGAIISampler(population_size=spec.population_size, seed=seed,
                                                  child_generation_strategy=child_generation)
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.population_size, multivariate=True)
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.population_size, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def run_seed(spec: JobSpec, study: optuna.Study) -> int:
+    """The seed of this run of the study: the spec's, shifted by the trials the study already holds, so
+    that a resumed study does not draw the first run's random plans again (and measure them twice);
+    the same history still gives the same seed."""
+    return spec.seed + len(study.get_trials(deepcopy=False))
 
 
 def study_exists(storage: BaseStorage, name: str) -> bool:
@@ -120,8 +129,10 @@ def create_study(spec: JobSpec, storage: BaseStorage, attrs: dict) -> optuna.Stu
 def load_study(name: str, storage: BaseStorage) -> tuple[optuna.Study, JobSpec]:
     if not study_exists(storage, name):
         raise UserError(f"study {name!r} does not exist in this storage; start it with `compsearch submit --study {name}`")
-    spec = JobSpec.from_dict(optuna.load_study(study_name=name, storage=storage).user_attrs[SPEC_ATTR])
-    return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(spec)), spec
+    study = optuna.load_study(study_name=name, storage=storage)
+    spec = JobSpec.from_dict(study.user_attrs[SPEC_ATTR])
+    study.sampler = make_sampler(spec, seed=run_seed(spec, study))
+    return study, spec
 
 
 def ask(study: optuna.Study) -> optuna.Trial:

@@ -214,3 +214,13 @@ def test_evaluate_refuses_a_plan_of_another_model(finished_study, tmp_path):
     plan.write_text(Plan({"model.layers.99.mlp.up_proj": LayerPlan(bits=4)}).to_json())
     with pytest.raises(UserError, match="not compressible layers of"):
         evaluate([Reference("plan", str(plan))], options, "e2e")
+
+
+def test_a_resumed_study_does_not_draw_its_first_runs_plans_again(tiny_model_dir, ray_session, tmp_path):
+    """The first generation is random: a resumed run must not replay the seeded draws of the first run."""
+    spec = tiny_spec(tiny_model_dir, "replay", guided=False, uniform_seeds=False)
+    options = RunOptions(results_dir=tmp_path / "results", workers=2)
+    submit(spec, 2, options)
+    trials = resume("replay", 4, options)
+    plans = trials.loc[trials["state"] == "COMPLETE", "plan_json"]
+    assert len(plans) == 4 and plans.nunique() == 4
