@@ -27,7 +27,7 @@ from compsearch.search.seeding import seed_study
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
 from compsearch.search.study import (ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue,
                                      run_seed)
-from compsearch.search.trial import TrialEvaluator, WorkerSettings
+from compsearch.search.trial import PRUNE_FACTOR, TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         beat(study, [])
         if BASE_METRICS_ATTR not in study.user_attrs:
             study.set_user_attr(BASE_METRICS_ATTR, storable(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
+        _check_latency_budget(ctx, pool[0])
         _prepare_search(ctx, study, target, pool, workers, say, cache_dir, on_progress)
         _drive(ctx, study, target, pool, spawn, results_dir, on_trial or (lambda event: None))
         _score_front_tasks(ctx, study, pool)
@@ -161,6 +162,21 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         if started_ray:
             ray.shutdown()
     return trials
+
+
+def _check_latency_budget(ctx: JobContext, worker) -> None:
+    """Refuse a latency budget that even the fastest uniform plan is predicted to miss by more than the
+    cost model's margin (`PRUNE_FACTOR`): every trial would be pruned or infeasible."""
+    budget = ctx.spec.latency_budget_ms
+    if budget is None:
+        return
+    plans = [Plan({layer.name: ctx.space.layer_plan(layer, choice) for layer in ctx.layers}).to_json()
+             for choice in ctx.space.uniform_choices()]
+    predicted = [ms for ms in ray.get(worker.predicted_latency_ms.remote(plans)) if ms is not None]
+    if predicted and min(predicted) > PRUNE_FACTOR * budget:
+        raise UserError(f"latency budget {budget:g} ms is out of reach: the fastest plan of space {ctx.spec.space!r} "
+                        f"is predicted at {min(predicted):.1f} ms per forward pass on these workers; raise "
+                        "--latency-budget or allow faster choices")
 
 
 def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: list, workers: int,

@@ -167,6 +167,12 @@ class TrialEvaluator:
         check_declared(metrics)
         return metrics
 
+    def predicted_latency_ms(self, plan_jsons: list[str]) -> list[float | None]:
+        """The latency cost model's prefill milliseconds of each plan, without running any (None without
+        latency settings)."""
+        return [self.measurements.predicted_latency(Plan.from_json(plan_json)).get("predicted_latency_ms")
+                for plan_json in plan_jsons]
+
     def score_tasks(self, plan_json: str) -> dict[str, float]:
         """Task metrics of one plan alone (for scoring only the final Pareto candidates)."""
         model, _ = self.compressed_model(Plan.from_json(plan_json))

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from compsearch.search.cli import main
+from compsearch.search.study import default_storage_url, open_storage, study_exists
 from tests.search.helpers import cli_args
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,12 @@ def test_bad_submit_inputs(tiny_model_dir, tmp_path, capsys, extra, fragment):
     err = _error(capsys, argv)
     assert fragment in err
     assert not (tmp_path / "bad" / "study.db").exists()  # nothing was created
+
+
+def test_an_unreachable_latency_budget_is_refused_before_any_trial(tiny_model_dir, ray_session, tmp_path, capsys):
+    err = _error(capsys, cli_args(tiny_model_dir, tmp_path, "fast", 2, "--latency-budget", "0.001"))
+    assert "latency budget 0.001 ms is out of reach: the fastest plan of space 'joint' is predicted at" in err
+    assert not study_exists(open_storage(default_storage_url(tmp_path, "fast")), "fast")  # a new submit may use the name
 
 
 def test_unwritable_results_folder(tiny_model_dir, tmp_path, capsys):
