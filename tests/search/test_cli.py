@@ -48,6 +48,7 @@ def test_an_unreachable_latency_budget_is_refused_before_any_trial(tiny_model_di
     err = _error(capsys, cli_args(tiny_model_dir, tmp_path, "fast", 2, "--latency-budget", "0.001"))
     assert "latency budget 0.001 ms is out of reach: the fastest plan of space 'joint' is predicted at" in err
     assert not study_exists(open_storage(default_storage_url(tmp_path, "fast")), "fast")  # a new submit may use the name
+    assert main(cli_args(tiny_model_dir, tmp_path, "fast", 1, "--latency-budget", "10000", "--latency-repeats", "1")) == 0
 
 
 def test_unwritable_results_folder(tiny_model_dir, tmp_path, capsys):
