@@ -67,11 +67,19 @@ class CostTable:
         self.entries: dict = self._load()
 
     def _load(self) -> dict:
+        """The cached table; a damaged file (truncated, garbled, not this shape) is reported once and its
+        costs are measured again."""
+        if not self.path.exists():
+            return {}
         try:
             data = json.loads(self.path.read_text())
-            return data["table"] if data.get("key") == self.key else {}
-        except (OSError, ValueError, KeyError):
-            return {}
+            if isinstance(data, dict) and isinstance(data.get("table"), dict):
+                return data["table"] if data.get("key") == self.key else {}
+            problem = "not a table of costs"
+        except (OSError, ValueError) as err:
+            problem = str(err).splitlines()[0]
+        log.warning("latency cost table %s is damaged (%s): measuring its costs again", self.path, problem)
+        return {}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

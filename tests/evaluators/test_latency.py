@@ -9,7 +9,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from compsearch.compress import apply_plan_
 from compsearch.evaluators import LatencySettings, measure_generation
-from compsearch.evaluators.costmodel import LatencyCostModel
+from compsearch.evaluators.costmodel import CostTable, LatencyCostModel
 from compsearch.evaluators.kernels import kernel_summary, timing_model
 from compsearch.search.models import load_model
 from compsearch.spaces.plan import LayerPlan, Plan
@@ -97,3 +97,14 @@ def test_cost_model_predicts_within_a_loose_factor_and_is_cached(model, tiny_mod
         predicted = cost.predict(plan)
         for scenario in ("decode_ms", "latency_ms"):
             assert 0.25 < predicted[f"predicted_{scenario}"] / measured[scenario] < 4, (layer_plan, scenario)
+
+
+@pytest.mark.parametrize("damage", ['{"key": {"device": "x"}, "tab', "[1, 2]", '{"key": 1}', "\xff\xfe"])
+def test_a_damaged_cost_table_is_reported_and_measured_again(tmp_path, caplog, damage):
+    table = CostTable({"device": "x"}, tmp_path)
+    table.entries["64x64|dense|1"] = 0.01
+    table.save()
+    assert CostTable({"device": "x"}, tmp_path).entries == {"64x64|dense|1": 0.01}
+    table.path.write_text(damage)
+    assert CostTable({"device": "x"}, tmp_path).entries == {}
+    assert "latency cost table" in caplog.text and "is damaged" in caplog.text

@@ -22,6 +22,9 @@ def test_default_model_converts_once_and_evaluates_sensibly(tmp_path_factory):
     windows = make_windows(tokenizer, text, source, seq_len=128, eval_windows=2, calib_windows=1)
     ppl = perplexity_and_kl(model, windows.eval_ids, 2)["ppl"]
     assert 5 < ppl < 40 and math.isfinite(ppl)  # a working 135M model on technical English
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a damaged copy (a full disk, a killed copy) is converted again
+    assert ensure_default_model(cache) == path and weights.stat().st_size > 500_000_000
 
 
 def test_unknown_model_is_a_user_error():
