@@ -204,9 +204,14 @@ def _technique_on(layer_plan: LayerPlan, factor: str) -> bool:
     return not knobs or any(float(getattr(layer_plan, k.name)) != float(k.off) for k in knobs)
 
 
+# Colours of text values (methods): tab20's hues, strong ones first, without its greys (grey means "off").
+_TAB20 = [color for index, color in enumerate(matplotlib.colormaps["tab20"].colors) if index not in (14, 15)]
+CATEGORY_COLORS = _TAB20[0::2] + _TAB20[1::2]
+
+
 def _heatmap(figure: Figure, ax: Axes, matrix: np.ndarray, categories: list[str] | None, title: str) -> None:
     if categories:
-        cmap = ListedColormap(matplotlib.colormaps["tab10"].colors[:len(categories)])
+        cmap = ListedColormap([CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i in range(len(categories))])
         image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap.with_extremes(bad="0.9"),
                           vmin=-0.5, vmax=len(categories) - 0.5)
         bar = figure.colorbar(image, ax=ax, ticks=range(len(categories)), fraction=0.03, pad=0.01)
