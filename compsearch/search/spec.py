@@ -44,6 +44,7 @@ QUALITY_OBJECTIVES = ("ppl", "kl")
 EXPORT_FORMATS = ("compsearch", "gguf", "llama-quantize", "compressed-tensors")  # what `export --format` writes
 RUNTIMES = ("torch", "llamacpp")  # what latency is measured in
 SAMPLERS = ("nsga2", "tpe", "random")
+SEED_LIMIT = 2**32  # the samplers' random generators take seeds below it
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -115,6 +116,8 @@ class JobSpec:
             raise UserError(f"granularity {self.granularity!r} is unknown; choose one of {GRANULARITIES}")
         if self.memory_budget is not None:
             parse_memory_budget(self.memory_budget, base_bytes=1)
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise UserError(f"seed {self.seed} must be a whole number from 0 to {SEED_LIMIT - 1}")
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise UserError(f"latency budget {self.latency_budget_ms!r} ms must be a positive number of milliseconds")
         for name in ("seq_len", "eval_windows", "calib_windows", "population_size", "latency_prompt_tokens",
@@ -155,8 +158,10 @@ class JobSpec:
         for name in ("decode_tokens", "decode_batch", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be at least 1")
-        if self.kl_top_k < 0 or self.task_limit is not None and self.task_limit < 1:
-            raise UserError(f"kl-top-k={self.kl_top_k} / task-limit={self.task_limit} must be positive")
+        if self.kl_top_k < 0:
+            raise UserError(f"kl-top-k={self.kl_top_k} must be a number of tokens, or 0 for the full distribution")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise UserError(f"task-limit={self.task_limit} must be at least 1 (examples per task)")
         if self.tasks_on not in TASKS_ON:
             raise UserError(f"tasks-on {self.tasks_on!r} is unknown; choose one of {TASKS_ON}")
         task_objectives = [o for o in self.objectives if o.startswith(TASK_PREFIX)]

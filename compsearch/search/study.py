@@ -19,7 +19,7 @@ from sqlalchemy.exc import ArgumentError
 
 from compsearch.search.errors import UserError
 from compsearch.search.optuna_internals import storage_of, trial_id
-from compsearch.search.spec import OBJECTIVES, JobSpec
+from compsearch.search.spec import OBJECTIVES, SEED_LIMIT, JobSpec
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5  # the driver's heartbeat period; a driver silent for GRACE_S is taken as dead
@@ -108,7 +108,7 @@ def run_seed(spec: JobSpec, study: optuna.Study) -> int:
     """The seed of this run of the study: the spec's, shifted by the trials the study already holds, so
     that a resumed study does not draw the first run's random plans again (and measure them twice);
     the same history still gives the same seed."""
-    return spec.seed + len(study.get_trials(deepcopy=False))
+    return (spec.seed + len(study.get_trials(deepcopy=False))) % SEED_LIMIT
 
 
 def study_exists(storage: BaseStorage, name: str) -> bool:
