@@ -18,6 +18,7 @@ from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.cluster import is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
 from compsearch.search.progress import Progress
+from compsearch.search.results import SEARCH_SOURCE
 from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS, JobSpec
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import GRANULARITIES
@@ -129,12 +130,8 @@ def _parser() -> argparse.ArgumentParser:
                                    description="Score configurations you already have with a study's evaluators and "
                                    "protocol; with --study they are recorded beside its trials (source column) and "
                                    "shown by leaderboard and report. Repeat --plan/--uniform/--gguf for several.")
-    evaluate.add_argument("--study", help="the study whose protocol scores them and whose tables record them "
-                          "(default: none; the default protocol on --model, printed only)")
-    evaluate.add_argument("--results-dir", type=Path, default=Path("results"))
-    evaluate.add_argument("--storage", help="Optuna storage URL (default: sqlite in the study's results folder)")
-    evaluate.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
-    evaluate.add_argument("-v", "--verbose", action="store_true")
+    _common(evaluate, study_required=False, study_help="the study whose protocol scores them and whose tables "
+            "record them (default: none; the default protocol on --model, printed only)")
     evaluate.add_argument("--model", help=f"without --study: the model (default: the bundled {DEFAULT_MODEL})")
     evaluate.add_argument("--data", help="without --study: the text file or folder (default: pydoc topics)")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
@@ -171,7 +168,7 @@ class _AppendReference(argparse.Action):
 def _submit_parser(submit: argparse.ArgumentParser) -> None:
     """The `submit` flags, grouped by concern in --help."""
     submit.add_argument("--config", type=Path, help="a YAML job file (e.g. a study's job.yaml) with defaults for every flag")
-    _common(submit, study_required=False)
+    _common(submit, study_required=False, study_help="the study's name (required: here or in --config)")
     data = submit.add_argument_group("model and data")
     data.add_argument("--model", default=DEFAULT_MODEL,
                       help=f"Hugging Face model folder or id (default: the bundled {DEFAULT_MODEL})")
@@ -239,8 +236,8 @@ def _evaluator_options(parser: argparse.ArgumentParser) -> None:
                         help="base-model tokens cached per position for KL (0: the full distribution)")
 
 
-def _common(parser: argparse.ArgumentParser, study_required: bool = True) -> None:
-    parser.add_argument("--study", required=study_required, help=None if study_required else "the study's name (required)")
+def _common(parser: argparse.ArgumentParser, study_required: bool = True, study_help: str | None = None) -> None:
+    parser.add_argument("--study", required=study_required, help=study_help)
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in the study's results folder)")
     parser.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
@@ -520,7 +517,9 @@ def _table(frame) -> str:
     board = [m for m in METRICS if m.on_board]
     quality = [m.name for m in board if m.unit in ("", "nats/token") and m.direction]
     rest = [m.name for m in board if m.name not in quality]
-    shown = frame[["rank", "trial", *quality, *tasks, *rest, "feasible", "on_front"]].dropna(axis=1, how="all").copy()
+    references = ["source", "name"] if "source" in frame and (frame["source"] != SEARCH_SOURCE).any() else []
+    shown = frame[["rank", "trial", *references, *quality, *tasks, *rest, "feasible", "on_front"]]
+    shown = shown.dropna(axis=1, how="all").copy()
     byte_columns = [m.name for m in board if m.unit == "bytes" and m.name in shown]
     for column in byte_columns:
         shown[column] = shown[column].map(lambda b: _mb(b) if b == b else "")
