@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 BASE_METRICS_ATTR = "base_metrics"
 REWRITE_SHARE = 0.02  # the most of the driver's time that rebuilding the Parquet tables may take mid-study
 _LAST_REWRITE: dict[str, tuple[float, float]] = {}  # results/<study> -> (end of the last rebuild, its seconds)
+_UNWRITABLE: set[str] = set()  # results/<study> folders whose last rebuild failed (said once)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         _score_front_tasks(ctx, study, pool)
     finally:
         beat(study, [], running=False)
-        trials = write_results(study, results_dir)
+        trials = _write_tables(study, results_dir)
         if started_ray:
             ray.shutdown()
     return trials
@@ -325,11 +326,29 @@ def _report(study: optuna.Study, number: int, target: int, ctx: JobContext, resu
     key = str(Path(results_dir) / study.study_name)
     if _rewrite_due(key):
         started = time.monotonic()
-        trials = write_results(study, results_dir)
+        trials = _write_tables(study, results_dir)
         _LAST_REWRITE[key] = (time.monotonic(), time.monotonic() - started)
     else:
         trials = trials_frame(study)
     on_trial(_event(study, trials, number, target, ctx))
+
+
+def _write_tables(study: optuna.Study, results_dir: Path) -> pd.DataFrame:
+    """The study's tables rebuilt (`write_results`); a results folder that cannot take them (full,
+    read-only, gone) does not stop the study, which lives in its storage: that is said once, and the
+    tables are rebuilt by the next write that succeeds (or by `resume`)."""
+    folder = str(Path(results_dir) / study.study_name)
+    try:
+        trials = write_results(study, results_dir)
+    except OSError as err:
+        if folder not in _UNWRITABLE:
+            log.warning("the tables in %s cannot be written (%s); the study goes on in its storage and they are "
+                        "rebuilt once the folder takes them again (or by `compsearch resume`)", folder,
+                        err.strerror or err)
+            _UNWRITABLE.add(folder)
+        return trials_frame(study)
+    _UNWRITABLE.discard(folder)
+    return trials
 
 
 def _rewrite_due(key: str) -> bool:

@@ -224,3 +224,18 @@ def test_a_resumed_study_does_not_draw_its_first_runs_plans_again(tiny_model_dir
     trials = resume("replay", 4, options)
     plans = trials.loc[trials["state"] == "COMPLETE", "plan_json"]
     assert len(plans) == 4 and plans.nunique() == 4
+
+
+def test_a_results_folder_that_cannot_take_the_tables_does_not_stop_the_study(tiny_model_dir, ray_session, tmp_path,
+                                                                              caplog):
+    """The study lives in its storage: tables that cannot be written (here trials.parquet is a folder, as a
+    full or read-only disk would refuse them) are reported once and rebuilt when they can be."""
+    results = tmp_path / "results"
+    (results / "blocked" / "trials.parquet").mkdir(parents=True)
+    options = RunOptions(results_dir=results, workers=2)
+    trials = submit(tiny_spec(tiny_model_dir, "blocked", guided=False), 3, options)
+    assert (trials["state"] == "COMPLETE").sum() == 3
+    assert caplog.text.count("cannot be written") == 1
+    (results / "blocked" / "trials.parquet").rmdir()
+    resume("blocked", 3, options)  # runs no trial, rebuilds the tables
+    assert len(pd.read_parquet(results / "blocked" / "trials.parquet")) == 3
