@@ -125,3 +125,23 @@ def test_local_ray_listens_on_loopback_only(tiny_model_dir, tmp_path):
         assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
     finally:
         _kill_tree(driver)
+
+
+def test_ctrl_c_stops_a_study_with_one_message_and_no_traceback(tiny_model_dir, tmp_path):
+    results = tmp_path / "results"
+    driver = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",
+                               *cli_args(tiny_model_dir, results, "stopped", TARGET, "--workers", "2")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_first_trial(driver, results, "stopped")
+        time.sleep(1.0)  # mid-trial: the driver waits on its workers and beats the storage
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            _kill_tree(driver)
+    assert driver.returncode == 130, err
+    assert "interrupted; trials in flight were re-queued" in err
+    assert "Traceback" not in err and "Error closing cursor" not in err, err
+    study, _ = load_study("stopped", open_storage(default_storage_url(results, "stopped")))
+    assert not study.get_trials(states=(TrialState.RUNNING,))  # re-queued, none left running
