@@ -520,6 +520,8 @@ def _table(frame) -> str:
     references = ["source", "name"] if "source" in frame and (frame["source"] != SEARCH_SOURCE).any() else []
     shown = frame[["rank", "trial", *references, *quality, *tasks, *rest, "feasible", "on_front"]]
     shown = shown.dropna(axis=1, how="all").copy()
+    if references:
+        shown["name"] = shown["name"].fillna("")  # the search's own trials have no name
     byte_columns = [m.name for m in board if m.unit == "bytes" and m.name in shown]
     for column in byte_columns:
         shown[column] = shown[column].map(lambda b: _mb(b) if b == b else "")
