@@ -21,7 +21,7 @@ from compsearch.compress.distill import DistillSettings, distill_
 from compsearch.evaluators import perplexity_and_kl
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, check_out, check_writable, prepare_job
-from compsearch.search.models import gguf_template, load_config, load_tokenizer
+from compsearch.search.models import load_config, load_tokenizer, study_gguf_template
 from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, SEARCH_SOURCE, TRIALS_FILE,
                                        trials_frame, write_results)
 from compsearch.search.runner import TrialEvent, run_study
@@ -312,7 +312,7 @@ def _export_for_llamacpp(study_name: str, rank: int, out_path: Path, options: Ru
     from compsearch.compress.gguf_export import GGUFExportError, llama_quantize_types
 
     spec, ctx, plan, summary = _export_target(study_name, rank, out_path, options, export_format, overwrite)
-    template = gguf_template(spec.model, template)
+    template = study_gguf_template(spec, template)
     if export_format == "llama-quantize":
         try:
             out_path.write_text(llama_quantize_types(meta_model(load_config(ctx.model_ref)), plan, template))
@@ -343,7 +343,7 @@ def export_front(study_name: str, out_dir: Path, options: RunOptions, verify: bo
         out_path = out_dir / f"rank{rank:02d}-trial{trial:03d}.gguf"
         items.append((plan, {**summary, "study": study_name, "format": "gguf", "out": str(out_path)}, out_path))
     ctx = prepare_job(spec, options.cache_dir)
-    summaries = _write_gguf_files(spec, ctx, items, gguf_template(spec.model, template), verify, say,
+    summaries = _write_gguf_files(spec, ctx, items, study_gguf_template(spec, template), verify, say,
                                   options.on_progress)
     (out_dir / "front.json").write_text(json.dumps(summaries, indent=1, default=str) + "\n")
     return summaries

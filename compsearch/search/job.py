@@ -14,7 +14,7 @@ from compsearch.evaluators.bigbench import TaskError
 from compsearch.evaluators.metrics import is_task_metric
 from compsearch.evaluators.tasks import TaskSuite, task_column
 from compsearch.search.errors import UserError
-from compsearch.search.models import check_weights, gguf_template, load_config, load_tokenizer, resolve_model
+from compsearch.search.models import check_weights, load_config, load_tokenizer, resolve_model, study_gguf_template
 from compsearch.search.spec import JobSpec, parse_memory_budget
 from compsearch.spaces.layers import (LayerInfo, count_params, embedding_layers, head_is_tied, linear_layers,
                                       meta_model)
@@ -141,7 +141,7 @@ def memory_range(space: Space, layers: list[LayerInfo], total_params: int, gguf_
 def _gguf_layout(spec: JobSpec, skeleton, model_ref: str):
     from compsearch.compress.gguf_export import GGUFExportError, gguf_file_layout
 
-    template = gguf_template(spec.model, Path(spec.gguf_template) if spec.gguf_template else None)
+    template = study_gguf_template(spec)
     try:
         return gguf_file_layout(skeleton, template, Path(model_ref))
     except GGUFExportError as err:

