@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny Llama model and tokenizer built locally, and one Ray instance per session."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Converted models and sensitivity profiles go to a throw-away cache, never the user's.
-os.environ.setdefault("COMPSEARCH_CACHE", tempfile.mkdtemp(prefix="compsearch-test-cache-"))
+if "COMPSEARCH_CACHE" not in os.environ:
+    os.environ["COMPSEARCH_CACHE"] = tempfile.mkdtemp(prefix="compsearch-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["COMPSEARCH_CACHE"], ignore_errors=True)
 
 TINY_VOCAB = 384
 
