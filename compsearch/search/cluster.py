@@ -30,7 +30,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]  # the repository: compsearch/
 # Never shipped to the cluster: environments, results, caches (Ray also honours .gitignore).
 UPLOAD_EXCLUDES = [".git", ".venv*", "results", ".ci-cache", "*.egg-info", "__pycache__", "*.parquet", "*.db"]
 PASS_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_VERBOSITY")
-_PATH_FLAGS = ("--results-dir", "--model", "--data", "--cache-dir")
+_PATH_FLAGS = ("--results-dir", "--model", "--data", "--cache-dir", "--config", "--gguf-template", "--task-path")
 _ACTIVE = ("PENDING", "RUNNING")
 
 

@@ -56,8 +56,13 @@ def test_jobs_api_addresses_are_told_from_cluster_addresses(address, jobs):
 def test_the_job_runs_the_same_command_with_address_auto_and_absolute_paths(tmp_path):
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     argv = ["submit", "--study", "big", "--address", "http://127.0.0.1:8265", "--model", "models/tiny",
-            "--data=notes.txt", "--storage", "journal:shared/big.log", "--trials", "5", "--gpus-per-worker", "0.5"]
+            "--data=notes.txt", "--storage", "journal:shared/big.log", "--trials", "5", "--gpus-per-worker", "0.5",
+            "--config", "job.yaml", "--gguf-template=base.gguf", "--task-path", "tasks/a", "--task-path", "tasks/b"]
     out = job_argv(argv, cwd=tmp_path)
+    for flag, path in (("--config", "job.yaml"), ("--gguf-template", "base.gguf")):
+        assert out[out.index(flag) + 1] == str(tmp_path / path)
+    assert [out[i + 1] for i, token in enumerate(out) if token == "--task-path"] == [
+        str(tmp_path / "tasks" / "a"), str(tmp_path / "tasks" / "b")]
     assert out[:3] == ["submit", "--study", "big"] and out[-2:] == ["--address", "auto"]
     assert "http://127.0.0.1:8265" not in out
     assert out[out.index("--model") + 1] == str(tmp_path / "models" / "tiny")
