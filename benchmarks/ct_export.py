@@ -78,8 +78,7 @@ def main() -> None:
         "uniform W4 g128": {"bits": 4, "group_size": 128, "quant_method": "gptq-sym"},
         "uniform W8 g128": w8,
     }
-    plans = {name: Plan({layer.name: space.layer_plan(layer, choice) for layer in ctx.layers})
-             for name, choice in uniform.items()}
+    plans = {name: space.plan(ctx.layers, choice) for name, choice in uniform.items()}
     name, plan = study_plan(args.workdir, args.study_trials)
     plans[name] = plan
     plans["2:4 SparseGPT + W8 g128"] = Plan({layer.name: dataclasses.replace(

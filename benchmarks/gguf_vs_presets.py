@@ -147,7 +147,7 @@ def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, bench: Ben
         ours, theirs = workdir / f"uniform-{kind}.gguf", workdir / f"pure-{kind}-imatrix.gguf"
         if not theirs.exists():
             _run([tools / "llama-quantize", "--pure", "--imatrix", imatrix, f16, theirs, kind, str(THREADS)])
-        plan = Plan({layer.name: space.layer_plan(layer, {"quant_method": kind.lower()}) for layer in layers})
+        plan = space.plan(layers, {"quant_method": kind.lower()})
         if not ours.exists():
             compressed = copy.deepcopy(model)
             norms, hessians = statistics

@@ -171,8 +171,7 @@ def _check_latency_budget(ctx: JobContext, worker) -> None:
     budget = ctx.spec.latency_budget_ms
     if budget is None:
         return
-    plans = [Plan({layer.name: ctx.space.layer_plan(layer, choice) for layer in ctx.layers}).to_json()
-             for choice in ctx.space.uniform_choices()]
+    plans = [ctx.space.plan(ctx.layers, choice).to_json() for choice in ctx.space.uniform_choices()]
     predicted = [ms for ms in ray.get(worker.predicted_latency_ms.remote(plans)) if ms is not None]
     if predicted and min(predicted) > PRUNE_FACTOR * budget:
         raise UserError(f"latency budget {budget:g} ms is out of reach: the fastest plan of space {ctx.spec.space!r} "

@@ -11,7 +11,7 @@ import optuna
 
 from compsearch.compress import layer_nbytes
 from compsearch.search.job import JobContext
-from compsearch.search.sensitivity import Profile, group_plan
+from compsearch.search.sensitivity import Profile
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import LayerPlan, Plan
@@ -141,7 +141,7 @@ def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
     """
     sized = []
     for choice in ctx.space.uniform_choices():
-        plan = group_plan(ctx.space, ctx.layers, choice)
+        plan = ctx.space.plan(ctx.layers, choice)
         techniques = {techniques_used(lp) for lp in plan.layers.values()}
         if any(sum(used) > 1 for used in techniques) or not any(any(used) for used in techniques):
             continue

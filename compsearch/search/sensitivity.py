@@ -27,8 +27,6 @@ from compsearch.search.job import JobContext
 from compsearch.paths import default_cache_dir
 from compsearch.search.models import model_fingerprint
 from compsearch.spaces.knobs import factors, off_values
-from compsearch.spaces.layers import LayerInfo
-from compsearch.spaces.plan import Plan
 from compsearch.spaces.space import Space
 
 log = logging.getLogger(__name__)
@@ -49,10 +47,6 @@ def factor_options(space: Space) -> dict[str, list[dict[str, Any]]]:
 def off_choice(space: Space) -> dict[str, Any]:
     """A choice that leaves a layer uncompressed, for every searched knob."""
     return {knob: OFF.get(knob, choices[0]) for knob, choices in space.knobs().items()}
-
-
-def group_plan(space: Space, members: list[LayerInfo], choice: dict[str, Any]) -> Plan:
-    return Plan({layer.name: space.layer_plan(layer, choice) for layer in members})
 
 
 def option_key(option: dict[str, Any]) -> str:
@@ -128,7 +122,7 @@ def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
     items = []  # (group, factor, option key, plan json)
     for (factor, options), (group, members) in itertools.product(factor_options(ctx.space).items(), groups.items()):
         for option in options:
-            plan = group_plan(ctx.space, members, {**off, **option})
+            plan = ctx.space.plan(members, {**off, **option})
             if any(not lp.is_identity for lp in plan.layers.values()):
                 items.append((group, factor, option_key(option), plan.to_json()))
     cache = SensitivityCache(cache_path(ctx, cache_dir))

@@ -91,9 +91,12 @@ class Space:
         plans: dict[str, LayerPlan] = {}
         for group, members in self.groups(layers).items():
             choice = {knob: trial.suggest_categorical(f"{group}:{knob}", list(choices)) for knob, choices in knobs.items()}
-            for layer in members:
-                plans[layer.name] = self.layer_plan(layer, choice)
+            plans.update(self.plan(members, choice).layers)
         return Plan(plans)
+
+    def plan(self, layers: list[LayerInfo], choice: dict[str, Any]) -> Plan:
+        """The plan that gives every one of `layers` the same `choice` (see `layer_plan`)."""
+        return Plan({layer.name: self.layer_plan(layer, choice) for layer in layers})
 
     def layer_plan(self, layer: LayerInfo, choice: dict[str, Any]) -> LayerPlan:
         """The layer plan for one group choice; unsearched knobs take their single value.

@@ -49,7 +49,7 @@ def uniform_plan(text: str, layers: list[LayerInfo]) -> Plan:
     way to their fallbacks, as in a study)."""
     try:
         space = Space("uniform", granularity="model", **preset_choices(text))
-        return Plan({layer.name: space.layer_plan(layer, {}) for layer in layers})
+        return space.plan(layers, {})
     except SpaceError as err:
         raise PresetError(f"preset {text!r}: {err}") from None
 
