@@ -42,16 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: loopback only
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from gguf import GGUFReader  # noqa: E402
 
 from common import write_table  # noqa: E402
 from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa: E402
-from compsearch.compress.gguf_export import export_gguf  # noqa: E402
+from compsearch.compress.gguf_export import export_gguf, gguf_linear_bits_per_weight  # noqa: E402
 from compsearch.evaluators import LatencySettings, load_text, make_windows  # noqa: E402
-from compsearch.evaluators.llamacpp import llamacpp_latency, llamacpp_log_probs  # noqa: E402
+from compsearch.evaluators.llamacpp import llamacpp_latency, llamacpp_log_probs, llamacpp_perplexity_and_kl  # noqa: E402
 from compsearch.evaluators.llamacpp_costmodel import LlamaCppCostModel  # noqa: E402
 from compsearch.evaluators.measure import GGUFTarget  # noqa: E402
 from compsearch.evaluators.quality import TopKLogProbs  # noqa: E402
@@ -98,18 +96,11 @@ def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict
     saved = path.with_suffix(".json")
     if saved.exists() and saved.stat().st_mtime >= path.stat().st_mtime:
         return json.loads(saved.read_text())
-    nll, kl, tokens = 0.0, 0.0, 0
-    for window, log_probs, reference in zip(windows, llamacpp_log_probs(path, windows, THREADS), base):
-        targets = window[1:]
-        nll -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
-        kl += reference.kl_sum(log_probs)
-        tokens += len(targets)
+    quality = llamacpp_perplexity_and_kl(path, windows, THREADS, base)
     speed = llamacpp_latency(path, SPEED, THREADS)
-    tensors = GGUFReader(str(path)).tensors
-    linear = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2]
-    bpw = 8 * sum(int(t.n_bytes) for t in linear) / sum(int(t.n_elements) for t in linear)
-    result = {"file_bytes": path.stat().st_size, "bpw_linear": bpw, "ppl": float(np.exp(nll / tokens)),
-              "kl": kl / tokens, "pp_tok_s": speed["prefill_tok_s"], "tg_ms": speed["decode_ms"], "load": os.getloadavg()[0]}
+    result = {"file_bytes": path.stat().st_size, "bpw_linear": gguf_linear_bits_per_weight(path), "ppl": quality["ppl"],
+              "kl": quality["kl"], "pp_tok_s": speed["prefill_tok_s"], "tg_ms": speed["decode_ms"],
+              "load": os.getloadavg()[0]}
     saved.write_text(json.dumps(result))
     return result
 

@@ -37,6 +37,14 @@ class GGUFExportError(ValueError):
     """The plan or the model cannot be written as a GGUF file."""
 
 
+def gguf_linear_bits_per_weight(path: Path) -> float:
+    """Stored bits per weight of a GGUF file's decoder matrices (its block tensors of two dimensions)."""
+    import gguf
+
+    linear = [t for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in linear) / sum(int(t.n_elements) for t in linear)
+
+
 def export_gguf(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix], out_path: Path,
                 template: Path | None = None, tokenizer_dir: Path | None = None) -> Path:
     """Write `model` (compressed by `apply_plan_(..., keep_stored=True)`, which returned `stored`) to

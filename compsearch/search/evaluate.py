@@ -121,6 +121,7 @@ def _check_gguf(path: Path, ctx: JobContext) -> None:
 def _score_gguf(path: Path, ctx: JobContext, evaluator: TrialEvaluator) -> dict:
     """The file in llama.cpp itself: perplexity and KL to the base model on the protocol's windows, its
     bytes, its Linears' bits per weight, and llama.cpp's latency when the study measures latency."""
+    from compsearch.compress.gguf_export import gguf_linear_bits_per_weight
     from compsearch.evaluators.llamacpp import LlamaCppMissing, llamacpp_latency, llamacpp_perplexity_and_kl
 
     settings = evaluator.settings
@@ -134,15 +135,7 @@ def _score_gguf(path: Path, ctx: JobContext, evaluator: TrialEvaluator) -> dict:
     except ValueError as err:  # llama.cpp refused the file
         raise UserError(f"--gguf {path}: llama.cpp cannot load it ({err})") from None
     return {**metrics, "memory_bytes": path.stat().st_size, "gguf_file_bytes": path.stat().st_size,
-            "bits_per_weight": _gguf_linear_bits_per_weight(path)}
-
-
-def _gguf_linear_bits_per_weight(path: Path) -> float:
-    """Stored bits per weight of the file's decoder matrices (block tensors of two dimensions)."""
-    from gguf import GGUFReader
-
-    linear = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
-    return 8 * sum(int(t.n_bytes) for t in linear) / sum(int(t.n_elements) for t in linear)
+            "bits_per_weight": gguf_linear_bits_per_weight(path)}
 
 
 def _study_threads(study) -> int | None:
