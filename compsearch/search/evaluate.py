@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import torch
 
 from compsearch.compress import plan_bits_per_weight
 from compsearch.evaluators import base_log_probs
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, prepare_job
 from compsearch.search.models import load_config
-from compsearch.search.results import REFERENCE_ATTR, SEARCH_SOURCE, storable, trials_frame, write_results
+from compsearch.search.results import REFERENCE_ATTR, SEARCH_SOURCE, storable, write_results
 from compsearch.search.spec import JobSpec
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan, PlanError
@@ -51,9 +50,7 @@ def evaluate(references: list[Reference], spec: JobSpec, options, study=None,
     ggufs = [ref for ref in references if ref.source == "gguf"]
     for ref in ggufs:
         _check_gguf(Path(ref.value), ctx)
-    threads = _study_threads(study)
-    if threads:
-        torch.set_num_threads(threads)  # as the study's workers computed (float sums depend on it)
+    threads = _study_threads(study)  # the evaluator computes on as many (float sums depend on it)
     say(f"loading {spec.model} to score {len(references)} configuration(s) on {len(ctx.windows.eval_ids)} "
         f"evaluation windows of {spec.seq_len} tokens")
     settings = WorkerSettings.for_job(spec, latency_budget_ms=None, tasks_each_trial=True, threads=threads,
@@ -142,6 +139,6 @@ def _study_threads(study) -> int | None:
     """The torch threads the study's trials ran on (the most common), or None without a study or record."""
     if study is None:
         return None
-    trials = trials_frame(study)
-    counts = Counter(int(t) for t in trials.loc[trials["source"] == SEARCH_SOURCE, "threads"].dropna())
+    counts = Counter(trial.user_attrs["threads"] for trial in study.get_trials(deepcopy=False)
+                     if "threads" in trial.user_attrs)
     return counts.most_common(1)[0][0] if counts else None

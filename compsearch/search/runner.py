@@ -26,7 +26,7 @@ from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_study
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
 from compsearch.search.study import (ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue,
-                                     run_seed)
+                                     requeue_interrupted, run_seed)
 from compsearch.search.trial import PRUNE_FACTOR, TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
 
@@ -208,24 +208,21 @@ def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn:
            results_dir: Path, on_trial: Callable[[TrialEvent], None]) -> None:
     idle = list(pool)
     in_flight: dict = {}  # object ref -> (trial, worker)
-    asked = None  # a trial asked for and not yet sent to a worker
     last_beat = time.monotonic()
     try:
         while True:
             done = done_count(study)
             while idle and done + len(in_flight) < target:
-                trial = asked = ask(study)
+                trial = ask(study)
                 try:
                     plan_json = _propose(ctx, trial)
                 except Exception as err:  # the trial boundary: record it, keep the study going
                     _fail(study, trial, f"could not build a plan: {type(err).__name__}: {err}")
-                    asked = None
                     _report(study, trial.number, target, ctx, results_dir, on_trial)
                     done = done_count(study)
                     continue
                 worker = idle.pop()
                 in_flight[worker.evaluate.remote(plan_json)] = (trial, worker)
-                asked = None
             if not in_flight:
                 return
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_S)
@@ -233,13 +230,13 @@ def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn:
                 beat(study, [trial for trial, _ in in_flight.values()])
                 last_beat = time.monotonic()
             for ref in ready:
-                trial, worker = in_flight[ref]
+                trial, worker = in_flight.pop(ref)
                 idle.append(_finish(ctx, study, trial, ref, worker, spawn))
-                del in_flight[ref]  # after it ended: a stop inside `_finish` still finds it
                 _report(study, trial.number, target, ctx, results_dir, on_trial)
-    except BaseException:  # a stop (Ctrl-C, an error of the driver): what did not end runs again on resume
-        for trial in [trial for trial, _ in in_flight.values()] + ([asked] if asked is not None else []):
-            requeue(study, trial, "the driver stopped before the trial finished")
+    except BaseException:  # a stop (Ctrl-C, an error of the driver): what did not end runs again on resume.
+        # This driver is the study's only one, so every RUNNING trial is its own: also one asked for and
+        # not yet sent, or one a stop caught between its result and `tell`.
+        requeue_interrupted(study)
         raise
 
 

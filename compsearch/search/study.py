@@ -191,15 +191,14 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str)
     """Fail a trial that was cut short (not by its own fault) and enqueue the same parameters again.
 
     A trial stopped before its plan was drawn has no parameters: there is nothing to repeat, and the
-    driver asks for a new trial in its place anyway. A trial that has ended already is left as it is.
+    driver asks for a new trial in its place anyway.
     """
     number = trial.number
     storage = storage_of(study)
     frozen = storage.get_trial(trial_id(trial))
-    if frozen.state != TrialState.RUNNING:
-        return
-    storage.set_trial_user_attr(trial_id(frozen), INTERRUPTED_ATTR, reason)
-    storage.set_trial_state_values(trial_id(frozen), TrialState.FAIL)
+    if frozen.state == TrialState.RUNNING:
+        storage.set_trial_user_attr(trial_id(frozen), INTERRUPTED_ATTR, reason)
+        storage.set_trial_state_values(trial_id(frozen), TrialState.FAIL)
     if frozen.params:
         study.enqueue_trial(frozen.params, user_attrs={"retry_of": number}, skip_if_exists=False)
     log.info("trial %d interrupted (%s)%s", number, reason, "; re-queued" if frozen.params else "")

@@ -43,6 +43,14 @@ def _wait_for_first_trial(driver: subprocess.Popen, results, study: str, timeout
             continue
 
 
+def _start_driver(model_dir, results, study: str, trials: int, workers: int, **popen) -> subprocess.Popen:
+    """`compsearch submit` in its own process (stderr joined to stdout unless `popen` says otherwise)."""
+    popen = {"stderr": subprocess.STDOUT, **popen}
+    return subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",
+                             *cli_args(model_dir, results, study, trials, "--workers", str(workers))],
+                            stdout=subprocess.PIPE, text=True, **popen)
+
+
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "compsearch.search.cli", *args], capture_output=True, text=True, timeout=600)
 
@@ -50,9 +58,7 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
 def test_resume_after_sigkill_reaches_exact_total(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
     storage = open_storage(default_storage_url(results, "killed"))
-    driver = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",
-                               *cli_args(tiny_model_dir, results, "killed", TARGET, "--workers", "2")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = _start_driver(tiny_model_dir, results, "killed", TARGET, workers=2)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver.poll() is None:
@@ -98,9 +104,7 @@ def test_resume_after_sigkill_reaches_exact_total(tiny_model_dir, tmp_path):
 
 def test_second_driver_is_refused_while_one_runs(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
-    first = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",
-                              *cli_args(tiny_model_dir, results, "busy", 200, "--workers", "1")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = _start_driver(tiny_model_dir, results, "busy", 200, workers=1)
     try:
         _wait_for_first_trial(first, results, "busy")
         second = _run_cli(["resume", "--study", "busy", "--results-dir", str(results), "--trials", "300"])
@@ -113,9 +117,7 @@ def test_second_driver_is_refused_while_one_runs(tiny_model_dir, tmp_path):
 def test_local_ray_listens_on_loopback_only(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
     env = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    driver = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",  # the CLI itself must keep Ray on loopback
-                               *cli_args(tiny_model_dir, results, "loopback", 200, "--workers", "1")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    driver = _start_driver(tiny_model_dir, results, "loopback", 200, workers=1, env=env)  # the CLI keeps Ray on loopback
     try:
         _wait_for_first_trial(driver, results, "loopback")
         tree = {driver.pid} | {p.pid for p in psutil.Process(driver.pid).children(recursive=True)}
@@ -129,9 +131,7 @@ def test_local_ray_listens_on_loopback_only(tiny_model_dir, tmp_path):
 
 def test_ctrl_c_stops_a_study_with_one_message_and_no_traceback(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
-    driver = subprocess.Popen([sys.executable, "-m", "compsearch.search.cli",
-                               *cli_args(tiny_model_dir, results, "stopped", TARGET, "--workers", "2")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = _start_driver(tiny_model_dir, results, "stopped", TARGET, workers=2, stderr=subprocess.PIPE)
     try:
         _wait_for_first_trial(driver, results, "stopped")
         time.sleep(1.0)  # mid-trial: the driver waits on its workers and beats the storage
