@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from common import write_table  # noqa: E402
 from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa: E402
-from compsearch.evaluators import load_text, make_windows  # noqa: E402
+from compsearch.evaluators.data import load_text, make_windows  # noqa: E402
 from compsearch.search.models import load_tokenizer, resolve_model  # noqa: E402
 from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
 from compsearch.spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402

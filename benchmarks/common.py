@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from compsearch.evaluators import Windows, load_text, make_windows
+from compsearch.evaluators.data import Windows, load_text, make_windows
 from compsearch.search.models import load_model, load_tokenizer, resolve_model
 
 

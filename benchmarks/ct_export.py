@@ -37,7 +37,7 @@ import pandas as pd  # noqa: E402
 
 from common import write_table  # noqa: E402
 from compsearch.compress.ct_export import checkpoint_nbytes, export_compressed_tensors, load_checkpoint  # noqa: E402
-from compsearch.evaluators import perplexity_and_kl  # noqa: E402
+from compsearch.evaluators.quality import perplexity_and_kl  # noqa: E402
 from compsearch.search.commands import RunOptions, submit  # noqa: E402
 from compsearch.search.job import prepare_job  # noqa: E402
 from compsearch.search.models import load_tokenizer  # noqa: E402

@@ -26,7 +26,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from compsearch.compress import plan_nbytes, save_compressed  # noqa: E402
-from compsearch.evaluators import LatencySettings, load_text, make_windows  # noqa: E402
+from compsearch.evaluators.latency import LatencySettings  # noqa: E402
+from compsearch.evaluators.data import load_text, make_windows  # noqa: E402
 from compsearch.search.models import load_tokenizer, resolve_model  # noqa: E402
 from compsearch.search.trial import TrialEvaluator, WorkerSettings  # noqa: E402
 from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
@@ -140,7 +141,7 @@ def kl_gap(threads: int, windows_count: int = 8) -> None:
     import copy
 
     from compsearch.compress import apply_plan_
-    from compsearch.evaluators import base_log_probs, perplexity_and_kl
+    from compsearch.evaluators.quality import base_log_probs, perplexity_and_kl
     from compsearch.search.models import load_model
 
     torch.set_num_threads(threads)

@@ -48,7 +48,8 @@ import torch  # noqa: E402
 from common import write_table  # noqa: E402
 from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa: E402
 from compsearch.compress.gguf_export import export_gguf, gguf_linear_bits_per_weight  # noqa: E402
-from compsearch.evaluators import LatencySettings, load_text, make_windows  # noqa: E402
+from compsearch.evaluators.latency import LatencySettings  # noqa: E402
+from compsearch.evaluators.data import load_text, make_windows  # noqa: E402
 from compsearch.evaluators.llamacpp import llamacpp_latency, llamacpp_log_probs, llamacpp_perplexity_and_kl  # noqa: E402
 from compsearch.evaluators.llamacpp_costmodel import LlamaCppCostModel  # noqa: E402
 from compsearch.evaluators.measure import GGUFTarget  # noqa: E402

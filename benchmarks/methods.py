@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from compsearch.compress import apply_plan_, input_hessians, plan_bits_per_weight, plan_nbytes  # noqa: E402
 from compsearch.compress.owl import owl_plan  # noqa: E402
 from common import default_model_and_windows, write_table  # noqa: E402
-from compsearch.evaluators import perplexity_and_kl  # noqa: E402
+from compsearch.evaluators.quality import perplexity_and_kl  # noqa: E402
 from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
 from compsearch.spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
 

@@ -51,14 +51,13 @@ class Quantizer:
         return FORMATS.get(self.format)
 
 
-def quantizer_for(quant_method: str, in_features: int) -> Quantizer:
-    """The quantizer a layer with `in_features` inputs gets for `quant_method`: it, or its fallbacks."""
-    quantizer = QUANTIZERS.get(quant_method)
-    while in_features % quantizer.storage.row_multiple:
-        if quantizer.fallback is None:
-            raise ValueError(f"quant_method={quant_method!r} stores rows of a multiple of "
-                             f"{quantizer.storage.row_multiple} values; this layer has {in_features}")
-        quantizer = QUANTIZERS.get(quantizer.fallback)
+def quantizer_for(quant_method: str, row_length: int) -> Quantizer | None:
+    """The quantizer matrices with rows of `row_length` values get for `quant_method`: it, or its
+    fallbacks; None (kept in 16 bits) when none of them holds such rows, as llama-quantize stores a
+    tensor its fallback cannot hold in F16."""
+    quantizer: Quantizer | None = QUANTIZERS.get(quant_method)
+    while quantizer is not None and row_length % quantizer.storage.row_multiple:
+        quantizer = QUANTIZERS.get(quantizer.fallback) if quantizer.fallback else None
     return quantizer
 
 

@@ -99,6 +99,8 @@ class LlamaCppCostModel:
             plans = {}
             for layer in self.planned:
                 quantizer = quantizer_for(kind, layer.in_features)
+                if quantizer is None:  # kept in F16, as llama-quantize keeps it
+                    continue
                 plans[layer.name] = LayerPlan(bits=quantizer.bits[0], quant_method=quantizer.name)
                 layout = layer_layout(layer, plans[layer.name])[0]
                 stored[layout.key] = StoredMatrix(layout, torch.empty(0), None,

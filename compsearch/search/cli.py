@@ -10,19 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import yaml
 
-from compsearch.compress.distill import DistillSettings
 from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.cluster import is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
-from compsearch.search.progress import Progress
-from compsearch.search.results import SEARCH_SOURCE
 from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS, JobSpec
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import GRANULARITIES
-from compsearch.spaces.space import SPACES
+from compsearch.spaces.space import SPACE_CHOICES
 
 EXIT_USAGE = 2
 
@@ -76,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compsearch", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    _submit_parser(commands.add_parser("submit", help="start a new search study", description=(
+    _submit_parser(commands.add_parser("submit", help="start a new search study", formatter_class=_HelpFormatter, description=(
         "Start a new search study. Every flag can also come from a YAML file (--config job.yaml: keys are the "
         "flags' names with underscores, e.g. memory_budget: 60MB, bits: [2, 4, 8]); flags given here win. The "
         "study's full job is written to RESULTS/STUDY/job.yaml, which --config reads back.")))
@@ -96,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--top", type=int, default=10)
     board.set_defaults(handler=_leaderboard)
 
-    export = commands.add_parser("export", help="write a ranked plan (and optionally its checkpoint)")
+    export = commands.add_parser("export", help="write a ranked plan (and optionally its checkpoint)",
+                                 formatter_class=_HelpFormatter)
     _common(export)
     export.add_argument("--rank", type=int, default=1)
     export.add_argument("--front", action="store_true",
@@ -120,10 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--distill-steps", type=int, default=0,
                         help="distill the checkpoint's model from the base model for this many steps first "
                              "(scales, codebooks, 16-bit weights, norms; needs --checkpoint)")
-    export.add_argument("--distill-lr", type=float, default=DistillSettings.lr,
-                        help="Adam learning rate of 16-bit weights, norms and biases")
-    export.add_argument("--distill-scale-lr", type=float, default=DistillSettings.scale_lr,
-                        help="Adam learning rate of the factors on quantization scales and codebooks")
+    for rate, text in (("lr", "16-bit weights, norms and biases"),
+                       ("scale_lr", "the factors on quantization scales and codebooks")):
+        _help_suffix(export.add_argument(f"--distill-{rate.replace('_', '-')}", type=float,
+                                         help=f"Adam learning rate of {text}"), lambda rate=rate: _distill_default(rate))
     export.set_defaults(handler=_export)
 
     evaluate = commands.add_parser("evaluate", help="score given configurations (plans, uniform presets, GGUF files)",
@@ -178,15 +175,15 @@ def _submit_parser(submit: argparse.ArgumentParser) -> None:
     data.add_argument("--calib-windows", type=int, default=16)
     data.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     space = submit.add_argument_group("space")
-    space.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACES)} (default: joint)")
+    space.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACE_CHOICES)} (default: joint)")
     space.add_argument("--granularity", help=f"one decision per: {', '.join(GRANULARITIES)} (default: the space's "
                        "own: block; layer for gguf and vllm)")
     space.add_argument("--no-tie-fused", dest="tie_fused", action="store_false",
                        help="let q/k/v and gate/up choose separately at layer granularity")
     space.add_argument("--include-lm-head", action="store_true", help="compress the output head too (untied models)")
     for knob in KNOBS:  # overrides of the space's choices, one flag per knob
-        space.add_argument(knob.flag, dest=knob.choices, type=_list_of(knob.parse), metavar="A,B,...",
-                           help=f"override the space's {knob.help}" + _registered_help(knob))
+        _help_suffix(space.add_argument(knob.flag, dest=knob.choices, type=_list_of(knob.parse), metavar="A,B,...",
+                                        help=f"override the space's {knob.help}"), lambda knob=knob: _registered_help(knob))
     goals = submit.add_argument_group("objectives and budgets")
     goals.add_argument("--objectives", type=_strings, default=("ppl", "memory"),
                        help=f"comma-separated: {', '.join(OBJECTIVES)} (minimized), or a task metric column such "
@@ -264,6 +261,7 @@ def _address_option(parser: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace):
     from compsearch.search.commands import RunOptions
+    from compsearch.search.progress import Progress
 
     progress = Progress()
 
@@ -405,7 +403,11 @@ def _export(args: argparse.Namespace) -> int:
             status = max(status, _verified(summary))
         return status
     try:
-        distill = DistillSettings(args.distill_steps, args.distill_lr, args.distill_scale_lr) if args.distill_steps else None
+        from compsearch.compress.distill import DistillSettings
+
+        rates = {"lr": args.distill_lr, "scale_lr": args.distill_scale_lr}
+        distill = DistillSettings(args.distill_steps, **{k: v for k, v in rates.items() if v is not None}) \
+            if args.distill_steps else None
     except ValueError as error:
         raise UserError(f"--distill-steps/--distill-lr/--distill-scale-lr: {error}") from None
     summary = export(args.study, args.rank, args.out, _options(args), args.checkpoint, args.verify, distill,
@@ -511,6 +513,8 @@ def _print_summary(args: argparse.Namespace, trials) -> None:
 
 
 def _table(frame) -> str:
+    from compsearch.search.results import SEARCH_SOURCE
+
     if frame.empty:
         return "(no completed trials)"
     tasks = [column for column in frame.columns if is_task_metric(column) and column.endswith("_acc")]
@@ -552,6 +556,25 @@ def _list_of(parse):
     return values
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Completes an action's help with its `help_suffix()` only when help is shown: those suffixes read the
+    technique registries or the distillation defaults, which import torch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        suffix = getattr(action, "help_suffix", None)
+        return super()._get_help_string(action) + (suffix() if suffix else "")
+
+
+def _help_suffix(action: argparse.Action, suffix) -> None:
+    action.help_suffix = suffix
+
+
+def _distill_default(field: str) -> str:
+    from compsearch.compress.distill import DistillSettings
+
+    return f" (default: {getattr(DistillSettings, field)})"
+
+
 def _registered_help(knob) -> str:
     """For a knob whose values are registered names (the methods): which are registered."""
     supported = knob.supported()
@@ -568,6 +591,8 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("torchao", "optuna", "ray", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
+    import optuna  # after the arguments are read: a typo or --help needs none of the heavy libraries
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

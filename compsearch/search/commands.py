@@ -18,7 +18,7 @@ import yaml
 
 from compsearch.compress import COMPRESS_VERSION, load_compressed, save_compressed
 from compsearch.compress.distill import DistillSettings, distill_
-from compsearch.evaluators import perplexity_and_kl
+from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, check_out, check_writable, prepare_job
 from compsearch.search.models import load_config, load_tokenizer, study_gguf_template

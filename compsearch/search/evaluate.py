@@ -12,7 +12,7 @@ from typing import Callable
 import pandas as pd
 
 from compsearch.compress import plan_bits_per_weight
-from compsearch.evaluators import base_log_probs
+from compsearch.evaluators.quality import base_log_probs
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, prepare_job
 from compsearch.search.models import load_config

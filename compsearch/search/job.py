@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from compsearch.compress import COMPRESS_VERSION, layer_nbytes, plan_nbytes
-from compsearch.evaluators import DataError, Windows, load_text, make_windows
+from compsearch.evaluators.data import DataError, Windows, load_text, make_windows
 from compsearch.evaluators.bigbench import TaskError
 from compsearch.evaluators.metrics import is_task_metric
 from compsearch.evaluators.tasks import TaskSuite, task_column

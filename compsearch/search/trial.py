@@ -16,7 +16,7 @@ import torch
 
 from compsearch.compress import apply_plan_, input_hessians, input_norms
 from compsearch.compress.variants import VariantCache, variant_cache_bytes
-from compsearch.evaluators import base_log_probs, perplexity_and_kl
+from compsearch.evaluators.quality import base_log_probs, perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.evaluators.measure import GGUFTarget, Measurements
 from compsearch.evaluators.metrics import check_declared

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from compsearch.spaces.plan import ATTENTION_KINDS
 
@@ -13,6 +11,9 @@ GRANULARITIES = ("layer", "block", "type", "model")
 # Projections that read the same input and are usually fused in inference kernels.
 TIED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+if TYPE_CHECKING:  # torch is imported where a model is read, so the command line parses without it
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class LayerInfo:
 
 def linear_layers(model: nn.Module, include_lm_head: bool = False) -> list[LayerInfo]:
     """Every nn.Linear of the model, in module order; the output head only when asked for."""
+    from torch import nn
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [layer_info(model, name) for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and (module is not head or include_lm_head)]
@@ -60,6 +63,8 @@ def linear_layers(model: nn.Module, include_lm_head: bool = False) -> list[Layer
 def embedding_layers(model: nn.Module) -> list[LayerInfo]:
     """The input token embedding as a layer a plan can quantize (rows: tokens; columns: hidden features).
     A tied output head shares it, and changes with it."""
+    from torch import nn
+
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     names = {id(module): name for name, module in model.named_modules()}
     return [layer_info(model, names[id(embeddings)])] if isinstance(embeddings, nn.Embedding) else []
@@ -68,6 +73,8 @@ def embedding_layers(model: nn.Module) -> list[LayerInfo]:
 def layer_info(model: nn.Module, name: str) -> LayerInfo:
     """The `LayerInfo` of the Linear (or token embedding) at `name`, with its attention's head geometry
     where it has one."""
+    from torch import nn
+
     module = model.get_submodule(name)
     if isinstance(module, nn.Embedding):
         return LayerInfo(name, module.num_embeddings, module.embedding_dim)
@@ -81,6 +88,8 @@ def attention_geometry(model: nn.Module, attention: str) -> tuple[int, int, int]
     """(query heads, key/value heads, head width) of an attention module with q/k/v/o projections
     that reads its head count from the projections' shapes (`head_dim` and `num_key_value_groups`
     attributes, as the Llama family has); None for any other module."""
+    from torch import nn
+
     module = model.get_submodule(attention) if attention else model
     head_dim = getattr(module, "head_dim", None)
     groups = getattr(module, "num_key_value_groups", None)
@@ -140,6 +149,8 @@ def _group_key(layer: LayerInfo, granularity: str, tie_fused: bool) -> str:
 
 def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
     """The model's module tree without allocating weights: enough to read names and shapes."""
+    import torch
+
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -1,13 +1,14 @@
 """Search spaces: which choices each group of layers has, and how an Optuna trial becomes a `Plan`."""
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Iterator, Protocol
 
 from compsearch.spaces.layers import LayerInfo, group_layers
 from compsearch.spaces.knobs import CHOICE_FIELDS, FLOAT_METHOD, KNOBS
 from compsearch.spaces.plan import (ATTENTION_KINDS, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, PATTERNS, LayerPlan, Plan,
-                                    kept_heads, nm_sparsity, saves_params, structured_shape)
+                                    kept_heads, nm_sparsity, rank_for, saves_params, structured_shape)
 
 
 MLP_KINDS = MLP_CHANNEL_ROWS + MLP_CHANNEL_COLS
@@ -107,7 +108,10 @@ class Space:
         that stores one width (a GGUF type) sets the bits, and one whose format cannot hold the layer's
         rows gives way to its fallback (as llama-quantize does); `f16` keeps the layer in 16 bits. A
         format that needs whole groups (compressed-tensors) takes the largest offered group size, no
-        larger than the one chosen, that divides the layer's inputs.
+        larger than the one chosen, that divides the layer's inputs. Rows that structured pruning left
+        too short for any of these keep 16 bits (llama-quantize's last fallback, F16); a rank whose
+        factor rows the format cannot hold leaves the layer full rank. (`check_layers` refuses choices
+        the unpruned layers cannot take at all.)
         """
         values = {**{knob: choices[0] for knob, choices in self.choices.items()}, **choice}
         channel_fraction = float(values["channel_fraction"]) if layer.kind in MLP_KINDS else 1.0
@@ -116,12 +120,16 @@ class Space:
             head_fraction = kept_heads(layer.heads, layer.kv_heads, head_fraction)[0] / layer.heads
         structure = LayerPlan(channel_fraction=channel_fraction, head_fraction=head_fraction)
         out_features, in_features = structured_shape(layer, structure)
-        rank_fraction = float(values["rank_fraction"])
-        if rank_fraction < 1.0 and not saves_params(out_features, in_features, rank_fraction):
-            rank_fraction = 1.0
         sparsity, pattern = _layer_plan_fields_for_sparsity(values["sparsity"])
         bits, quant_method = _quantization(int(values["bits"]), values["quant_method"], in_features)
         group_size = _whole_group(int(values["group_size"]), bits, quant_method, in_features, self.choices["group_size"])
+        if group_size is None:
+            bits, quant_method, group_size = 16, "rtn", int(values["group_size"])
+        rank_fraction = float(values["rank_fraction"])
+        if rank_fraction < 1.0 and not (saves_params(out_features, in_features, rank_fraction) and
+                                        _holds_rows(rank_for(out_features, in_features, rank_fraction),
+                                                    bits, quant_method, group_size)):
+            rank_fraction = 1.0
         return LayerPlan(bits=bits, group_size=group_size, sparsity=sparsity,
                          pattern=pattern, prune_method=values["prune_method"] if sparsity else "magnitude",
                          quant_method=quant_method, rank_fraction=rank_fraction,
@@ -165,7 +173,8 @@ class Space:
 
     def fallbacks(self, layers: list[LayerInfo]) -> dict[str, dict[str, str]]:
         """For each layer role (q_proj, down_proj, ...): choice -> what the layer really gets, where they
-        differ: a GGUF K-type on rows it cannot hold falls back as llama-quantize does (`q4_k` -> `q5_0`),
+        differ: a GGUF K-type on rows it cannot hold falls back as llama-quantize does (`q4_k` -> `q5_0`,
+        `f16` where the fallback cannot hold them either),
         a group size that does not divide the rows of a whole-group format to a smaller one
         (`group 128` -> `group 64`)."""
         found: dict[str, dict[str, str]] = {}
@@ -180,19 +189,23 @@ class Space:
     def _realized(self, layers: list[LayerInfo]) -> Iterator[tuple[LayerInfo, str, str, int, int]]:
         """(layer, quant method offered, the one it gets, group size offered, the one it gets) for every
         layer; a choice a layer cannot take at all is a SpaceError naming the layer and the fix."""
+        from compsearch.compress.techniques import QUANTIZERS
+
         offered = self.choices["group_size"]
         for layer in layers:
             for method in self.choices["quant_method"]:
-                try:
-                    bits, actual = _quantization(4, method, layer.in_features)
-                except ValueError as err:
-                    raise SpaceError(f"{layer.name}: {err}; leave {method} out of --quant-methods") from None
+                bits, actual = _quantization(4, method, layer.in_features)
+                if method != FLOAT_METHOD and bits >= 16 and QUANTIZERS.get(method).fallback is None:
+                    raise SpaceError(f"{layer.name}: quant_method={method!r} stores rows of a multiple of "
+                                     f"{QUANTIZERS.get(method).storage.row_multiple} values; this layer has "
+                                     f"{layer.in_features}; leave {method} out of --quant-methods")
                 for group_size in offered:
-                    try:
-                        fitted = _whole_group(group_size, bits, actual, layer.in_features, offered)
-                    except SpaceError as err:
-                        raise SpaceError(f"{layer.name}: {err}") from None
-                    yield layer, method, actual, group_size, fitted
+                    fitted = _whole_group(group_size, bits, actual, layer.in_features, offered)
+                    if fitted is None:
+                        raise SpaceError(f"{layer.name}: {actual} needs whole groups, and no offered group size up "
+                                         f"to {group_size} divides {layer.in_features} inputs; offer a smaller "
+                                         "--group-sizes value (e.g. 32)")
+                    yield layer, method, FLOAT_METHOD if bits >= 16 else actual, group_size, fitted
 
 
 def _quantization(bits: int, quant_method: str, in_features: int) -> tuple[int, str]:
@@ -203,21 +216,27 @@ def _quantization(bits: int, quant_method: str, in_features: int) -> tuple[int, 
         return 16, "rtn"
     if len(QUANTIZERS.get(quant_method).bits) == 1:  # the method is the format: it sets the width
         quantizer = quantizer_for(quant_method, in_features)
-        return quantizer.bits[0], quantizer.name
+        return (quantizer.bits[0], quantizer.name) if quantizer else (16, "rtn")
     return bits, quant_method if bits < 16 else "rtn"
 
 
-def _whole_group(group_size: int, bits: int, quant_method: str, in_features: int, offered: tuple) -> int:
-    """The group size of a layer: see `Space.layer_plan`."""
+def _whole_group(group_size: int, bits: int, quant_method: str, in_features: int, offered: tuple) -> int | None:
+    """The group size of a layer (see `Space.layer_plan`); None when no offered size gives whole groups."""
     from compsearch.compress.techniques import quantizer_format
 
     if bits >= 16 or in_features % group_size == 0 or not quantizer_format(quant_method).whole_groups:
         return group_size
-    fitting = [int(g) for g in offered if int(g) <= group_size and in_features % int(g) == 0]
-    if not fitting:
-        raise SpaceError(f"{quant_method} needs whole groups, and no offered group size up to {group_size} "
-                         f"divides {in_features} inputs; offer a smaller --group-sizes value (e.g. 32)")
-    return max(fitting)
+    return max((int(g) for g in offered if int(g) <= group_size and in_features % int(g) == 0), default=None)
+
+
+def _holds_rows(row_length: int, bits: int, quant_method: str, group_size: int) -> bool:
+    """Whether a layer's format stores matrices with rows of `row_length` values (a low-rank factor's)."""
+    from compsearch.compress.techniques import quantizer_format
+
+    if bits >= 16:
+        return True
+    storage = quantizer_format(quant_method)
+    return row_length % storage.row_multiple == 0 and not (storage.whole_groups and row_length % group_size)
 
 
 def _layer_plan_fields_for_sparsity(value: str) -> tuple[float, str]:
@@ -243,40 +262,43 @@ def _check_choices(what: str, values: tuple, allowed: tuple | None) -> None:
         raise SpaceError(f"{what} {bad[0]!r} is not supported; use values from {allowed}")
 
 
-SPACES: dict[str, Space] = {
-    "quant": Space("quant", bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(32, 64, 128)),
-    "sparse": Space("sparse", sparsities=("0", "0.25", "0.5", "0.75", "0.9", "2:4", "4:8"),
-                    prune_methods=("magnitude", "wanda")),
-    "lowrank": Space("lowrank", rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25)),
-    "joint": Space("joint", bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(64, 128),
-                   sparsities=("0", "0.25", "0.5", "2:4"), rank_fractions=(1.0, 0.5, 0.25)),
+# The named spaces, as `Space` keywords; `get_space` builds one (checking its methods against the technique
+# registries, which import torch: naming the spaces does not).
+SPACE_CHOICES: dict[str, dict[str, Any]] = {
+    "quant": dict(bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(32, 64, 128)),
+    "sparse": dict(sparsities=("0", "0.25", "0.5", "0.75", "0.9", "2:4", "4:8"),
+                   prune_methods=("magnitude", "wanda")),
+    "lowrank": dict(rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25)),
+    "joint": dict(bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(64, 128),
+                  sparsities=("0", "0.25", "0.5", "2:4"), rank_fractions=(1.0, 0.5, 0.25)),
     # The same techniques with the algorithm behind each searched too (GPTQ, HQQ, k-means; SparseGPT;
     # whitened SVD), and structured pruning of MLP channels and attention heads: calibration Hessians are
     # measured once per worker.
-    "quant-methods": Space("quant-methods", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("rtn", "gptq", "hqq", "kmeans")),
-    "sparse-methods": Space("sparse-methods", sparsities=("0", "0.25", "0.5", "0.75", "2:4", "4:8"),
-                            prune_methods=("magnitude", "wanda", "sparsegpt")),
-    "lowrank-methods": Space("lowrank-methods", rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25),
-                             lowrank_methods=("svd", "whiten")),
+    "quant-methods": dict(bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("rtn", "gptq", "hqq", "kmeans")),
+    "sparse-methods": dict(sparsities=("0", "0.25", "0.5", "0.75", "2:4", "4:8"),
+                           prune_methods=("magnitude", "wanda", "sparsegpt")),
+    "lowrank-methods": dict(rank_fractions=(1.0, 0.75, 0.5, 0.375, 0.25),
+                            lowrank_methods=("svd", "whiten")),
     # Head fractions are rounded to whole heads per key/value group: 0.67 keeps 2 of SmolLM2's 3, 3 of Llama-3's 4.
-    "structured": Space("structured", bits=(4, 8, 16), quant_methods=("gptq",),
-                        channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5), head_fractions=(1.0, 0.67)),
+    "structured": dict(bits=(4, 8, 16), quant_methods=("gptq",),
+                       channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5), head_fractions=(1.0, 0.67)),
     # GGUF tensor types (llama.cpp), per projection (q/k/v and gate/up tied) and for the token embedding, as
     # llama.cpp's own mixes choose them. f16 first: it is the "off" choice.
-    "gguf": Space("gguf", granularity="layer", embeddings=True, quant_methods=(
+    "gguf": dict(granularity="layer", embeddings=True, quant_methods=(
         "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_1", "q5_0", "q4_1", "q4_0")),
     # What vLLM serves fast from compressed-tensors checkpoints: symmetric integer weights at 4 and 8 bits
     # (W4A16, W8A16), grouped, GPTQ or round-to-nearest; q/k/v and gate/up tied as vLLM fuses them.
-    "vllm": Space("vllm", granularity="layer", bits=(4, 8, 16), group_sizes=(32, 64, 128),
-                  quant_methods=("gptq-sym", "rtn-sym")),
-    "sota": Space("sota", bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("gptq", "hqq"),
-                  sparsities=("0", "0.5", "2:4"), prune_methods=("sparsegpt",), rank_fractions=(1.0, 0.5),
-                  lowrank_methods=("whiten",), channel_fractions=(1.0, 0.75), head_fractions=(1.0, 0.67)),
+    "vllm": dict(granularity="layer", bits=(4, 8, 16), group_sizes=(32, 64, 128),
+                 quant_methods=("gptq-sym", "rtn-sym")),
+    "sota": dict(bits=(2, 3, 4, 8, 16), group_sizes=(64, 128), quant_methods=("gptq", "hqq"),
+                 sparsities=("0", "0.5", "2:4"), prune_methods=("sparsegpt",), rank_fractions=(1.0, 0.5),
+                 lowrank_methods=("whiten",), channel_fractions=(1.0, 0.75), head_fractions=(1.0, 0.67)),
 }
 
 
+@functools.cache
 def get_space(name: str) -> Space:
-    try:
-        return SPACES[name]
-    except KeyError:
-        raise SpaceError(f"space {name!r} is unknown; choose one of {sorted(SPACES)}") from None
+    """The named space (see `SPACE_CHOICES`)."""
+    if name not in SPACE_CHOICES:
+        raise SpaceError(f"space {name!r} is unknown; choose one of {sorted(SPACE_CHOICES)}")
+    return Space(name, **SPACE_CHOICES[name])

@@ -2,7 +2,7 @@
 import pytest
 
 from compsearch.compress import input_hessians, input_norms
-from compsearch.evaluators import load_text, make_windows
+from compsearch.evaluators.data import load_text, make_windows
 from compsearch.search.models import load_model, load_tokenizer
 from compsearch.spaces.layers import linear_layers
 

@@ -12,7 +12,7 @@ from compsearch.compress import apply_plan_, plan_nbytes
 from compsearch.compress.ct_export import (
     CompressedTensorsExportError, checkpoint_nbytes, export_compressed_tensors, load_checkpoint,
 )
-from compsearch.evaluators import perplexity_and_kl
+from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.spaces import get_space
 from compsearch.spaces.plan import LayerPlan, Plan
 

@@ -8,7 +8,7 @@ import torch
 from compsearch.compress import apply_plan_, layer_nbytes, load_compressed, save_compressed
 from compsearch.compress.distill import DistillSettings, distill_
 from compsearch.compress.quantize import QuantizedMatrix
-from compsearch.evaluators import base_log_probs, perplexity_and_kl
+from compsearch.evaluators.quality import base_log_probs, perplexity_and_kl
 from compsearch.spaces.plan import LayerPlan, Plan
 
 

@@ -8,7 +8,7 @@ from gguf import GGUFReader
 
 from compsearch.compress import apply_plan_, layer_nbytes
 from compsearch.compress.gguf_export import GGUFExportError, export_gguf, gguf_file_layout, llama_quantize_types
-from compsearch.evaluators import perplexity_and_kl
+from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.evaluators.llamacpp import llamacpp_available, llamacpp_latency, llamacpp_perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.spaces.layers import meta_model

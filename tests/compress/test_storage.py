@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from compsearch.compress import apply_plan_, layer_nbytes, load_compressed, plan_nbytes, save_compressed
 from compsearch.compress.storage import matrix_nbytes, pack_bits, unpack_bits
-from compsearch.evaluators import perplexity_and_kl
+from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.spaces.layers import count_params
 from compsearch.spaces.plan import LayerPlan, Plan
 

@@ -7,7 +7,7 @@ import torch
 
 from compsearch.compress import apply_plan_, input_hessians, input_norms, layer_layout
 from compsearch.compress.owl import owl_plan, owl_sparsities
-from compsearch.evaluators import load_text, make_windows
+from compsearch.evaluators.data import load_text, make_windows
 from compsearch.search.models import load_model, load_tokenizer
 from compsearch.spaces.layers import linear_layers
 from compsearch.spaces.plan import PLAN_VERSION, LayerPlan, Plan, PlanError
@@ -105,22 +105,22 @@ def test_spaces_offer_the_methods_and_keep_structure_consistent():
     import optuna
 
     from compsearch.spaces.layers import LayerInfo
-    from compsearch.spaces.space import SPACES, SpaceError
+    from compsearch.spaces.space import SpaceError, get_space
 
     heads = {"heads": 4, "kv_heads": 2, "head_dim": 16}
     layers = [LayerInfo(f"model.layers.{b}.{n}", o, i, **(heads if "attn" in n else {})) for b in range(2) for n, o, i in [
         ("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 32, 64), ("self_attn.v_proj", 32, 64),
         ("self_attn.o_proj", 64, 64), ("mlp.gate_proj", 128, 64), ("mlp.up_proj", 128, 64), ("mlp.down_proj", 64, 128)]]
-    assert set(SPACES["quant-methods"].knobs()["quant_method"]) == {"rtn", "gptq", "hqq", "kmeans"}
-    assert "sparsegpt" in SPACES["sparse-methods"].knobs()["prune_method"]
-    assert "whiten" in SPACES["lowrank-methods"].knobs()["lowrank_method"]
+    assert set(get_space("quant-methods").knobs()["quant_method"]) == {"rtn", "gptq", "hqq", "kmeans"}
+    assert "sparsegpt" in get_space("sparse-methods").knobs()["prune_method"]
+    assert "whiten" in get_space("lowrank-methods").knobs()["lowrank_method"]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(10):
-        plan = SPACES["sota"].suggest_plan(study.ask(), layers)  # Plan validates MLP and attention agreement itself
+        plan = get_space("sota").suggest_plan(study.ask(), layers)  # Plan validates MLP and attention agreement itself
         assert all(plan[layer.name].channel_fraction == 1.0 for layer in layers if ".mlp." not in layer.name)
         assert all(plan[layer.name].head_fraction in (1.0, 0.5) for layer in layers)  # 0.67 of 2 per group: 1
     with pytest.raises(SpaceError, match="granularity 'layer'"):
-        SPACES["structured"].with_choices(granularity="layer")
+        get_space("structured").with_choices(granularity="layer")
 
 
 def _attention_plan(layers, fraction, **fields):

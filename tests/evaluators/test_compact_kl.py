@@ -4,7 +4,9 @@ import copy
 import pytest
 import torch
 
-from compsearch.evaluators import TopKLogProbs, base_log_probs, load_text, make_windows, perplexity_and_kl
+from compsearch.evaluators.quality import TopKLogProbs, base_log_probs, perplexity_and_kl
+
+from compsearch.evaluators.data import load_text, make_windows
 from compsearch.search.models import load_model, load_tokenizer
 from tests.conftest import TINY_VOCAB
 

@@ -1,6 +1,6 @@
 import pytest
 
-from compsearch.evaluators import DataError, load_text, make_windows
+from compsearch.evaluators.data import DataError, load_text, make_windows
 from compsearch.search.models import load_tokenizer
 
 

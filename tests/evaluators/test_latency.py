@@ -8,7 +8,7 @@ import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from compsearch.compress import apply_plan_
-from compsearch.evaluators import LatencySettings, measure_generation
+from compsearch.evaluators.latency import LatencySettings, measure_generation
 from compsearch.evaluators.costmodel import CostTable, LatencyCostModel
 from compsearch.evaluators.kernels import kernel_summary, timing_model
 from compsearch.search.models import load_model

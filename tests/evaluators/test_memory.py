@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from compsearch.evaluators import PeakMemory, auto_batch_size
+from compsearch.evaluators.memory import PeakMemory, auto_batch_size
 from compsearch.evaluators import memory as memory_module
 from compsearch.search.models import load_model
 

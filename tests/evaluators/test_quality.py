@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from compsearch.evaluators import base_log_probs, load_text, make_windows, perplexity_and_kl
+from compsearch.evaluators.quality import base_log_probs, perplexity_and_kl
+
+from compsearch.evaluators.data import load_text, make_windows
 from compsearch.evaluators import quality
 from compsearch.search.models import load_model, load_tokenizer
 

@@ -3,7 +3,9 @@ import pandas as pd
 import pytest
 import torch
 
-from compsearch.evaluators import LatencySettings, load_text, make_windows
+from compsearch.evaluators.latency import LatencySettings
+
+from compsearch.evaluators.data import load_text, make_windows
 from compsearch.search.errors import UserError
 from compsearch.search.models import load_tokenizer
 from compsearch.evaluators.metrics import METRICS, UndeclaredMetric, check_declared

@@ -1,7 +1,11 @@
 """Fuzzing the submit command line (hypothesis): whatever the flags, the job is either valid (the spec,
 the model's layers, the data windows, the sampler are all built) or refused with one clear line (exit 2);
-never a traceback."""
+never a traceback.
+
+The examples are the same on every run (CI must not fail by chance); to explore new ones, run
+`COMPSEARCH_FUZZ_EXAMPLES=3000 python -m pytest tests/search/test_fuzz_cli.py -m slow -s`."""
 import io
+import os
 import re
 from contextlib import redirect_stderr
 
@@ -74,7 +78,9 @@ def _outcome(tiny_model_dir, tmp_path, flags: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("COMPSEARCH_FUZZ_EXAMPLES", 200)),
+          derandomize="COMPSEARCH_FUZZ_EXAMPLES" not in os.environ, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flags=ARGV)
 def test_any_submit_flags_give_a_valid_job_or_one_clear_line(tiny_model_dir, tmp_path, flags):
     outcome = _outcome(tiny_model_dir, tmp_path, flags)

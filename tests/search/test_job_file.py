@@ -44,3 +44,17 @@ def test_bad_job_files_name_the_problem(tmp_path, content, fragment):
 def test_submit_without_a_study_or_trials_names_what_is_missing(tmp_path):
     with pytest.raises(UserError, match="submit needs --study and --trials"):
         job_spec(parse_args(["submit"]))
+
+
+def test_the_command_line_is_read_without_the_heavy_libraries():
+    """A typo, or a job's flags and job file, are read before torch, optuna or pandas is imported (seconds)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from compsearch.search.cli import main, parse_args\n"
+              "args = parse_args(['submit', '--study', 's', '--trials', '4', '--bits', '4,8', '--memory-budget', '60MB'])\n"
+              "try:\n    main(['subimt'])\nexcept SystemExit as exit_:\n    assert exit_.code == 2\n"
+              "print(sorted(m for m in ('torch', 'optuna', 'pandas', 'ray', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]" and "invalid choice: 'subimt'" in done.stderr

@@ -3,7 +3,9 @@ import math
 
 import pytest
 
-from compsearch.evaluators import load_text, make_windows, perplexity_and_kl
+from compsearch.evaluators.data import load_text, make_windows
+
+from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.search.errors import UserError
 from compsearch.search.models import ensure_default_model, load_model, load_tokenizer, resolve_model
 from compsearch.search.spec import DEFAULT_MODEL

@@ -12,13 +12,13 @@ from compsearch.search.sensitivity import Profile, factor_options, option_key
 from compsearch.search.spec import JobSpec
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import Plan
-from compsearch.spaces.space import SPACES
+from compsearch.spaces.space import get_space
 
 LAYERS = [LayerInfo(f"model.layers.{b}.mlp.{kind}", 128, 64) for b in range(3) for kind in ("up_proj", "gate_proj")]
 
 
 def _context(space_name="quant", budget=None) -> JobContext:
-    space = SPACES[space_name].with_choices(granularity="block")
+    space = get_space(space_name).with_choices(granularity="block")
     total = sum(layer.num_params for layer in LAYERS) + 1000
     ctx = JobContext(JobSpec(study="s", space=space_name), "model", space, LAYERS, total, None, budget, 0, 0)
     return ctx
@@ -35,7 +35,7 @@ def _profile(ctx: JobContext, seed=0) -> Profile:
 
 
 def test_factor_options_measure_knobs_that_interact_together():
-    factors = factor_options(SPACES["joint"])
+    factors = factor_options(get_space("joint"))
     assert set(factors) == {"quant", "sparsity", "lowrank"}
     assert len(factors["quant"]) == 7 * 2 and {"bits", "group_size"} == set(factors["quant"][0])
     assert len(factors["lowrank"]) == 3

@@ -1,7 +1,7 @@
 """The worker-side evaluator: sensitivity measurements leave the base model exactly as it was."""
 import torch
 
-from compsearch.evaluators import load_text, make_windows
+from compsearch.evaluators.data import load_text, make_windows
 from compsearch.search.models import load_tokenizer
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import LayerPlan, Plan
@@ -35,7 +35,7 @@ def test_profile_kl_restores_the_base_model(tiny_model_dir):
 
 
 def test_skipping_unchanged_blocks_gives_the_full_forward_result(tiny_model_dir):
-    from compsearch.evaluators import base_log_probs, perplexity_and_kl
+    from compsearch.evaluators.quality import base_log_probs, perplexity_and_kl
     from compsearch.search.profiling import BlockReplay
 
     evaluator, windows = _evaluator(tiny_model_dir)
