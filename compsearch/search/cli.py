@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compsearch: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if not getattr(args, "address", None):
-        # Read by Ray when it is imported (later, by the command): a local instance listens on loopback only.
+        # Read by Ray when it is imported (later, by the command): a local instance listens on loopback only,
+        # and uses token auth (Ray's default for a new local instance, which it warns about when left unsaid).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     _quiet_libraries(args.verbose)
     if is_jobs_address(getattr(args, "address", None)):
         use_token_auth()  # before anything imports Ray: it reads RAY_AUTH_MODE once
@@ -589,7 +591,8 @@ def _quiet_libraries(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("torchao", "optuna", "ray", "transformers"):
+    # torch.utils._pytree: torchao's import warns that registering its enums is deprecated, twice a run
+    for name in ("torchao", "optuna", "ray", "transformers", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
     import optuna  # after the arguments are read: a typo or --help needs none of the heavy libraries
 

@@ -82,6 +82,7 @@ def test_resume_after_sigkill_reaches_exact_total(tiny_model_dir, tmp_path):
     resumed = _run_cli(["resume", "--study", "killed", "--results-dir", str(results), "--trials", str(TARGET)])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"re-queued interrupted trials {stale}" in resumed.stdout
+    assert not resumed.stderr.strip(), resumed.stderr  # no library warnings (torch, torchao, Ray's token notice)
 
     study, _ = load_study("killed", storage)
     trials = study.get_trials()
