@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from compsearch.evaluators.metrics import METRICS, is_task_metric
-from compsearch.search.cluster import is_jobs_address, use_token_auth
+from compsearch.search.cluster import check_reachable, is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
 from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS, JobSpec
 from compsearch.spaces.knobs import KNOBS
@@ -318,6 +318,8 @@ def _submit(args: argparse.Namespace) -> int:
     spec = job_spec(args)  # validated here, also when it runs as a Ray job
     if is_jobs_address(args.address):
         return _send_job(args)
+    if args.address:
+        check_reachable(args.address)  # before the model is loaded
     trials = submit(spec, args.trials, _options(args), force=args.force)
     _print_summary(args, trials)
     return 0
@@ -328,6 +330,8 @@ def _resume(args: argparse.Namespace) -> int:
 
     if is_jobs_address(args.address):
         return _send_job(args)
+    if args.address:
+        check_reachable(args.address)
     trials = resume(args.study, args.trials, _options(args))
     _print_summary(args, trials)
     return 0
