@@ -15,7 +15,8 @@ import yaml
 from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.cluster import check_reachable, is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
-from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS, JobSpec
+from compsearch.search.spec import (DEFAULT_MAX_PPL_RATIO, DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS,
+                                    JobSpec)
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import SPACE_CHOICES
@@ -32,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if not getattr(args, "address", None):
         # Read by Ray when it is imported (later, by the command): a local instance listens on loopback only,
-        # and uses token auth (Ray's default for a new local instance, which it warns about when left unsaid).
+        # and uses token auth (Ray's default for a new local instance, which it warns about when left unsaid;
+        # set once Ray is imported, this process and the instance it starts would disagree).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if "ray" not in sys.modules:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
     _quiet_libraries(args.verbose)
     if is_jobs_address(getattr(args, "address", None)):
         use_token_auth()  # before anything imports Ray: it reads RAY_AUTH_MODE once
@@ -192,6 +195,9 @@ def _submit_parser(submit: argparse.ArgumentParser) -> None:
                             "as task_bigbench_hyperbaton_acc (maximized; needs --tasks) (default: ppl,memory)")
     goals.add_argument("--memory-budget", help="bytes with a unit (60MB, 1.2GiB) or a fraction of the 16-bit model (0.35)")
     goals.add_argument("--latency-budget", dest="latency_budget_ms", type=float, help="milliseconds per forward pass")
+    goals.add_argument("--max-quality-loss", dest="max_ppl_ratio", type=_ratio_or_none, default=DEFAULT_MAX_PPL_RATIO,
+                       metavar="RATIO", help="the quality floor: plans above RATIO x the base model's perplexity are "
+                       f"infeasible and never parents (default: {DEFAULT_MAX_PPL_RATIO:g}; none: no floor)")
     search = submit.add_argument_group("search")
     search.add_argument("--sampler", default="nsga2", help=f"{', '.join(SAMPLERS)} (default: nsga2)")
     search.add_argument("--seed", type=int, default=0)
@@ -585,6 +591,16 @@ def _registered_help(knob) -> str:
     """For a knob whose values are registered names (the methods): which are registered."""
     supported = knob.supported()
     return f": {','.join(map(str, supported))}" if supported and isinstance(supported[0], str) else ""
+
+
+def _ratio_or_none(text: str) -> float | None:
+    """A perplexity ratio such as 3 or 3x, or none."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text.strip().lower().removesuffix("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a perplexity ratio; write e.g. 3 (or 3x), or none") from None
 
 
 def _strings(text: str) -> tuple[str, ...]:

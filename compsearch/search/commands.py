@@ -26,8 +26,8 @@ from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PA
                                        trials_frame, write_results)
 from compsearch.search.runner import TrialEvent, run_study
 from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, JobSpec
-from compsearch.search.study import (create_study, default_storage_url, done_count, live_driver, load_study, open_storage,
-                          requeue_interrupted, study_exists)
+from compsearch.search.study import (BASE_METRICS_ATTR, create_study, default_storage_url, done_count, live_driver,
+                                     load_study, open_storage, requeue_interrupted, study_exists)
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.layers import meta_model
 from compsearch.spaces.plan import Plan
@@ -151,7 +151,7 @@ def status(study_name: str, options: RunOptions) -> dict:
         "study": study_name, "spec": spec, "target": study.user_attrs.get(TARGET_ATTR), "done": done_count(study),
         "states": trials["state"].value_counts().to_dict(), "driver": live_driver(study),
         "feasible": int((trials["feasible"] == True).sum()),  # noqa: E712
-        "front": int(trials["on_front"].sum()), "base": study.user_attrs.get("base_metrics"),
+        "front": int(trials["on_front"].sum()), "base": study.user_attrs.get(BASE_METRICS_ATTR),
         "best": ranked.iloc[0].to_dict() if len(ranked) else None,
         "memory_budget_bytes": study.user_attrs.get("memory_budget_bytes"),
         "base_bytes": study.user_attrs.get("base_bytes"), "references": len(everything) - len(trials),

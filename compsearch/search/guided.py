@@ -8,10 +8,11 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    EvoPress); among a few random switches the profile's best wins, even when it is a little worse
    than the parent: the estimate is only additive, the measurement decides;
 3. a child over the memory budget is repaired by the cheapest downgrades per byte saved;
-4. a child that repeats a plan the study already holds (measured, running or queued) is drawn again,
-   a few times at most: a repeat costs a whole trial and teaches nothing. The first redraws stay
-   local (other parents, other random switches); later ones take one more switch each, for when a
-   parent's near neighbourhood is used up.
+4. a child that repeats a plan the study already holds (measured, running or queued), or whose
+   estimate, corrected by the study's own measurements (`Calibration`), is past the quality floor, is
+   drawn again, a few times at most: such a trial costs as much as any and teaches nothing. The first
+   redraws stay local (other parents, other random switches); later ones take one more switch each,
+   for when a parent's near neighbourhood is used up.
 """
 from __future__ import annotations
 
@@ -47,15 +48,26 @@ class GuidedChildren:
 
     def __call__(self, study: optuna.Study, search_space: dict[str, BaseDistribution],
                  parents: list[FrozenTrial]) -> dict[str, Any]:
-        known = {_plan_key(trial.params, search_space) for trial in study.get_trials(deepcopy=False)}
+        trials = study.get_trials(deepcopy=False)
+        known = {_plan_key(trial.params, search_space) for trial in trials}
+        max_kl, corrected = self.ctx.spec.max_kl, Calibration.fit(trials)
+        new = None  # the first child that is no repeat, should none keep within the floor
         for attempt in range(REDRAWS):
-            child = self._child(search_space, parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
-            if _plan_key(child, search_space) not in known:
-                break
-        return child
+            levels = self._child(parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
+            child = self._params(levels, search_space)
+            if _plan_key(child, search_space) in known:
+                continue
+            if max_kl is None or corrected(self._estimate(levels)) <= max_kl:
+                return child
+            new = new or child
+        return new or child
 
-    def _child(self, search_space: dict[str, BaseDistribution], parents: list[FrozenTrial],
-               extra_switches: int = 0) -> dict[str, Any]:
+    def _params(self, levels: dict[str, int], search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        params = self.ctx.space.params_for({group: self.options[group][level].choice for group, level in levels.items()})
+        return {name: value for name, value in params.items() if name in search_space}
+
+    def _child(self, parents: list[FrozenTrial], extra_switches: int = 0) -> dict[str, int]:
+        """The levels of a child of `parents` (see the module docstring, steps 1-3)."""
         parent = parents[int(self.rng.integers(len(parents)))]
         levels = self._levels(parent.params)
         others = [p for p in parents if p is not parent]
@@ -67,8 +79,7 @@ class GuidedChildren:
             levels = self._switch(levels)
         if self.layer_budget is not None:
             levels = self._repair(levels, self.layer_budget)
-        params = self.ctx.space.params_for({group: self.options[group][level].choice for group, level in levels.items()})
-        return {name: value for name, value in params.items() if name in search_space}
+        return levels
 
     def _levels(self, params: dict[str, Any]) -> dict[str, int]:
         return {group: self._level(group, params) for group in self.options}
@@ -125,3 +136,28 @@ class GuidedChildren:
 def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:
     """The searched parameters of a trial, comparable across trials."""
     return tuple(sorted((name, value) for name, value in params.items() if name in search_space))
+
+
+class Calibration:
+    """The profile's additive estimate corrected by the study's measurements: measured KL fitted as
+    a * estimate^b (least squares in log-log, b kept within [0.5, 2]) over the completed trials that
+    have both; the estimate itself until four do."""
+
+    MIN_TRIALS = 4
+
+    def __init__(self, scale: float = 1.0, power: float = 1.0):
+        self.scale, self.power = scale, power
+
+    def __call__(self, estimate: float) -> float:
+        return self.scale * max(estimate, 0.0) ** self.power
+
+    @classmethod
+    def fit(cls, trials: list[FrozenTrial]) -> "Calibration":
+        pairs = np.array([(t.user_attrs["estimated_kl"], t.user_attrs["kl"]) for t in trials
+                          if t.state == optuna.trial.TrialState.COMPLETE
+                          and t.user_attrs.get("estimated_kl", 0) > 0 and t.user_attrs.get("kl", 0) > 0])
+        if len(pairs) < cls.MIN_TRIALS:
+            return cls()
+        x, y = np.log(pairs[:, 0]), np.log(pairs[:, 1])
+        power = float(np.clip(np.polyfit(x, y, 1)[0], 0.5, 2.0)) if np.ptp(x) > 0 else 1.0
+        return cls(float(np.exp(np.mean(y - power * x))), power)

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from compsearch.compress import layer_layout, layer_nbytes
 from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.spec import OBJECTIVES, JobSpec, objective_sign
-from compsearch.search.study import ERROR_ATTR, INTERRUPTED_ATTR, SPEC_ATTR
+from compsearch.search.study import BASE_METRICS_ATTR, ERROR_ATTR, INTERRUPTED_ATTR, SPEC_ATTR
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import Plan
 
@@ -48,7 +48,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 # What the driver records about each trial besides its metrics.
 _TRIAL_COLUMNS = [
     "study", "trial", "source", "name", "state", "rank", "on_front", "feasible", "memory_budget_bytes", "latency_budget_ms",
-    "memory_violation", "latency_violation", "objectives", "plan_json", "trial_s", "started_at", "finished_at",
+    "memory_violation", "latency_violation", "quality_violation", "objectives", "plan_json", "trial_s", "started_at", "finished_at",
     "retry_of", "error", "interrupted", "seed",
 ]
 
@@ -67,11 +67,11 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
     row = {
         "study": study.study_name, "trial": trial.number, "source": SEARCH_SOURCE, "state": trial.state.name,
         "on_front": trial.number in front,
-        "feasible": bool(constraints) and all(v <= 0 for v in constraints.values()) if trial.state == TrialState.COMPLETE
-        else None,
+        "feasible": all(v <= 0 for v in constraints.values()) if trial.state == TrialState.COMPLETE else None,
         "memory_budget_bytes": study.user_attrs.get("memory_budget_bytes"),
         "latency_budget_ms": study.user_attrs.get("latency_budget_ms"),
         "memory_violation": constraints.get("memory"), "latency_violation": constraints.get("latency"),
+        "quality_violation": constraints.get("quality"),
         "objectives": ",".join(spec.objectives), "trial_s": duration,
         "started_at": trial.datetime_start, "finished_at": trial.datetime_complete,
         "error": attrs.get(ERROR_ATTR), "interrupted": attrs.get(INTERRUPTED_ATTR),
@@ -89,16 +89,19 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
 
 def _reference_row(study: optuna.Study, spec: JobSpec, protocol: dict, record: dict) -> dict:
     """A configuration scored by `compsearch evaluate` (`record`: its source, name, plan and metrics),
-    held against the study's budgets as its trials are (a metric it lacks counts as over budget)."""
+    held against the study's budgets and quality floor as its trials are (a metric it lacks counts as over)."""
     memory_budget, latency_budget = study.user_attrs.get("memory_budget_bytes"), study.user_attrs.get("latency_budget_ms")
     row = {"study": study.study_name, "trial": None, "state": "COMPLETE", "on_front": False,
            "objectives": ",".join(spec.objectives), "memory_budget_bytes": memory_budget,
            "latency_budget_ms": latency_budget, **record}
+    base_ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl")
+    ppl_ratio = record["ppl"] / base_ppl if base_ppl and record.get("ppl") is not None else None
     for name, budget, value in (("memory", memory_budget, record.get("memory_bytes")),
-                                ("latency", latency_budget, record.get("latency_ms"))):
+                                ("latency", latency_budget, record.get("latency_ms")),
+                                ("quality", spec.max_ppl_ratio, ppl_ratio)):
         if budget is not None:
             row[f"{name}_violation"] = (value - budget) / budget if value is not None else math.inf
-    row["feasible"] = all(row.get(f"{name}_violation", 0) <= 0 for name in ("memory", "latency"))
+    row["feasible"] = all(row.get(f"{name}_violation", 0) <= 0 for name in ("memory", "latency", "quality"))
     row.update({f"protocol_{key}": value for key, value in protocol.items()})
     return row
 

@@ -23,15 +23,14 @@ from compsearch.search.job import JobContext
 from compsearch.search.results import SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, write_results
 from compsearch.search.spec import OBJECTIVES, objective_sign
 from compsearch.search.guided import GuidedChildren
-from compsearch.search.seeding import seed_study
+from compsearch.search.seeding import seed_profile, seed_uniform
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
-from compsearch.search.study import (ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler, requeue,
-                                     requeue_interrupted, run_seed)
+from compsearch.search.study import (BASE_METRICS_ATTR, ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler,
+                                     requeue, requeue_interrupted, run_seed)
 from compsearch.search.trial import PRUNE_FACTOR, TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
-BASE_METRICS_ATTR = "base_metrics"
 REWRITE_SHARE = 0.02  # the most of the driver's time that rebuilding the Parquet tables may take mid-study
 _LAST_REWRITE: dict[str, tuple[float, float]] = {}  # results/<study> -> (end of the last rebuild, its seconds)
 _UNWRITABLE: set[str] = set()  # results/<study> folders whose last rebuild failed (said once)
@@ -154,8 +153,13 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         if BASE_METRICS_ATTR not in study.user_attrs:
             study.set_user_attr(BASE_METRICS_ATTR, storable(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
         _check_latency_budget(ctx, pool[0])
+        on_trial = on_trial or (lambda event: None)
+        uniform = seed_uniform(ctx, study, target)
+        if uniform and ctx.spec.guided:  # the first answers, while nothing depends on the profile yet
+            say(f"{uniform} uniform seed trials first; the sensitivity profile after them")
+            _drive(ctx, study, min(target, done_count(study) + uniform), pool, spawn, results_dir, on_trial)
         _prepare_search(ctx, study, target, pool, workers, say, cache_dir, on_progress)
-        _drive(ctx, study, target, pool, spawn, results_dir, on_trial or (lambda event: None))
+        _drive(ctx, study, target, pool, spawn, results_dir, on_trial)
         _score_front_tasks(ctx, study, pool)
     finally:
         beat(study, [], running=False)
@@ -196,11 +200,12 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
         if ctx.spec.sampler == "nsga2":
             seed = run_seed(ctx.spec, study)
             study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, seed), seed)
-    enqueued = seed_study(ctx, study, ctx.profile, target)
+    seed_profile(ctx, study, ctx.profile, target)
+    queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     base = study.user_attrs[BASE_METRICS_ATTR]
     per_trial_s = float(base.get("compress_s", 0)) + float(base.get("evaluate_s", 0))
     remaining = max(0, target - done_count(study))
-    say(f"{enqueued} seed trials enqueued; about {per_trial_s:.0f}s per trial, "
+    say(f"{queued} seed trials queued; about {per_trial_s:.0f}s per trial, "
         f"{per_trial_s * remaining / max(1, workers) / 60:.1f} min for the {remaining} trials left")
 
 
@@ -287,6 +292,9 @@ def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, work
         trial.set_constraint("memory", (metrics["memory_bytes"] - ctx.memory_budget_bytes) / ctx.memory_budget_bytes)
     if ctx.spec.latency_budget_ms is not None:
         trial.set_constraint("latency", (metrics["latency_ms"] - ctx.spec.latency_budget_ms) / ctx.spec.latency_budget_ms)
+    if ctx.spec.max_ppl_ratio is not None:
+        ratio = metrics["ppl"] / study.user_attrs[BASE_METRICS_ATTR]["ppl"]
+        trial.set_constraint("quality", (ratio - ctx.spec.max_ppl_ratio) / ctx.spec.max_ppl_ratio)
     study.tell(trial, [objective_sign(name) * value for name, value in zip(ctx.spec.objectives, values)])
     return worker
 

@@ -17,7 +17,8 @@ from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import LayerPlan, Plan
 
 log = logging.getLogger(__name__)
-SEEDED_ATTR = "seeded"
+SEEDED_ATTR = "seeded"  # the profile's seeds are enqueued (and, in studies from before them, the uniform ones)
+UNIFORM_SEEDED_ATTR = "seeded_uniform"
 DP_UNITS = 4096  # byte resolution of the knapsack: 1/4096 of the compressible layers' largest size
 
 
@@ -81,11 +82,13 @@ class Knapsack:
                     return choices
         return None
 
-    def informative_budgets(self, count: int, low_bytes: float, high_bytes: float) -> list[int]:
+    def informative_budgets(self, count: int, low_bytes: float, high_bytes: float,
+                            max_estimate: float | None = None) -> list[int]:
         """`count` budgets in [low, high] whose best estimates are evenly spaced in log scale, so seeds
-        sit where quality changes with size rather than where every plan is already near lossless."""
+        sit where quality changes with size rather than where every plan is already near lossless; none
+        whose best estimate is above `max_estimate`."""
         rooms = np.arange(int(low_bytes / self.unit), min(DP_UNITS, int(high_bytes / self.unit)) + 1)
-        feasible = rooms[np.isfinite(self.best[rooms])]
+        feasible = rooms[np.isfinite(self.best[rooms]) & (self.best[rooms] <= (max_estimate or np.inf))]
         if not len(feasible):
             return []
         worst, best = self.best[feasible[0]], self.best[feasible[-1]]
@@ -103,41 +106,76 @@ class Knapsack:
         return choices, size
 
 
-def seed_study(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> int:
-    """Enqueue the first trials once per study: profile-optimal plans across the budget range, then
-    uniform plans; returns how many were enqueued."""
+def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> int:
+    """Enqueue the uniform seed plans once per study; they need no profile, so they are a study's first
+    trials and its first answers. Returns how many were enqueued."""
+    if not ctx.spec.uniform_seeds or study.user_attrs.get(UNIFORM_SEEDED_ATTR) or study.user_attrs.get(SEEDED_ATTR):
+        return 0
+    groups = list(ctx.space.groups(ctx.layers))
+    count = _enqueue(study, ctx, [{group: choice for group in groups}
+                                  for choice in uniform_seed_choices(ctx, min(max(1, trials // 8), trials))], "uniform")
+    study.set_user_attr(UNIFORM_SEEDED_ATTR, True)
+    return count
+
+
+def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> int:
+    """Enqueue the profile-optimal plans across the budget range once per study, enough that the seeds
+    fill the sampler's first generation (NSGA-II's population, TPE's start-up trials: no random plan);
+    each estimated within the quality floor. Returns how many were enqueued."""
     if study.user_attrs.get(SEEDED_ATTR):
         return 0
-    seeds: list[tuple[str, dict[str, dict]]] = []  # (kind, per-group choices)
+    count = 0
     if profile is not None:
-        seeds += [("profile", choices) for choices in budget_seeds(ctx, profile, max(2, trials // 4))]
-    if ctx.spec.uniform_seeds:
-        groups = list(ctx.space.groups(ctx.layers))
-        seeds += [("uniform", {group: choice for group in groups})
-                  for choice in uniform_seed_choices(ctx, max(1, trials // 8))]
-    unique = {json.dumps(ctx.space.params_for(choices), sort_keys=True, default=str): kind for kind, choices in seeds}
-    chosen = list(unique.items())[:max(1, trials // 2)]
-    for params_json, kind in chosen:
-        study.enqueue_trial(json.loads(params_json), user_attrs={"seed": kind})
+        seeded = sum(1 for trial in study.get_trials(deepcopy=False) if "seed" in trial.user_attrs)
+        wanted = max(2, trials // 4, ctx.spec.population_size - seeded)
+        room = max(0, max(trials // 2, min(ctx.spec.population_size, trials)) - seeded)
+        count = _enqueue(study, ctx, budget_seeds(ctx, profile, wanted, ctx.spec.max_kl)[:room], "profile")
     study.set_user_attr(SEEDED_ATTR, True)
-    return len(chosen)
+    return count
 
 
-def budget_seeds(ctx: JobContext, profile: Profile, count: int) -> list[dict[str, dict]]:
+def _enqueue(study: optuna.Study, ctx: JobContext, plans: list[dict[str, dict]], kind: str) -> int:
+    """Enqueue the per-group choices the study holds no trial of yet, in order; returns how many."""
+    known = {json.dumps(trial.params, sort_keys=True, default=str) for trial in study.get_trials(deepcopy=False)}
+    count = 0
+    for choices in plans:
+        params = ctx.space.params_for(choices)
+        key = json.dumps(params, sort_keys=True, default=str)
+        if key not in known:
+            study.enqueue_trial(params, user_attrs={"seed": kind})
+            known.add(key)
+            count += 1
+    return count
+
+
+def budget_seeds(ctx: JobContext, profile: Profile, count: int, max_estimate: float | None = None) -> list[dict[str, dict]]:
     """Profile-optimal plans for `count` budgets between the smallest plan and the memory budget (or the
-    largest plan), placed where the estimated damage changes most (see `Knapsack.informative_budgets`)."""
+    largest plan), placed where the estimated damage changes most (see `Knapsack.informative_budgets`)
+    and estimated at most `max_estimate` (the quality floor)."""
     kept_bytes = ctx.plan_bytes(Plan()) - sum(layer.num_params for layer in ctx.layers) * 2  # outside the layers
     top = min(ctx.memory_budget_bytes or ctx.largest_plan_bytes, ctx.largest_plan_bytes)
     knapsack = Knapsack(group_options(ctx, profile))
-    budgets = knapsack.informative_budgets(count, ctx.smallest_plan_bytes - kept_bytes, top - kept_bytes)
-    return [plan for plan in map(knapsack.plan, budgets) if plan is not None]
+    plans: list[dict[str, dict]] = []
+    for asked in (count, 2 * count, 4 * count):  # budgets close together can share a plan: ask for more
+        budgets = knapsack.informative_budgets(asked, ctx.smallest_plan_bytes - kept_bytes, top - kept_bytes,
+                                               max_estimate)
+        plans = list({json.dumps(plan, sort_keys=True, default=str): plan
+                      for plan in map(knapsack.plan, budgets) if plan is not None}.values())
+        if len(plans) >= count:
+            break
+    if len(plans) <= count:
+        return plans
+    return [plans[round(i * (len(plans) - 1) / (count - 1))] for i in range(count)] if count > 1 else plans[-1:]
 
 
 def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
-    """Choices for up to `count` plans where every layer uses one technique alike, spread over feasible sizes.
+    """Choices for up to `count` plans where every layer uses one technique alike, spread over the upper
+    half of the sizes within the budget.
 
-    These are the baselines users start from (uniform 4-bit, uniform 50% sparsity, ...). The
-    uncompressed plan is left out: it is measured anyway.
+    These are the baselines users start from (uniform 4-bit, uniform 50% sparsity, ...); the lower half
+    holds the settings that break a model (2 bits, 90% sparsity everywhere), left to the profile's
+    seeds, which place aggressive choices only where they do little damage. The uncompressed plan is
+    left out: it is measured anyway.
     """
     sized = []
     for choice in ctx.space.uniform_choices():
@@ -149,6 +187,7 @@ def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
         if ctx.memory_budget_bytes is None or size <= ctx.memory_budget_bytes:
             sized.append((size, choice))
     sized.sort(key=lambda item: item[0])
+    sized = sized[len(sized) // 2:]
     if count <= 0 or not sized:
         return []
     if count >= len(sized):

@@ -1,6 +1,7 @@
 """What the user asked for: `JobSpec`, its validation, and budgets with units."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -45,6 +46,9 @@ EXPORT_FORMATS = ("compsearch", "gguf", "llama-quantize", "compressed-tensors") 
 RUNTIMES = ("torch", "llamacpp")  # what latency is measured in
 SAMPLERS = ("nsga2", "tpe", "random")
 SEED_LIMIT = 2**32  # the samplers' random generators take seeds below it
+# Three times the base perplexity (about 1.1 nats/token of KL): past it the text is visibly broken, and
+# such plans, kept as parents, breed collapsed children (perplexity in the thousands and more).
+DEFAULT_MAX_PPL_RATIO = 3.0
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -74,6 +78,9 @@ class JobSpec:
     objectives: tuple[str, ...] = ("ppl", "memory")
     memory_budget: str | None = None
     latency_budget_ms: float | None = None
+    # The quality floor: a plan whose perplexity exceeds this multiple of the base model's is infeasible
+    # (never a parent, never exported as a front plan); None: no floor. See `DEFAULT_MAX_PPL_RATIO`.
+    max_ppl_ratio: float | None = DEFAULT_MAX_PPL_RATIO
     sampler: str = "nsga2"
     seed: int = 0
     population_size: int = 8
@@ -118,6 +125,9 @@ class JobSpec:
             parse_memory_budget(self.memory_budget, base_bytes=1)
         if not 0 <= self.seed < SEED_LIMIT:
             raise UserError(f"seed {self.seed} must be a whole number from 0 to {SEED_LIMIT - 1}")
+        if self.max_ppl_ratio is not None and not (math.isfinite(self.max_ppl_ratio) and self.max_ppl_ratio > 1):
+            raise UserError(f"max quality loss {self.max_ppl_ratio!r} must be a perplexity ratio above 1 (e.g. 3 allows "
+                            "three times the base model's perplexity), or none")
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise UserError(f"latency budget {self.latency_budget_ms!r} ms must be a positive number of milliseconds")
         for name in ("seq_len", "eval_windows", "calib_windows", "population_size", "latency_prompt_tokens",
@@ -214,7 +224,13 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
         known = {f.name for f in fields(cls)}
+        data = {"max_ppl_ratio": None, **data}  # a study from before the quality floor keeps running without one
         return cls(**{key: value for key, value in data.items() if key in known})
+
+    @property
+    def max_kl(self) -> float | None:
+        """The quality floor in KL (nats/token): log perplexity grows by about the KL to the base model."""
+        return math.log(self.max_ppl_ratio) if self.max_ppl_ratio else None
 
 
 def parse_memory_budget(text: str, base_bytes: int) -> int:

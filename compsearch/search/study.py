@@ -29,6 +29,7 @@ ERROR_ATTR = "error"  # a trial that failed on its own (counted as done)
 INTERRUPTED_ATTR = "interrupted"  # a trial cut short by a stop (re-run, not counted)
 DRIVER_ATTR = "driver"
 SPEC_ATTR = "spec"
+BASE_METRICS_ATTR = "base_metrics"  # the uncompressed model measured as a trial is
 
 
 def default_storage_url(results_dir: Path, study: str) -> str:

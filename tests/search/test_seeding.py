@@ -126,3 +126,36 @@ def test_guided_children_do_not_repeat_known_plans():
         assert tuple(sorted(params.items())) not in seen
         seen.add(tuple(sorted(params.items())))
         study.add_trial(optuna.trial.create_trial(params=params, values=[1.0, 1.0], distributions=distributions))
+
+
+def _trial_with_estimate(estimated: float, measured: float) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(values=[1.0], user_attrs={"estimated_kl": estimated, "kl": measured})
+
+
+def test_calibration_learns_how_the_estimate_errs():
+    from compsearch.search.guided import Calibration
+
+    truth = [(e, 2.0 * e ** 1.5) for e in (0.05, 0.2, 0.7, 1.5, 4.0)]
+    corrected = Calibration.fit([_trial_with_estimate(e, m) for e, m in truth])
+    assert corrected(1.0) == pytest.approx(2.0) and corrected(3.0) == pytest.approx(2.0 * 3.0 ** 1.5)
+    assert Calibration.fit([_trial_with_estimate(e, m) for e, m in truth[:3]])(1.7) == 1.7  # too few: as estimated
+
+
+def test_guided_children_keep_within_the_quality_floor():
+    ctx = _context()
+    children = GuidedChildren(ctx, _profile(ctx), seed=5)
+    estimates = sorted(sum(o[level].estimate for o in children.options.values())
+                       for level in range(min(len(o) for o in children.options.values())))
+    floor = estimates[len(estimates) // 2]  # half of the uniform levels are past it
+    ctx.spec = JobSpec(study="s", space="quant", max_ppl_ratio=float(np.exp(floor)))
+    distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
+                     for group in children.options for knob, choices in ctx.space.knobs().items()}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for level in range(min(len(o) for o in children.options.values())):  # parents on both sides of the floor
+        choices = {g: options[level].choice for g, options in children.options.items()}
+        study.add_trial(optuna.trial.create_trial(params=ctx.space.params_for(choices), values=[1.0, 1.0],
+                                                  distributions=distributions))
+    parents = study.get_trials()
+    drawn = [children(study, distributions, parents) for _ in range(20)]
+    levels = [children._levels(params) for params in drawn]
+    assert all(children._estimate(level) <= floor for level in levels)

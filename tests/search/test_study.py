@@ -28,7 +28,7 @@ def finished_study(tiny_model_dir, ray_session, tmp_path_factory):
 
 
 def test_study_writes_every_table(finished_study):
-    spec, results, _, trials, events = finished_study
+    spec, results, options, trials, events = finished_study
     folder = results / "e2e"
     table = pd.read_parquet(folder / "trials.parquet")
     assert len(table) == 10 and table["trial"].is_unique
@@ -39,7 +39,11 @@ def test_study_writes_every_table(finished_study):
     assert table["worker"].nunique() == 2  # both Ray workers ran trials
     # infeasible trials are kept and marked, not hidden
     assert set(table["feasible"]) <= {True, False}
-    assert (table["feasible"] == (table["memory_bytes"] <= table["memory_budget_bytes"])).all()
+    # the default quality floor, 3x the base model's perplexity, is a constraint like the memory budget
+    base_ppl = load_study("e2e", open_storage(options.storage_url("e2e")))[0].user_attrs["base_metrics"]["ppl"]
+    assert table["quality_violation"].to_numpy() == pytest.approx(((table["ppl"] / base_ppl - 3) / 3).to_numpy())
+    assert (table["feasible"] == ((table["memory_bytes"] <= table["memory_budget_bytes"])
+                                  & (table["quality_violation"] <= 0))).all()
     layers = pd.read_parquet(folder / "layers.parquet")
     per_trial = layers.groupby("trial")["bytes"].sum()
     assert len(layers) == 10 * layers["layer"].nunique()
@@ -53,14 +57,18 @@ def test_study_writes_every_table(finished_study):
 
 
 def test_seed_trials_run_first_within_budget(finished_study):
-    _, results, _, _, _ = finished_study
+    spec, results, _, _, _ = finished_study
     table = pd.read_parquet(results / "e2e" / "trials.parquet").sort_values("trial")
     seeds = table[table["seed"].notna()]
-    assert len(seeds) >= 2 and list(seeds["trial"]) == list(range(len(seeds)))
+    # the first generation is all seeds (no random plan); the uniform ones first, before the profile exists
+    assert len(seeds) >= spec.population_size and list(seeds["trial"]) == list(range(len(seeds)))
+    assert list(seeds["seed"]) == sorted(seeds["seed"], key=lambda kind: kind != "uniform")
+    assert seeds["seed"].eq("uniform").any()
     profile_seeds = seeds[seeds["seed"] == "profile"]
     assert len(profile_seeds) >= 1 and profile_seeds["feasible"].all()  # profile-optimal plans fit the budget
-    # every trial of a guided study carries the profile's estimate next to the measured KL
-    assert table["estimated_kl"].notna().all() and table["kl"].notna().all()
+    # every trial after the profile carries its estimate next to the measured KL (the uniform seeds ran before it)
+    after = table[table["seed"] != "uniform"]
+    assert after["estimated_kl"].notna().all() and table["kl"].notna().all()
 
 
 def test_leaderboard_ranks_feasible_front_first(finished_study):
