@@ -11,7 +11,13 @@ Quality is the hypervolume of the feasible front in (memory / 16-bit memory, per
 Optuna's own hypervolume function against the fixed reference point (1.0, REF_PPL_RATIO x base ppl).
 `trials_to_beat_uniform` is the first trial count at which a method's front has a larger hypervolume
 than the front of *every* uniform plan of the space (measured exhaustively once); `repeated_plans`
-counts trials that measured a plan an earlier trial of the study had already measured.
+counts trials that measured a plan an earlier trial of the study had already measured;
+`hypervolume_16` is the front's after 16 trials; `collapsed_trials` those whose perplexity exceeds 10x
+the base model's (they teach the search nothing); `first_result_s` the seconds from `submit` to the
+first finished trial (cold profile cache unless `--cache-dir` holds one); `estimate_error` the median
+|ln(measured KL / profile estimate)| over the trials that have both, and `corrected_estimate_error`
+the same for the estimate corrected by the trials before each one (`guided.Calibration`, as the
+guided children use it).
 
 Writes benchmarks/results/search.csv and search_bpw.csv (rows of the methods and seeds run replace
 theirs; the others are kept) and prints the tables.
@@ -34,12 +40,14 @@ import pandas as pd
 import ray
 
 from compsearch.search.commands import RunOptions, submit
+from compsearch.search.guided import Calibration
 from compsearch.search.optuna_internals import hypervolume as front_hypervolume
 from compsearch.search.runner import start_ray
 from compsearch.search.spec import JobSpec
 
 RESULTS = Path(__file__).parent / "results"
 REF_PPL_RATIO = 3.0  # plans worse than 3x the base perplexity add nothing to the hypervolume
+COLLAPSED_PPL_RATIO = 10.0  # a trial past 10x the base perplexity is a collapsed model
 METHODS = {
     "uniform": dict(granularity="model", guided=False, uniform_seeds=False),
     "nsga2": dict(guided=False, uniform_seeds=False),
@@ -58,19 +66,38 @@ def hypervolume(trials: pd.DataFrame, base_bytes: int, reference: np.ndarray) ->
     return front_hypervolume(points, reference) if len(points) else 0.0
 
 
-def run_method(name: str, seed: int, args, workdir: Path) -> tuple[pd.DataFrame, float, float]:
-    """The method's study, run now or, when `workdir` already holds it finished, read back."""
+def run_method(name: str, seed: int, args, workdir: Path) -> tuple[pd.DataFrame, float, float, float | None]:
+    """The method's study, run now or, when `workdir` already holds it finished, read back (then its
+    time to the first result is unknown)."""
     spec = JobSpec(study=f"{name}-s{seed}", space=args.space, seed=seed, population_size=args.population,
                    eval_windows=args.eval_windows, calib_windows=args.calib_windows, **METHODS[name])
     options = RunOptions(results_dir=workdir, workers=args.workers, cache_dir=args.cache_dir)
     finished = workdir / spec.study / "trials.parquet"
+    first_result_s = None
     if finished.exists() and len(pd.read_parquet(finished)) >= args.trials:
         trials = pd.read_parquet(finished)
     else:
+        submitted = pd.Timestamp.now()  # naive local time, as Optuna stamps the trials
         trials = submit(spec, args.trials, options, force=True)
+        first_result_s = (trials["finished_at"].min() - submitted).total_seconds()
     study = optuna.load_study(study_name=spec.study, storage=options.storage_url(spec.study))
     search_s = (trials["finished_at"].max() - trials["started_at"].min()).total_seconds()
-    return trials.sort_values("trial"), search_s, study.user_attrs.get("profile_s", 0.0)
+    return trials.sort_values("trial"), search_s, study.user_attrs.get("profile_s", 0.0), first_result_s
+
+
+def estimate_errors(trials: pd.DataFrame) -> tuple[float | None, float | None]:
+    """Median |ln(measured / estimated KL)| of the profile's estimate, and of the estimate corrected by
+    the trials before each one; None without estimates (unguided methods)."""
+    if "estimated_kl" not in trials:
+        return None, None
+    done = trials[(trials["state"] == "COMPLETE") & trials["estimated_kl"].gt(0) & trials["kl"].gt(0)]
+    if done.empty:
+        return None, None
+    pairs = list(zip(done["estimated_kl"], done["kl"]))
+    raw = [abs(np.log(measured / estimated)) for estimated, measured in pairs]
+    corrected = [abs(np.log(measured / Calibration.fit(pairs[:i])(estimated)))
+                 for i, (estimated, measured) in enumerate(pairs)]
+    return float(np.median(raw)), float(np.median(corrected))
 
 
 def uniform_reference(args, workdir: Path) -> pd.DataFrame:
@@ -121,13 +148,17 @@ def main() -> None:
     rows, bpw_rows = [], []
     for name in args.methods:
         for seed in args.seeds:
-            trials, search_s, profile_s = run_method(name, seed, args, workdir)
+            trials, search_s, profile_s, first_result_s = run_method(name, seed, args, workdir)
             hv = [hypervolume(trials.head(n), base_bytes, reference) for n in range(1, len(trials) + 1)]
             beat = next((n for n, value in enumerate(hv, 1) if value > uniform_hv + 1e-12), None)
             repeated = int(trials.loc[trials["state"] == "COMPLETE", "plan_json"].duplicated().sum())
+            collapsed = int(((trials["state"] == "COMPLETE") & (trials["ppl"] > COLLAPSED_PPL_RATIO * base_ppl)).sum())
+            raw_error, corrected_error = estimate_errors(trials)
             rows.append({"method": name, "seed": seed, "trials": len(trials), "hypervolume": hv[-1],
-                         "trials_to_beat_uniform": beat, "repeated_plans": repeated, "search_s": search_s,
-                         "profile_s": profile_s})
+                         "hypervolume_16": hv[min(16, len(hv)) - 1], "trials_to_beat_uniform": beat,
+                         "repeated_plans": repeated, "collapsed_trials": collapsed, "first_result_s": first_result_s,
+                         "estimate_error": raw_error, "corrected_estimate_error": corrected_error,
+                         "search_s": search_s, "profile_s": profile_s})
             for target in BPW_TARGETS:
                 bpw_rows.append({"method": name, "seed": seed, "bpw_target": target,
                                  "best_ppl": _best_ppl_at(trials, target)})
@@ -142,8 +173,9 @@ def main() -> None:
     table = _merged(RESULTS / "search.csv", pd.DataFrame(rows))
     bpw = _merged(RESULTS / "search_bpw.csv", pd.DataFrame(bpw_rows))
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print("\n" + table.groupby("method")[["hypervolume", "trials_to_beat_uniform", "repeated_plans", "search_s",
-                                          "profile_s"]].mean().to_string())
+    print("\n" + table.groupby("method")[["hypervolume", "hypervolume_16", "trials_to_beat_uniform", "repeated_plans",
+                                          "collapsed_trials", "first_result_s", "estimate_error",
+                                          "corrected_estimate_error", "search_s", "profile_s"]].mean().to_string())
     print("\n" + bpw.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     ray.shutdown()
 

@@ -50,7 +50,7 @@ class GuidedChildren:
                  parents: list[FrozenTrial]) -> dict[str, Any]:
         trials = study.get_trials(deepcopy=False)
         known = {_plan_key(trial.params, search_space) for trial in trials}
-        max_kl, corrected = self.ctx.spec.max_kl, Calibration.fit(trials)
+        max_kl, corrected = self.ctx.spec.max_kl, Calibration.from_trials(trials)
         new = None  # the first child that is no repeat, should none keep within the floor
         for attempt in range(REDRAWS):
             levels = self._child(parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
@@ -152,10 +152,14 @@ class Calibration:
         return self.scale * max(estimate, 0.0) ** self.power
 
     @classmethod
-    def fit(cls, trials: list[FrozenTrial]) -> "Calibration":
-        pairs = np.array([(t.user_attrs["estimated_kl"], t.user_attrs["kl"]) for t in trials
-                          if t.state == optuna.trial.TrialState.COMPLETE
-                          and t.user_attrs.get("estimated_kl", 0) > 0 and t.user_attrs.get("kl", 0) > 0])
+    def from_trials(cls, trials: list[FrozenTrial]) -> "Calibration":
+        return cls.fit([(t.user_attrs.get("estimated_kl"), t.user_attrs.get("kl")) for t in trials
+                        if t.state == optuna.trial.TrialState.COMPLETE])
+
+    @classmethod
+    def fit(cls, pairs: list[tuple[float | None, float | None]]) -> "Calibration":
+        """From (estimated, measured) KL pairs; pairs missing either, or not positive, are skipped."""
+        pairs = np.array([(e, m) for e, m in pairs if e is not None and m is not None and e > 0 and m > 0])
         if len(pairs) < cls.MIN_TRIALS:
             return cls()
         x, y = np.log(pairs[:, 0]), np.log(pairs[:, 1])

@@ -136,9 +136,9 @@ def test_calibration_learns_how_the_estimate_errs():
     from compsearch.search.guided import Calibration
 
     truth = [(e, 2.0 * e ** 1.5) for e in (0.05, 0.2, 0.7, 1.5, 4.0)]
-    corrected = Calibration.fit([_trial_with_estimate(e, m) for e, m in truth])
+    corrected = Calibration.from_trials([_trial_with_estimate(e, m) for e, m in truth])
     assert corrected(1.0) == pytest.approx(2.0) and corrected(3.0) == pytest.approx(2.0 * 3.0 ** 1.5)
-    assert Calibration.fit([_trial_with_estimate(e, m) for e, m in truth[:3]])(1.7) == 1.7  # too few: as estimated
+    assert Calibration.from_trials([_trial_with_estimate(e, m) for e, m in truth[:3]])(1.7) == 1.7  # too few: as estimated
 
 
 def test_guided_children_keep_within_the_quality_floor():
