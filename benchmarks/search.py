@@ -44,6 +44,7 @@ from compsearch.search.guided import Calibration
 from compsearch.search.optuna_internals import hypervolume as front_hypervolume
 from compsearch.search.runner import start_ray
 from compsearch.search.spec import JobSpec
+from compsearch.search.study import BASE_METRICS_ATTR
 
 RESULTS = Path(__file__).parent / "results"
 REF_PPL_RATIO = 3.0  # plans worse than 3x the base perplexity add nothing to the hypervolume
@@ -90,10 +91,11 @@ def estimate_errors(trials: pd.DataFrame) -> tuple[float | None, float | None]:
     the trials before each one; None without estimates (unguided methods)."""
     if "estimated_kl" not in trials:
         return None, None
-    done = trials[(trials["state"] == "COMPLETE") & trials["estimated_kl"].gt(0) & trials["kl"].gt(0)]
-    if done.empty:
+    estimated, measured = (pd.to_numeric(trials[c], errors="coerce") for c in ("estimated_kl", "kl"))  # "nan": NaN
+    done = (trials["state"] == "COMPLETE") & estimated.gt(0) & measured.gt(0)
+    if not done.any():
         return None, None
-    pairs = list(zip(done["estimated_kl"], done["kl"]))
+    pairs = list(zip(estimated[done], measured[done]))
     raw = [abs(np.log(measured / estimated)) for estimated, measured in pairs]
     corrected = [abs(np.log(measured / Calibration.fit(pairs[:i])(estimated)))
                  for i, (estimated, measured) in enumerate(pairs)]
@@ -140,7 +142,7 @@ def main() -> None:
 
     uniform = uniform_reference(args, workdir)
     base_study = optuna.load_study(study_name="uniform-all", storage=f"sqlite:///{workdir}/uniform-all/study.db")
-    base_bytes, base_ppl = base_study.user_attrs["base_bytes"], base_study.user_attrs["base_metrics"]["ppl"]
+    base_bytes, base_ppl = base_study.user_attrs["base_bytes"], base_study.user_attrs[BASE_METRICS_ATTR]["ppl"]
     reference = np.array([1.0, REF_PPL_RATIO * base_ppl])
     uniform_hv = hypervolume(uniform, base_bytes, reference)
     print(f"base ppl {base_ppl:.3f}; every uniform plan ({len(uniform)}): hypervolume {uniform_hv:.4f}")

@@ -36,7 +36,8 @@ SCENARIOS = ("decode_ms", "latency_ms")
 
 def gguf_type(layer: LayerInfo, plan: LayerPlan) -> str:
     """The GGUF type a layer is stored in under its plan (`f16`, or the type with llama.cpp's fallbacks)."""
-    return FLOAT_METHOD if plan.bits >= 16 else quantizer_for(plan.quant_method, layer.in_features).name
+    quantizer = quantizer_for(plan.quant_method, layer.in_features) if plan.bits < 16 else None
+    return quantizer.name if quantizer else FLOAT_METHOD
 
 
 class LlamaCppCostModel:

@@ -16,6 +16,7 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -159,9 +160,14 @@ class Calibration:
     @classmethod
     def fit(cls, pairs: list[tuple[float | None, float | None]]) -> "Calibration":
         """From (estimated, measured) KL pairs; pairs missing either, or not positive, are skipped."""
-        pairs = np.array([(e, m) for e, m in pairs if e is not None and m is not None and e > 0 and m > 0])
+        pairs = np.array([(e, m) for e, m in pairs if _positive(e) and _positive(m)])
         if len(pairs) < cls.MIN_TRIALS:
             return cls()
         x, y = np.log(pairs[:, 0]), np.log(pairs[:, 1])
         power = float(np.clip(np.polyfit(x, y, 1)[0], 0.5, 2.0)) if np.ptp(x) > 0 else 1.0
         return cls(float(np.exp(np.mean(y - power * x))), power)
+
+
+def _positive(value) -> bool:
+    """A finite number above 0 (trial attributes hold non-finite metrics as the strings "nan", "inf")."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0

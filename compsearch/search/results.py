@@ -76,8 +76,6 @@ def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: Frozen
         "started_at": trial.datetime_start, "finished_at": trial.datetime_complete,
         "error": attrs.get(ERROR_ATTR), "interrupted": attrs.get(INTERRUPTED_ATTR),
     }
-    if not constraints and trial.state == TrialState.COMPLETE:
-        row["feasible"] = True  # no budget: every completed trial is feasible
     for column in ("plan_json", "retry_of", "seed", *_METRIC_COLUMNS):
         row[column] = attrs.get(column)
     row.update({key: value for key, value in attrs.items() if is_task_metric(key)})
@@ -94,13 +92,12 @@ def _reference_row(study: optuna.Study, spec: JobSpec, protocol: dict, record: d
     row = {"study": study.study_name, "trial": None, "state": "COMPLETE", "on_front": False,
            "objectives": ",".join(spec.objectives), "memory_budget_bytes": memory_budget,
            "latency_budget_ms": latency_budget, **record}
-    base_ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl")
-    ppl_ratio = record["ppl"] / base_ppl if base_ppl and record.get("ppl") is not None else None
     for name, budget, value in (("memory", memory_budget, record.get("memory_bytes")),
-                                ("latency", latency_budget, record.get("latency_ms")),
-                                ("quality", spec.max_ppl_ratio, ppl_ratio)):
+                                ("latency", latency_budget, record.get("latency_ms"))):
         if budget is not None:
             row[f"{name}_violation"] = (value - budget) / budget if value is not None else math.inf
+    if spec.max_ppl_ratio is not None:
+        row["quality_violation"] = spec.quality_violation(record.get("ppl"), study.user_attrs[BASE_METRICS_ATTR]["ppl"])
     row["feasible"] = all(row.get(f"{name}_violation", 0) <= 0 for name in ("memory", "latency", "quality"))
     row.update({f"protocol_{key}": value for key, value in protocol.items()})
     return row

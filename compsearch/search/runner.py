@@ -133,9 +133,10 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
     Each of the `workers` actors asks for `cpus_per_worker` CPUs, `gpus_per_worker` GPUs (fractions
     pack several on one GPU) and the custom `worker_resources`; a worker that dies is replaced.
 
-    Before the first trial: the base model is measured once per study, the sensitivity profile is
-    read from the cache or measured (guided studies), and the seed trials are enqueued (once per study).
-    `on_progress(stage, done, total)` hears of the profile's measurements as they finish.
+    Before the search: the base model is measured once per study; the uniform seed trials run (they
+    need no profile); the sensitivity profile is read from the cache or measured (guided studies) and
+    the profile's seed trials are enqueued (seeds once per study). `on_progress(stage, done, total)`
+    hears of the profile's measurements as they finish.
     """
     say = on_status or log.info
     started_ray = start_ray(address, workers * cpus_per_worker)
@@ -157,8 +158,8 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         uniform = seed_uniform(ctx, study, target)
         if uniform and ctx.spec.guided:  # the first answers, while nothing depends on the profile yet
             say(f"{uniform} uniform seed trials first; the sensitivity profile after them")
-            _drive(ctx, study, min(target, done_count(study) + uniform), pool, spawn, results_dir, on_trial)
-        _prepare_search(ctx, study, target, pool, workers, say, cache_dir, on_progress)
+            _drive(ctx, study, target, pool, spawn, results_dir, on_trial, until=done_count(study) + uniform)
+        _prepare_search(ctx, study, target, pool, spawn, workers, say, cache_dir, on_progress)
         _drive(ctx, study, target, pool, spawn, results_dir, on_trial)
         _score_front_tasks(ctx, study, pool)
     finally:
@@ -183,8 +184,8 @@ def _check_latency_budget(ctx: JobContext, worker) -> None:
                         "--latency-budget or allow faster choices")
 
 
-def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: list, workers: int,
-                    say: Callable[[str], None], cache_dir: Path | None,
+def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn: Callable[[int], list],
+                    workers: int, say: Callable[[str], None], cache_dir: Path | None,
                     on_progress: Callable[[str, int, int], None] | None) -> None:
     if ctx.spec.guided:
         def progress(done: int, total: int) -> None:
@@ -193,7 +194,7 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
             elif done == total or done % 40 < 8:
                 say(f"sensitivity profile: {done}/{total} measurements")
 
-        ctx.profile, profile_s = measure_profile(ctx, pool, cache_dir, progress)
+        ctx.profile, profile_s = measure_profile(ctx, pool, cache_dir, progress, spawn)
         study.set_user_attr("profile_s", study.user_attrs.get("profile_s", 0.0) + profile_s)
         study.set_user_attr(PROFILE_ATTR, ctx.profile.kl)  # for the report: group -> factor -> option -> KL
         say(f"sensitivity profile ready ({'cached' if not profile_s else f'measured in {profile_s:.0f}s'})")
@@ -205,19 +206,21 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
     base = study.user_attrs[BASE_METRICS_ATTR]
     per_trial_s = float(base.get("compress_s", 0)) + float(base.get("evaluate_s", 0))
     remaining = max(0, target - done_count(study))
-    say(f"{queued} seed trials queued; about {per_trial_s:.0f}s per trial, "
+    say(f"{queued} trials queued first (seeds, re-runs); about {per_trial_s:.0f}s per trial, "
         f"{per_trial_s * remaining / max(1, workers) / 60:.1f} min for the {remaining} trials left")
 
 
 def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn: Callable[[int], list],
-           results_dir: Path, on_trial: Callable[[TrialEvent], None]) -> None:
+           results_dir: Path, on_trial: Callable[[TrialEvent], None], until: int | None = None) -> None:
+    """Run trials until `until` (default: the study's `target`) are done; progress is told against `target`."""
+    until = target if until is None else min(until, target)
     idle = list(pool)
     in_flight: dict = {}  # object ref -> (trial, worker)
     last_beat = time.monotonic()
     try:
         while True:
             done = done_count(study)
-            while idle and done + len(in_flight) < target:
+            while idle and done + len(in_flight) < until:
                 trial = ask(study)
                 try:
                     plan_json = _propose(ctx, trial)
@@ -293,8 +296,8 @@ def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, work
     if ctx.spec.latency_budget_ms is not None:
         trial.set_constraint("latency", (metrics["latency_ms"] - ctx.spec.latency_budget_ms) / ctx.spec.latency_budget_ms)
     if ctx.spec.max_ppl_ratio is not None:
-        ratio = metrics["ppl"] / study.user_attrs[BASE_METRICS_ATTR]["ppl"]
-        trial.set_constraint("quality", (ratio - ctx.spec.max_ppl_ratio) / ctx.spec.max_ppl_ratio)
+        trial.set_constraint("quality", ctx.spec.quality_violation(metrics.get("ppl"),
+                                                                   study.user_attrs[BASE_METRICS_ATTR]["ppl"]))
     study.tell(trial, [objective_sign(name) * value for name, value in zip(ctx.spec.objectives, values)])
     return worker
 

@@ -92,8 +92,8 @@ class Knapsack:
         if not len(feasible):
             return []
         worst, best = self.best[feasible[0]], self.best[feasible[-1]]
-        floor = max(best, worst * 1e-3, 1e-12)  # below a thousandth of the worst damage, more bytes buy nothing
-        targets = np.geomspace(max(worst, floor), floor, count)
+        negligible = max(best, worst * 1e-3, 1e-12)  # below a thousandth of the worst damage, more bytes buy nothing
+        targets = np.geomspace(max(worst, negligible), negligible, count)
         return sorted({int(feasible[np.argmax(self.best[feasible] <= t)] * self.unit) for t in targets})
 
     def _backtrack(self, room: int) -> tuple[dict[str, dict], int]:
@@ -112,26 +112,26 @@ def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> int:
     if not ctx.spec.uniform_seeds or study.user_attrs.get(UNIFORM_SEEDED_ATTR) or study.user_attrs.get(SEEDED_ATTR):
         return 0
     groups = list(ctx.space.groups(ctx.layers))
-    count = _enqueue(study, ctx, [{group: choice for group in groups}
-                                  for choice in uniform_seed_choices(ctx, min(max(1, trials // 8), trials))], "uniform")
+    count = _enqueue(study, ctx, [{group: choice for group in groups} for choice in
+                                  uniform_seed_choices(ctx, min(max(1, trials // 8), trials), ctx.spec.guided)],
+                     "uniform")
     study.set_user_attr(UNIFORM_SEEDED_ATTR, True)
     return count
 
 
-def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> int:
-    """Enqueue the profile-optimal plans across the budget range once per study, enough that the seeds
-    fill the sampler's first generation (NSGA-II's population, TPE's start-up trials: no random plan);
-    each estimated within the quality floor. Returns how many were enqueued."""
+def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> None:
+    """Enqueue the profile-optimal plans across the budget range once per study, each estimated within
+    the quality floor, enough that the seeds fill the sampler's first generation (NSGA-II's population,
+    TPE's start-up trials) where the floor leaves that many distinct plans: no random plan."""
     if study.user_attrs.get(SEEDED_ATTR):
-        return 0
-    count = 0
+        return
     if profile is not None:
         seeded = sum(1 for trial in study.get_trials(deepcopy=False) if "seed" in trial.user_attrs)
         wanted = max(2, trials // 4, ctx.spec.population_size - seeded)
         room = max(0, max(trials // 2, min(ctx.spec.population_size, trials)) - seeded)
-        count = _enqueue(study, ctx, budget_seeds(ctx, profile, wanted, ctx.spec.max_kl)[:room], "profile")
+        if min(wanted, room):
+            _enqueue(study, ctx, budget_seeds(ctx, profile, min(wanted, room), ctx.spec.max_kl), "profile")
     study.set_user_attr(SEEDED_ATTR, True)
-    return count
 
 
 def _enqueue(study: optuna.Study, ctx: JobContext, plans: list[dict[str, dict]], kind: str) -> int:
@@ -168,14 +168,14 @@ def budget_seeds(ctx: JobContext, profile: Profile, count: int, max_estimate: fl
     return [plans[round(i * (len(plans) - 1) / (count - 1))] for i in range(count)] if count > 1 else plans[-1:]
 
 
-def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
-    """Choices for up to `count` plans where every layer uses one technique alike, spread over the upper
-    half of the sizes within the budget.
+def uniform_seed_choices(ctx: JobContext, count: int, upper_half: bool = False) -> list[dict]:
+    """Choices for up to `count` plans where every layer uses one technique alike, spread over the sizes
+    within the budget (with `upper_half`, over the upper half of them).
 
-    These are the baselines users start from (uniform 4-bit, uniform 50% sparsity, ...); the lower half
-    holds the settings that break a model (2 bits, 90% sparsity everywhere), left to the profile's
-    seeds, which place aggressive choices only where they do little damage. The uncompressed plan is
-    left out: it is measured anyway.
+    These are the baselines users start from (uniform 4-bit, uniform 50% sparsity, ...). The lower half
+    holds the settings that break a model (2 bits, 90% sparsity everywhere): a guided study leaves it
+    to the profile's seeds, which place aggressive choices only where they do little damage. The
+    uncompressed plan is left out: it is measured anyway.
     """
     sized = []
     for choice in ctx.space.uniform_choices():
@@ -187,7 +187,7 @@ def uniform_seed_choices(ctx: JobContext, count: int) -> list[dict]:
         if ctx.memory_budget_bytes is None or size <= ctx.memory_budget_bytes:
             sized.append((size, choice))
     sized.sort(key=lambda item: item[0])
-    sized = sized[len(sized) // 2:]
+    sized = sized[len(sized) // 2:] if upper_half else sized
     if count <= 0 or not sized:
         return []
     if count >= len(sized):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray.exceptions import RayActorError
 
 from compsearch.compress import COMPRESS_VERSION
 from compsearch.search.job import JobContext
@@ -112,8 +113,10 @@ def cache_path(ctx: JobContext, cache_dir: Path | None) -> Path:
 
 
 def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
-                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Profile, float]:
+                    on_progress: Callable[[int, int], None] | None = None,
+                    spawn: Callable[[int], list] | None = None) -> tuple[Profile, float]:
     """The study's profile: cached entries are read, missing ones measured on the Ray workers in parallel.
+    A worker that dies is replaced in `pool` by `spawn(1)` and its batch measured again.
 
     Returns the profile and the seconds spent measuring (0 when everything was cached).
     """
@@ -129,7 +132,7 @@ def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
     missing = sorted({plan_json for *_, plan_json in items if cache.key(plan_json) not in cache.values})
     started = time.perf_counter()
     if missing:
-        _measure_(cache, missing, pool, (ctx.spec.profile_windows, ctx.spec.profile_seq_len), on_progress)
+        _measure_(cache, missing, pool, (ctx.spec.profile_windows, ctx.spec.profile_seq_len), on_progress, spawn)
     profile: dict[str, dict[str, dict[str, float]]] = {group: {} for group in groups}
     for group, factor, key, plan_json in items:
         profile[group].setdefault(factor, {})[key] = cache.values[cache.key(plan_json)]
@@ -137,7 +140,7 @@ def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
 
 
 def _measure_(cache: SensitivityCache, plans: list[str], pool: list, window_shape: tuple[int, int],
-              on_progress: Callable[[int, int], None] | None) -> None:
+              on_progress: Callable[[int, int], None] | None, spawn: Callable[[int], list] | None) -> None:
     """Spread the plans over the workers in small batches; save after every batch (a crash loses little)."""
     batches = [plans[i:i + 8] for i in range(0, len(plans), 8)]
     pending: dict = {}
@@ -149,7 +152,16 @@ def _measure_(cache: SensitivityCache, plans: list[str], pool: list, window_shap
             pending[worker.profile_kl.remote(batch, *window_shape)] = (worker, batch)
         ready, _ = ray.wait(list(pending), num_returns=1)
         worker, batch = pending.pop(ready[0])
-        for plan_json, kl in zip(batch, ray.get(ready[0])):
+        try:
+            measured = ray.get(ready[0])
+        except RayActorError:  # the worker died (killed, node lost): a new one measures its batch again
+            if spawn is None:
+                raise
+            pool[pool.index(worker)] = replacement = spawn(1)[0]
+            idle.append(replacement)
+            batches.insert(0, batch)
+            continue
+        for plan_json, kl in zip(batch, measured):
             cache.values[cache.key(plan_json)] = kl
         cache.save()
         idle.append(worker)

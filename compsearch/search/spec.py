@@ -227,6 +227,13 @@ class JobSpec:
         data = {"max_ppl_ratio": None, **data}  # a study from before the quality floor keeps running without one
         return cls(**{key: value for key, value in data.items() if key in known})
 
+    def quality_violation(self, ppl: float | None, base_ppl: float) -> float:
+        """How far past the quality floor a plan of perplexity `ppl` is, relative to it (<= 0: within);
+        a perplexity that is missing or not finite (a diverged model) is infinitely past it."""
+        if ppl is None or not math.isfinite(ppl):
+            return math.inf
+        return (ppl / base_ppl - self.max_ppl_ratio) / self.max_ppl_ratio
+
     @property
     def max_kl(self) -> float | None:
         """The quality floor in KL (nats/token): log perplexity grows by about the KL to the base model."""

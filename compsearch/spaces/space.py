@@ -264,7 +264,7 @@ def _check_choices(what: str, values: tuple, allowed: tuple | None) -> None:
 
 # The named spaces, as `Space` keywords; `get_space` builds one (checking its methods against the technique
 # registries, which import torch: naming the spaces does not).
-SPACE_CHOICES: dict[str, dict[str, Any]] = {
+SPACE_KEYWORDS: dict[str, dict[str, Any]] = {
     "quant": dict(bits=(2, 3, 4, 5, 6, 8, 16), group_sizes=(32, 64, 128)),
     "sparse": dict(sparsities=("0", "0.25", "0.5", "0.75", "0.9", "2:4", "4:8"),
                    prune_methods=("magnitude", "wanda")),
@@ -298,7 +298,7 @@ SPACE_CHOICES: dict[str, dict[str, Any]] = {
 
 @functools.cache
 def get_space(name: str) -> Space:
-    """The named space (see `SPACE_CHOICES`)."""
-    if name not in SPACE_CHOICES:
-        raise SpaceError(f"space {name!r} is unknown; choose one of {sorted(SPACE_CHOICES)}")
-    return Space(name, **SPACE_CHOICES[name])
+    """The named space (see `SPACE_KEYWORDS`)."""
+    if name not in SPACE_KEYWORDS:
+        raise SpaceError(f"space {name!r} is unknown; choose one of {sorted(SPACE_KEYWORDS)}")
+    return Space(name, **SPACE_KEYWORDS[name])

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -23,9 +24,11 @@ DRIVER_KILLS_AT = (30, 65)  # completed trials at which the driver is killed and
 ORPHAN_GRACE_S = 120  # Ray's agents outlive a killed raylet by about a minute (their GCS reconnect timeout)
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "compsearch.search.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _cli(log: Path, *args: str) -> subprocess.Popen:
+    """The CLI in its own process, its output in `log` (a pipe nobody reads could fill and block it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "compsearch.search.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
 
 
 class Run:
@@ -33,7 +36,6 @@ class Run:
 
     def __init__(self, driver: subprocess.Popen):
         self.driver, self.seen, self.kills = driver, {}, {"worker": 0, "driver": 0}
-        self.logs: list[str] = []
 
     def tree(self) -> list[psutil.Process]:
         try:
@@ -65,7 +67,7 @@ class Run:
         """SIGKILL the driver alone (a crash: Ray's processes are left to end by themselves), start `then`."""
         self.tree()
         self.driver.send_signal(signal.SIGKILL)
-        self.logs.append(self.driver.communicate(timeout=60)[0])
+        self.driver.wait(timeout=60)
         self.kills["driver"] += 1
         self.driver = then
 
@@ -88,7 +90,7 @@ def test_a_study_survives_killed_workers_and_drivers(tiny_model_dir, tmp_path):
     resume = ["resume", "--study", "soak", "--results-dir", str(results), "--trials", str(TARGET), "--workers", "2"]
     storage = open_storage(default_storage_url(results, "soak"))
     started = time.monotonic()
-    run = Run(_cli(*argv))
+    run = Run(_cli(tmp_path / "driver-0.log", *argv))
     next_worker_kill, driver_kills = WORKER_KILL_EVERY, list(DRIVER_KILLS_AT)
     while run.driver.poll() is None:
         assert time.monotonic() - started < 900, "the soak did not finish in 15 minutes"
@@ -100,11 +102,10 @@ def test_a_study_survives_killed_workers_and_drivers(tiny_model_dir, tmp_path):
             continue
         if driver_kills and done >= driver_kills[0]:
             driver_kills.pop(0)
-            run.kill_the_driver(then=_cli(*resume))
+            run.kill_the_driver(then=_cli(tmp_path / f"driver-{run.kills['driver'] + 1}.log", *resume))
         elif done >= next_worker_kill and run.kill_a_worker(rng):
             next_worker_kill = done + WORKER_KILL_EVERY
-    output = run.driver.communicate(timeout=60)[0]
-    assert run.driver.returncode == 0, output[-3000:]
+    assert run.driver.wait(timeout=60) == 0, (tmp_path / f"driver-{run.kills['driver']}.log").read_text()[-3000:]
     wall_s = time.monotonic() - started
 
     study, _ = load_study("soak", storage)

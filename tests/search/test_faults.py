@@ -11,6 +11,7 @@ import threading
 import time
 
 import pandas as pd
+import ray
 import psutil
 import pytest
 import torch
@@ -19,7 +20,8 @@ from optuna.trial import TrialState
 from compsearch.search.commands import RunOptions, submit
 from compsearch.search.errors import UserError
 from compsearch.search.job import prepare_job
-from compsearch.search.runner import WorkerResources, _RayTrialEvaluator, check_resources, run_study
+from compsearch.search.runner import (WorkerResources, _RayTrialEvaluator, check_resources, run_study,
+                                     start_workers)
 from compsearch.search.study import create_study, default_storage_url, done_count, open_storage, study_exists
 from tests.search.helpers import tiny_spec
 
@@ -35,6 +37,14 @@ class SlowEvaluator(_RayTrialEvaluator):
         return super().evaluate(plan_json)
 
 
+class SlowProfileEvaluator(_RayTrialEvaluator):
+    """A real worker whose profile batches take at least half a second, so a kill lands mid-batch."""
+
+    def profile_kl(self, plans: list[str], windows: int, seq_len: int) -> list[float]:
+        time.sleep(0.5)
+        return super().profile_kl(plans, windows, seq_len)
+
+
 class OutOfMemoryEvaluator(_RayTrialEvaluator):
     """A real worker that runs out of memory on every third trial it gets."""
 
@@ -47,12 +57,12 @@ class OutOfMemoryEvaluator(_RayTrialEvaluator):
         return super().evaluate(plan_json)
 
 
-def _evaluating_workers(class_name: str) -> list[psutil.Process]:
-    """This process's Ray workers running `class_name.evaluate` right now (only ours: our descendants)."""
+def _evaluating_workers(class_name: str, method: str = "evaluate") -> list[psutil.Process]:
+    """This process's Ray workers running `class_name.method` right now (only ours: our descendants)."""
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if " ".join(child.cmdline()).startswith(f"ray::{class_name}.evaluate"):
+            if " ".join(child.cmdline()).startswith(f"ray::{class_name}.{method}"):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue
@@ -152,3 +162,36 @@ def test_a_submit_that_fails_before_any_trial_leaves_no_study_behind(ray_session
     assert not study_exists(open_storage(options.storage_url("retried")), "retried")
     trials = submit(tiny_spec(tiny_model_dir, "retried", guided=False), 1, options)  # the fixed submit is not refused
     assert len(trials) == 1
+
+
+def test_a_worker_killed_while_the_profile_is_measured_is_replaced(ray_session, tiny_model_dir, tmp_path):
+    from compsearch.search.sensitivity import measure_profile
+
+    ctx = prepare_job(tiny_spec(tiny_model_dir, "profiled"))
+
+    def spawn(count: int) -> list:
+        return start_workers(ctx, count, 1, evaluator=SlowProfileEvaluator)
+
+    pool, outcome = spawn(2), {}
+
+    def measure():
+        try:
+            outcome["profile"], _ = measure_profile(ctx, pool, tmp_path, spawn=spawn)
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=measure, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "killed" not in outcome and thread.is_alive():
+        busy = _evaluating_workers("SlowProfileEvaluator", "profile_kl")
+        if busy:
+            outcome["killed"] = busy[0].pid
+            busy[0].kill()
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert "killed" in outcome, "no worker was caught measuring"
+    assert "error" not in outcome, outcome.get("error")
+    assert all(kl >= 0 for factors in outcome["profile"].kl.values() for options in factors.values()
+               for kl in options.values())
+    assert outcome["killed"] not in {ray.get(worker.where.remote())["pid"] for worker in pool}  # replaced in the pool

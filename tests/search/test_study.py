@@ -9,7 +9,7 @@ from compsearch.search.commands import RunOptions, evaluate, export, leaderboard
 from compsearch.search.errors import UserError
 from compsearch.search.evaluate import Reference
 from compsearch.search.results import trials_frame
-from compsearch.search.study import done_count, load_study, open_storage
+from compsearch.search.study import BASE_METRICS_ATTR, done_count, load_study, open_storage
 from compsearch.spaces.plan import LayerPlan, Plan
 from tests.search.helpers import tiny_spec
 
@@ -40,7 +40,7 @@ def test_study_writes_every_table(finished_study):
     # infeasible trials are kept and marked, not hidden
     assert set(table["feasible"]) <= {True, False}
     # the default quality floor, 3x the base model's perplexity, is a constraint like the memory budget
-    base_ppl = load_study("e2e", open_storage(options.storage_url("e2e")))[0].user_attrs["base_metrics"]["ppl"]
+    base_ppl = load_study("e2e", open_storage(options.storage_url("e2e")))[0].user_attrs[BASE_METRICS_ATTR]["ppl"]
     assert table["quality_violation"].to_numpy() == pytest.approx(((table["ppl"] / base_ppl - 3) / 3).to_numpy())
     assert (table["feasible"] == ((table["memory_bytes"] <= table["memory_budget_bytes"])
                                   & (table["quality_violation"] <= 0))).all()
