@@ -509,7 +509,8 @@ def _print_ready(ctx, study, requeued: list[int]) -> None:
 def _trial_line(event) -> str:
     m = event.metrics
     if event.state == "COMPLETE":
-        mark = "feasible" if event.feasible else "over budget"
+        mark = "feasible" if event.feasible else "past the " + " and ".join(
+            "quality floor" if name == "quality" else f"{name} budget" for name in event.violated)
         result = f"ppl {m['ppl']:.3f}  {_mb(m['memory_bytes'])}  {m['bits_per_weight']:.2f} b/w  {mark}"
     else:
         result = f"{event.state.lower()}: {event.error}"

@@ -49,6 +49,7 @@ class TrialEvent:
     best: dict | None  # the best feasible trial so far by the first objective
     feasible_count: int
     error: str | None = None
+    violated: tuple[str, ...] = ()  # the constraints an infeasible trial breaks: memory, latency, quality
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
         if ctx.spec.sampler == "nsga2":
             seed = run_seed(ctx.spec, study)
             study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, seed), seed)
-    seed_profile(ctx, study, ctx.profile, target)
+    seed_profile(ctx, study, ctx.profile, target, workers)
     queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     base = study.user_attrs[BASE_METRICS_ATTR]
     per_trial_s = float(base.get("compress_s", 0)) + float(base.get("evaluate_s", 0))
@@ -379,4 +380,6 @@ def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, 
     ascending = objective_sign(ctx.spec.objectives[0]) > 0
     best = feasible.sort_values(primary, ascending=ascending).iloc[0].to_dict() if len(feasible) else None
     metrics = {key: row[key] for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
-    return TrialEvent(done_count(study), target, number, row["state"], metrics, row["feasible"], best, len(feasible), row["error"])
+    violated = tuple(name for name in ("memory", "latency", "quality") if (row[f"{name}_violation"] or 0) > 0)
+    return TrialEvent(done_count(study), target, number, row["state"], metrics, row["feasible"], best, len(feasible),
+                      row["error"], violated)

@@ -119,16 +119,21 @@ def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> int:
     return count
 
 
-def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int) -> None:
+def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int, workers: int) -> None:
     """Enqueue the profile-optimal plans across the budget range once per study, each estimated within
-    the quality floor, enough that the seeds fill the sampler's first generation (NSGA-II's population,
-    TPE's start-up trials) where the floor leaves that many distinct plans: no random plan."""
+    the quality floor, enough that every trial asked before the sampler's first generation is complete
+    is a seed (where the floor leaves that many distinct plans): no random plan.
+
+    The first generation (NSGA-II's population, TPE's start-up trials) counts *completed* trials, so
+    with `workers` trials in flight the sampler's own random draws would begin at trial
+    population + workers - 1."""
     if study.user_attrs.get(SEEDED_ATTR):
         return
     if profile is not None:
         seeded = sum(1 for trial in study.get_trials(deepcopy=False) if "seed" in trial.user_attrs)
-        wanted = max(2, trials // 4, ctx.spec.population_size - seeded)
-        room = max(0, max(trials // 2, min(ctx.spec.population_size, trials)) - seeded)
+        first_generation = ctx.spec.population_size + workers - 1
+        wanted = max(2, trials // 4, first_generation - seeded)
+        room = max(0, max(trials // 2, min(first_generation, trials)) - seeded)
         if min(wanted, room):
             _enqueue(study, ctx, budget_seeds(ctx, profile, min(wanted, room), ctx.spec.max_kl), "profile")
     study.set_user_attr(SEEDED_ATTR, True)

@@ -29,3 +29,15 @@ def test_a_terminal_gets_a_bar_that_closes_when_done():
     shown = terminal.getvalue()
     assert "[1/4] trial 0: ..." in shown and "trials: 100%" in shown and "4/4" in shown
     assert not progress._bars  # closed at the total
+
+
+def test_a_trial_line_says_which_constraint_an_infeasible_trial_breaks():
+    from compsearch.search.cli import _trial_line
+    from compsearch.search.runner import TrialEvent
+
+    metrics = {"ppl": 4.6e6, "kl": 12.5, "memory_bytes": 101e6, "bits_per_weight": 3.36, "latency_ms": None}
+    best = {"ppl": 14.585, "memory_bytes": 134.4e6}
+    line = _trial_line(TrialEvent(10, 20, 8, "COMPLETE", metrics, False, best, 9, None, ("quality",)))
+    assert line.startswith("[10/20] trial 8: ppl 4600000.000  101.0 MB  3.36 b/w  past the quality floor | best")
+    both = _trial_line(TrialEvent(10, 20, 8, "COMPLETE", metrics, False, best, 9, None, ("memory", "quality")))
+    assert "past the memory budget and quality floor" in both

@@ -60,8 +60,9 @@ def test_seed_trials_run_first_within_budget(finished_study):
     spec, results, _, _, _ = finished_study
     table = pd.read_parquet(results / "e2e" / "trials.parquet").sort_values("trial")
     seeds = table[table["seed"].notna()]
-    # the first generation is all seeds (no random plan); the uniform ones first, before the profile exists
-    assert len(seeds) >= spec.population_size and list(seeds["trial"]) == list(range(len(seeds)))
+    # every trial asked before the first generation completes is a seed (no random plan: with 2 workers the
+    # sampler's own draws would start at population + 1); the uniform ones first, before the profile exists
+    assert len(seeds) >= spec.population_size + 1 and list(seeds["trial"]) == list(range(len(seeds)))
     assert list(seeds["seed"]) == sorted(seeds["seed"], key=lambda kind: kind != "uniform")
     assert seeds["seed"].eq("uniform").any()
     profile_seeds = seeds[seeds["seed"] == "profile"]
