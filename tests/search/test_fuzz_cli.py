@@ -40,6 +40,7 @@ FLAGS = {  # each flag's usual values, mixed with hostile ones
     "--objectives": st.sampled_from(["ppl,memory", "kl,memory,latency", "ppl"]),
     "--memory-budget": st.sampled_from(["0.5", "60MB", "1GiB", "35%"]),
     "--latency-budget": st.sampled_from(["25", "0.5"]),
+    "--max-quality-loss": st.sampled_from(["3", "1.5x", "none", "1", "0.5"]),
     "--sampler": st.sampled_from(["nsga2", "tpe", "random"]),
     "--seed": st.integers(0, 2**40).map(str),
     "--population-size": st.integers(-3, 50).map(str),
