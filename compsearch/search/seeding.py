@@ -109,7 +109,7 @@ class Knapsack:
 def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> int:
     """Enqueue the uniform seed plans once per study; they need no profile, so they are a study's first
     trials and its first answers. Returns how many were enqueued."""
-    if not ctx.spec.uniform_seeds or study.user_attrs.get(UNIFORM_SEEDED_ATTR) or study.user_attrs.get(SEEDED_ATTR):
+    if not ctx.spec.uniform_seeds or any(study.user_attrs.get(a) for a in (UNIFORM_SEEDED_ATTR, SEEDED_ATTR)):
         return 0
     groups = list(ctx.space.groups(ctx.layers))
     count = _enqueue(study, ctx, [{group: choice for group in groups} for choice in
@@ -119,7 +119,8 @@ def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> int:
     return count
 
 
-def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int, workers: int) -> None:
+def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int,
+                 workers: int) -> None:
     """Enqueue the profile-optimal plans across the budget range once per study, each estimated within
     the quality floor, enough that every trial asked before the sampler's first generation is complete
     is a seed (where the floor leaves that many distinct plans): no random plan.
@@ -153,7 +154,8 @@ def _enqueue(study: optuna.Study, ctx: JobContext, plans: list[dict[str, dict]],
     return count
 
 
-def budget_seeds(ctx: JobContext, profile: Profile, count: int, max_estimate: float | None = None) -> list[dict[str, dict]]:
+def budget_seeds(ctx: JobContext, profile: Profile, count: int,
+                 max_estimate: float | None = None) -> list[dict[str, dict]]:
     """Profile-optimal plans for `count` budgets between the smallest plan and the memory budget (or the
     largest plan), placed where the estimated damage changes most (see `Knapsack.informative_budgets`)
     and estimated at most `max_estimate` (the quality floor)."""
