@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from compsearch.search.study import default_storage_url, done_count, load_study, open_storage
-from tests.search.helpers import cli_args
+from tests.search.helpers import cli_args, ray_actor_processes
 
 pytestmark = pytest.mark.slow
 TARGET = 100
@@ -50,13 +50,11 @@ class Run:
         return processes
 
     def kill_a_worker(self, rng: random.Random) -> bool:
-        workers = []
-        for process in self.tree():
-            try:
-                if process.cmdline() and process.cmdline()[0].startswith("ray::_RayTrialEvaluator"):
-                    workers.append(process)
-            except psutil.NoSuchProcess:
-                continue
+        self.tree()
+        try:
+            workers = ray_actor_processes(psutil.Process(self.driver.pid), "ray::_RayTrialEvaluator")
+        except psutil.NoSuchProcess:
+            return False
         if not workers:
             return False
         rng.choice(workers).send_signal(signal.SIGKILL)

@@ -23,7 +23,7 @@ from compsearch.search.job import prepare_job
 from compsearch.search.runner import (WorkerResources, _RayTrialEvaluator, check_resources, run_study,
                                      start_workers)
 from compsearch.search.study import create_study, default_storage_url, done_count, open_storage, study_exists
-from tests.search.helpers import tiny_spec
+from tests.search.helpers import ray_actor_processes, tiny_spec
 
 pytestmark = pytest.mark.slow
 TARGET = 8
@@ -57,18 +57,6 @@ class OutOfMemoryEvaluator(_RayTrialEvaluator):
         return super().evaluate(plan_json)
 
 
-def _evaluating_workers(class_name: str, method: str = "evaluate") -> list[psutil.Process]:
-    """This process's Ray workers running `class_name.method` right now (only ours: our descendants)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if " ".join(child.cmdline()).startswith(f"ray::{class_name}.{method}"):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def killed_run(ray_session, tiny_model_dir, tmp_path_factory):
     """Run a study in a thread; kill one worker mid-trial and try a second submit while it runs."""
@@ -89,7 +77,7 @@ def killed_run(ray_session, tiny_model_dir, tmp_path_factory):
     thread.start()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and "killed" not in outcome:
-        busy = _evaluating_workers("SlowEvaluator")
+        busy = ray_actor_processes(psutil.Process(), "ray::SlowEvaluator.evaluate")
         if done_count(study) >= 2 and busy:
             outcome["killed"] = busy[0].pid
             busy[0].kill()
@@ -184,7 +172,7 @@ def test_a_worker_killed_while_the_profile_is_measured_is_replaced(ray_session, 
     thread.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "killed" not in outcome and thread.is_alive():
-        busy = _evaluating_workers("SlowProfileEvaluator", "profile_kl")
+        busy = ray_actor_processes(psutil.Process(), "ray::SlowProfileEvaluator.profile_kl")
         if busy:
             outcome["killed"] = busy[0].pid
             busy[0].kill()
