@@ -149,27 +149,29 @@ def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, bench: Ben
     return files
 
 
-def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budget: str | None = None
-                     ) -> list[tuple[str, Path, Plan, float]]:
+def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budget: str | None = None,
+                     granularity: str = "block") -> list[tuple[str, Path, Plan, float]]:
     """The feasible front of a `gguf` study (objectives ppl and memory; with `memory_budget`, a study
     of its own under that budget), each plan exported as a .gguf file: (name, file, plan, the trial's
-    perplexity)."""
+    perplexity). `granularity` `block`: one type per decoder block (its seven projections) and one for
+    the embedding, 31 profile groups on SmolLM2-135M, not the 121 of per-projection choices (the gguf
+    space's default); `type`: one type per projection kind across the blocks (all attn_v, ...), as
+    llama.cpp's presets choose them."""
     options = RunOptions(results_dir=workdir / "results", workers=2, cache_dir=None,
                          on_status=lambda line: print(line, flush=True),
                          on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
-    study = "gguf-bench" + (f"-{memory_budget}" if memory_budget else "")
-    # One type per decoder block (its seven projections) and one for the embedding: the sensitivity profile
-    # then measures 31 groups on SmolLM2-135M, not the 121 of per-projection choices (the gguf space's default).
-    spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf", granularity="block",
+    suffix = (f"-{memory_budget}" if memory_budget else "") + (f"-{granularity}" if granularity != "block" else "")
+    study = "gguf-bench" + suffix
+    spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf", granularity=granularity,
                    objectives=("ppl", "memory"), quant_methods=STUDY_TYPES, memory_budget=memory_budget)
     study_table = workdir / "results" / study / "trials.parquet"
     table = pd.read_parquet(study_table) if study_table.exists() else submit(spec, trials, options)
     front = table[table["on_front"] & (table["feasible"] == True)].sort_values("rank")  # noqa: E712
-    folder = workdir / f"front-{memory_budget}" if memory_budget else workdir / "front"
+    folder = workdir / f"front{suffix}"
     names = [folder / f"rank{int(rank):02d}-trial{int(trial):03d}.gguf" for rank, trial in zip(front["rank"], front["trial"])]
     if not all(path.exists() for path in names):
         export_front(study, folder, options, overwrite=True)
-    label = f" ({memory_budget} study)" if memory_budget else ""
+    label = f" ({memory_budget}{'' if granularity == 'block' else ', per ' + granularity} study)" if memory_budget else ""
     files = [(f"trial {int(trial)}{label}", path, Plan.from_json(plan), ppl)
              for trial, path, plan, ppl in zip(front["trial"], names, front["plan_json"], front["ppl"])]
     if memory_budget:  # the front is by perplexity, which is noisy: also the feasible trial of least KL
@@ -208,6 +210,8 @@ def main() -> None:
                         help="memory budgets (e.g. 105.4MB,102MB): a study of --budget-trials trials under each, "
                              "its feasible front measured like the rest")
     parser.add_argument("--budget-trials", type=int, default=16)
+    parser.add_argument("--budget-granularity", choices=("block", "type", "layer"), default="block",
+                        help="the budget studies' --granularity (the first study's is block)")
     parser.add_argument("--workdir", type=Path, help="default: benchmarks/results/gguf-work/MODEL")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gguf.csv")
     parser.add_argument("--parts", default="presets,types,study",
@@ -240,7 +244,8 @@ def main() -> None:
                   one_type_everywhere(args.llama_tools, f16, imatrix, model, bench, statistics, args.workdir)]
     trial_ppl = {}  # file -> the perplexity its trial measured in PyTorch
     studies = ([compsearch_front(args.trials, args.workdir, bench)] if "study" in parts else []) + [
-        compsearch_front(args.budget_trials, args.workdir, bench, budget) for budget in filter(None, args.budgets.split(","))]
+        compsearch_front(args.budget_trials, args.workdir, bench, budget, args.budget_granularity)
+        for budget in filter(None, args.budgets.split(","))]
     for front in studies:
         files += [("compsearch", name, True, path, plan) for name, path, plan, _ in front]
         trial_ppl.update({path: ppl for _, path, _, ppl in front})
