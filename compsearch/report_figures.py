@@ -75,13 +75,15 @@ def front_figure(view: StudyView) -> Figure:
 
 
 def _quality_limits(view: StudyView) -> tuple[float, float, bool]:
-    """(bottom, top, log scale) of the quality axis; collapsed trials are left out so they cannot squash it."""
+    """(bottom, top, log scale) of the quality axis, spanning the feasible points and the base model:
+    collapsed and infeasible ones are left out so they cannot squash the front (they are drawn at the
+    top edge when above it)."""
     quality = view.quality
     frames = [view.completed, view.references]
     base = pd.Series([view.base_metrics.get(quality)])
-    values = pd.concat([f.loc[~f["collapsed"], quality] for f in frames] + [base])
+    values = pd.concat([f.loc[~f["collapsed"] & (f["feasible"] == True), quality] for f in frames] + [base])  # noqa: E712
     values = pd.to_numeric(values, errors="coerce").dropna()
-    if values.empty:
+    if len(values) < 2:
         values = pd.to_numeric(pd.concat([f[quality] for f in frames]), errors="coerce").dropna()
     positive = values[values > 0]
     low, high = (values.min(), values.max()) if not values.empty else (0.0, 1.0)

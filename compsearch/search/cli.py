@@ -459,7 +459,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                     on_status=lambda line: print(line, flush=True))
     columns = [c for c in ("source", "name", "ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms", "feasible")
                if c in rows and rows[c].notna().any()]
-    shown = rows[columns].copy()
+    shown = rows[columns].sort_values("memory_bytes", ascending=False)
     shown["memory_bytes"] = shown["memory_bytes"].map(_mb)
     print(shown.rename(columns={"memory_bytes": "memory"}).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.study:
@@ -537,8 +537,9 @@ def _table(frame) -> str:
     references = ["source", "name"] if "source" in frame and (frame["source"] != SEARCH_SOURCE).any() else []
     shown = frame[["rank", "trial", *references, *quality, *tasks, *rest, "feasible", "on_front"]]
     shown = shown.dropna(axis=1, how="all").copy()
-    if references:
-        shown["name"] = shown["name"].fillna("")  # the search's own trials have no name
+    if references:  # the search's own trials have no name, references no rank or trial number
+        for column in ("rank", "trial", "name"):
+            shown[column] = shown[column].astype(object).where(shown[column].notna(), "-" if column != "name" else "")
     byte_columns = [m.name for m in board if m.unit == "bytes" and m.name in shown]
     for column in byte_columns:
         shown[column] = shown[column].map(lambda b: _mb(b) if b == b else "")
