@@ -1,9 +1,12 @@
-"""Cheap sensitivity measurements: skip the decoder blocks a plan leaves untouched before its first change.
+"""Cheap sensitivity measurements: skip the decoder blocks a plan leaves untouched before its first change,
+and stop after its last.
 
 A decoder block's output depends only on the blocks before it. When a plan changes nothing before
 block i, blocks 0..i-1 compute exactly what they computed for the base model, so they are replaced,
 for the measurement, by a module that returns the base model's cached output of block i-1. On
-average this halves the cost of profiling a model one block at a time.
+average this halves the cost of profiling a model one block at a time. `output_error` also stops
+after the last changed block: the relative error of its output costs the changed blocks alone, no
+later block and no output head.
 """
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward pass once the wanted output is seen."""
 
 
 class _Replay(nn.Module):
@@ -69,3 +76,41 @@ class BlockReplay:
         finally:
             for i, block in enumerate(originals):
                 self.blocks[i] = block
+
+    def last_changed(self, layer_names) -> int | None:
+        """Index of the last block holding one of the layers; 0 for the token embedding alone (block 0 is the
+        first to see its change); None when no block sees a change (the output head alone) or the model
+        has no plain block list."""
+        if self.blocks is None:
+            return None
+        indices = [i for name in layer_names for i, prefix in enumerate(self.prefixes) if name.startswith(prefix)]
+        if any(name in self.before_blocks for name in layer_names):
+            indices.append(0)
+        return max(indices, default=None)
+
+    def output_error(self, model: nn.Module, batch: torch.Tensor, layer_names) -> float | None:
+        """||out - base||^2 / ||base||^2 of the last block the changed `layer_names` reach, `model` being the
+        base model with them changed and `batch` the one this replay was made from; None where no block
+        output shows the change (then only the full forward pass can measure it)."""
+        last = self.last_changed(layer_names)
+        if last is None:
+            return None
+        seen = {}
+
+        def stop(_module, _args, out):
+            seen["out"] = out
+            raise _Stop
+
+        handle = self.blocks[last].register_forward_hook(stop)
+        try:
+            with torch.inference_mode(), self.skipping(layer_names), contextlib.suppress(_Stop):
+                model.get_decoder()(input_ids=batch)
+        finally:
+            handle.remove()
+        out, base = (_hidden(seen["out"]).float(), _hidden(self.outputs[last]).float())
+        return float((out - base).square().sum() / base.square().sum().clamp(min=1e-30))
+
+
+def _hidden(block_output) -> torch.Tensor:
+    """The hidden states of a decoder block's output (a tensor, or a tuple that starts with them)."""
+    return block_output[0] if isinstance(block_output, (tuple, list)) else block_output

@@ -189,11 +189,11 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
                     workers: int, say: Callable[[str], None], cache_dir: Path | None,
                     on_progress: Callable[[str, int, int], None] | None) -> None:
     if ctx.spec.guided:
-        def progress(done: int, total: int) -> None:
+        def progress(what: str, done: int, total: int) -> None:
             if on_progress is not None:
-                on_progress("sensitivity profile", done, total)
+                on_progress(f"sensitivity profile, {what}", done, total)
             elif done == total or done % 40 < 8:
-                say(f"sensitivity profile: {done}/{total} measurements")
+                say(f"sensitivity profile: {done}/{total} {what}")
 
         ctx.profile, profile_s = measure_profile(ctx, pool, cache_dir, progress, spawn)
         study.set_user_attr("profile_s", study.user_attrs.get("profile_s", 0.0) + profile_s)

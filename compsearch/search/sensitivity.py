@@ -6,6 +6,18 @@ the other factors off; a choice that combines factors is estimated as the sum (a
 errors do not simply add up, which is why every estimate is shown next to the measured value).
 Measurements are cached on disk keyed by model, data and the exact per-layer plan, so studies,
 budgets and resumes reuse them.
+
+Most options are predicted rather than measured. A KL needs the whole model's forward pass; the
+relative error of the output of the last decoder block an option changes needs only the changed
+blocks (`BlockReplay.output_error`), about a fifth of the cost. Within one group and factor the KL is
+close to proportional to that error (on SmolLM2-135M's joint space a least-squares fit of log KL on log
+error within each group gives exponents 0.94-1.0; damage linear in the layer's relative output error,
+as HIGGS found), so one option per group and factor is measured, the one of median error (an anchor),
+and the others are scaled from it: KL = KL_anchor * error / error_anchor. Where the anchor's KL is too
+small to scale from (below `NOISE_KL`) and an option's error is far above it, that option is measured
+too, and each option scales from the anchor nearest to it in log error. On SmolLM2-135M's joint space
+this measures 90 of 510 options; the predicted profile's rank correlation with the fully measured one
+is 0.996 (`python benchmarks/profile.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +25,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -35,6 +48,9 @@ log = logging.getLogger(__name__)
 FACTORS = factors()
 OFF = off_values()  # the value of a knob that turns its technique off
 PROFILE_ATTR = "profile"  # the study attribute holding its measured `Profile.kl`
+NOISE_KL = 1e-4  # below this a measured KL is mostly noise: no anchor to scale from
+FAR_ERROR_RATIO = 10.0  # an option this many times the anchor's error, when the anchor is noise, is measured
+UNSEEN = -1.0  # the cached output error of an option no decoder block's output shows (measured in full)
 
 
 def factor_options(space: Space) -> dict[str, list[dict[str, Any]]]:
@@ -94,8 +110,9 @@ class SensitivityCache:
         return {}
 
     @staticmethod
-    def key(plan_json: str) -> str:
-        return hashlib.sha256(plan_json.encode()).hexdigest()[:24]
+    def key(plan_json: str, what: str = "kl") -> str:
+        """The entry of a plan's KL, or (`what="error"`) of its relative block output error."""
+        return hashlib.sha256((plan_json if what == "kl" else f"{what}:{plan_json}").encode()).hexdigest()[:24]
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,35 +130,94 @@ def cache_path(ctx: JobContext, cache_dir: Path | None) -> Path:
 
 
 def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
-                    on_progress: Callable[[int, int], None] | None = None,
-                    spawn: Callable[[int], list] | None = None) -> tuple[Profile, float]:
-    """The study's profile: cached entries are read, missing ones measured on the Ray workers in parallel.
-    A worker that dies is replaced in `pool` by `spawn(1)` and its batch measured again.
+                    on_progress: Callable[[str, int, int], None] | None = None,
+                    spawn: Callable[[int], list] | None = None, predict: bool = True) -> tuple[Profile, float]:
+    """The study's profile: cached entries are read, missing ones measured on the Ray workers in parallel
+    (`predict`: most options scaled from their output errors, see the module's docstring; else every
+    option's KL measured). A worker that dies is replaced in `pool` by `spawn(1)` and its batch measured
+    again. `on_progress(what, done, total)`.
 
     Returns the profile and the seconds spent measuring (0 when everything was cached).
     """
     groups = ctx.space.groups(ctx.layers)
-    off = off_choice(ctx.space)
-    items = []  # (group, factor, option key, plan json)
-    for (factor, options), (group, members) in itertools.product(factor_options(ctx.space).items(), groups.items()):
-        for option in options:
-            plan = ctx.space.plan(members, {**off, **option})
-            if any(not lp.is_identity for lp in plan.layers.values()):
-                items.append((group, factor, option_key(option), plan.to_json()))
+    cells = profile_cells(ctx.space, groups)
     cache = SensitivityCache(cache_path(ctx, cache_dir))
-    missing = sorted({plan_json for *_, plan_json in items if cache.key(plan_json) not in cache.values})
-    started = time.perf_counter()
-    if missing:
-        _measure_(cache, missing, pool, (ctx.spec.profile_windows, ctx.spec.profile_seq_len), on_progress, spawn)
+    window_shape = (ctx.spec.profile_windows, ctx.spec.profile_seq_len)
+    started, measured_any = time.perf_counter(), False
+
+    def measure(what: str, plans: set[str]) -> None:
+        nonlocal measured_any
+        missing = sorted(plan for plan in plans if cache.key(plan, what) not in cache.values)
+        if missing:
+            measured_any = True
+            label = "KL measurements" if what == "kl" else "output errors"
+            _measure_(cache, missing, what, pool, window_shape,
+                      on_progress and (lambda done, total: on_progress(label, done, total)), spawn)
+
+    unmeasured = {cell: plans for cell, plans in cells.items()
+                  if not all(cache.key(plan) in cache.values for plan in plans.values())}
+    if not predict:
+        measure("kl", {plan for plans in unmeasured.values() for plan in plans.values()})
+    else:
+        measure("error", {plan for plans in unmeasured.values() for plan in plans.values()})
+        measure("kl", {plan for plans in unmeasured.values() for plan in _anchors(plans, cache)})
+        measure("kl", {plan for plans in unmeasured.values() for plan in _anchors(plans, cache, again=True)})
     profile: dict[str, dict[str, dict[str, float]]] = {group: {} for group in groups}
-    for group, factor, key, plan_json in items:
-        profile[group].setdefault(factor, {})[key] = cache.values[cache.key(plan_json)]
-    return Profile(profile), time.perf_counter() - started if missing else 0.0
+    for (group, factor), plans in cells.items():
+        profile[group][factor] = _scaled(plans, cache)
+    return Profile(profile), time.perf_counter() - started if measured_any else 0.0
 
 
-def _measure_(cache: SensitivityCache, plans: list[str], pool: list, window_shape: tuple[int, int],
+def profile_cells(space: Space, groups: dict[str, list]) -> dict[tuple[str, str], dict[str, str]]:
+    """(group, factor) -> option key -> the plan json of that option alone on that group, for every option
+    that changes something."""
+    off = off_choice(space)
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for (factor, options), (group, members) in itertools.product(factor_options(space).items(), groups.items()):
+        for option in options:
+            plan = space.plan(members, {**off, **option})
+            if any(not lp.is_identity for lp in plan.layers.values()):
+                cells.setdefault((group, factor), {})[option_key(option)] = plan.to_json()
+    return cells
+
+
+def _anchors(plans: dict[str, str], cache: SensitivityCache, again: bool = False) -> set[str]:
+    """The plans of one group and factor whose KL must be measured: those no block output shows, and the
+    option of median output error (unless one is measured already); `again` (once those are measured):
+    the option of largest error too, when every measured KL is below `NOISE_KL` and that error is over
+    `FAR_ERROR_RATIO` times the largest measured one's."""
+    error = {plan: cache.values[cache.key(plan, "error")] for plan in plans.values()}
+    unseen = {plan for plan, e in error.items() if e == UNSEEN}
+    seen = sorted((plan for plan in error if plan not in unseen), key=error.get)
+    measured = [plan for plan in seen if cache.key(plan) in cache.values]
+    if not again:
+        return unseen | ({seen[len(seen) // 2]} if seen and not measured else set())
+    largest = seen[-1] if seen else None
+    if largest is None or largest in measured or any(cache.values[cache.key(p)] >= NOISE_KL for p in measured):
+        return set()
+    return {largest} if error[largest] > FAR_ERROR_RATIO * max(error[p] for p in measured) else set()
+
+
+def _scaled(plans: dict[str, str], cache: SensitivityCache) -> dict[str, float]:
+    """option key -> KL of one group and factor: measured where measured, else scaled from the measured
+    option nearest in log output error (KL proportional to the error)."""
+    kl = {key: cache.values.get(cache.key(plan)) for key, plan in plans.items()}
+    predicted = [key for key, value in kl.items() if value is None]
+    if not predicted:
+        return kl
+    error = {key: cache.values[cache.key(plans[key], "error")] for key in kl}
+    anchors = [(error[key], kl[key]) for key in kl if key not in predicted and error[key] != UNSEEN]
+    for key in predicted:
+        anchor_error, anchor_kl = min(anchors, key=lambda a: abs(math.log((error[key] + 1e-30) / (a[0] + 1e-30))))
+        kl[key] = anchor_kl * error[key] / anchor_error if anchor_error > 0 else anchor_kl
+    return kl
+
+
+def _measure_(cache: SensitivityCache, plans: list[str], what: str, pool: list, window_shape: tuple[int, int],
               on_progress: Callable[[int, int], None] | None, spawn: Callable[[int], list] | None) -> None:
-    """Spread the plans over the workers in small batches; save after every batch (a crash loses little)."""
+    """Spread the plans over the workers in small batches, each worker measuring `what` (`kl`: the KL,
+    `error`: the output error; `UNSEEN` where no block shows it); save after every batch (a crash
+    loses little)."""
     batches = [plans[i:i + 8] for i in range(0, len(plans), 8)]
     pending: dict = {}
     idle = list(pool)
@@ -149,7 +225,8 @@ def _measure_(cache: SensitivityCache, plans: list[str], pool: list, window_shap
     while batches or pending:
         while idle and batches:
             worker, batch = idle.pop(), batches.pop(0)
-            pending[worker.profile_kl.remote(batch, *window_shape)] = (worker, batch)
+            method = worker.profile_kl if what == "kl" else worker.profile_error
+            pending[method.remote(batch, *window_shape)] = (worker, batch)
         ready, _ = ray.wait(list(pending), num_returns=1)
         worker, batch = pending.pop(ready[0])
         try:
@@ -161,8 +238,8 @@ def _measure_(cache: SensitivityCache, plans: list[str], pool: list, window_shap
             idle.append(replacement)
             batches.insert(0, batch)
             continue
-        for plan_json, kl in zip(batch, measured):
-            cache.values[cache.key(plan_json)] = kl
+        for plan_json, value in zip(batch, measured):
+            cache.values[cache.key(plan_json, what)] = UNSEEN if value is None else value
         cache.save()
         idle.append(worker)
         done += len(batch)

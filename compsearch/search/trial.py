@@ -181,10 +181,7 @@ class TrialEvaluator:
     def profile_kl(self, plan_jsons: list[str], windows: int, seq_len: int) -> list[float]:
         """KL to the base model of each plan on the first `seq_len` tokens of the first `windows`
         calibration windows (sensitivity profiling: many cheap measurements, one batch each)."""
-        ids = self.calib_ids[:windows, :seq_len]
-        if self._profile is None or self._profile[0].shape != ids.shape:
-            self._profile = (ids, base_log_probs(self.model, ids, len(ids)), BlockReplay(self.model, ids))
-        _, base, replay = self._profile
+        ids, base, replay = self._profiling(windows, seq_len)
         kls = []
         for plan_json in plan_jsons:
             plan = Plan.from_json(plan_json)
@@ -192,6 +189,25 @@ class TrialEvaluator:
                 kl = perplexity_and_kl(model, ids, len(ids), base)["kl"]
             kls.append(max(0.0, kl))  # a compact base cache can put a near-zero KL slightly below 0
         return kls
+
+    def profile_error(self, plan_jsons: list[str], windows: int, seq_len: int) -> list[float | None]:
+        """Each plan's relative output error at the last decoder block it changes, on the same windows as
+        `profile_kl` (`BlockReplay.output_error`: the changed blocks alone run); None where only the full
+        forward pass shows the change."""
+        ids, _, replay = self._profiling(windows, seq_len)
+        errors = []
+        for plan_json in plan_jsons:
+            plan = Plan.from_json(plan_json)
+            with self._base_with_plan(plan) as model:
+                errors.append(replay.output_error(model, ids, plan.layers))
+        return errors
+
+    def _profiling(self, windows: int, seq_len: int) -> tuple[torch.Tensor, list, BlockReplay]:
+        """The profiling windows, the base model's log-probabilities on them and their block replay."""
+        ids = self.calib_ids[:windows, :seq_len]
+        if self._profile is None or self._profile[0].shape != ids.shape:
+            self._profile = (ids, base_log_probs(self.model, ids, len(ids)), BlockReplay(self.model, ids))
+        return self._profile
 
     def _linear_names(self) -> list[str]:
         return [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]

@@ -51,3 +51,23 @@ def test_skipping_unchanged_blocks_gives_the_full_forward_result(tiny_model_dir)
         skipped = perplexity_and_kl(in_place, ids, len(ids), base)["kl"]
     assert full > 0 and abs(skipped - full) <= 1e-6 * full
     assert type(evaluator.model.model.layers[0]).__name__ != "_Replay"  # restored
+
+
+def test_output_error_grows_with_the_damage_and_runs_only_the_changed_blocks(tiny_model_dir):
+    evaluator, _ = _evaluator(tiny_model_dir)
+    before = {name: param.clone() for name, param in evaluator.model.state_dict().items()}
+    blocks = evaluator.model.model.layers
+    evaluator.profile_error([], windows=2, seq_len=16)  # the base model's replay is made first, in full
+    later = []
+    handle = blocks[-1].register_forward_hook(lambda *_: later.append(1))
+    plans = [Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=2, group_size=32)}),
+             Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=8)}),
+             Plan({"model.embed_tokens": LayerPlan(bits=4, group_size=32)})]
+    try:
+        errors = evaluator.profile_error([plan.to_json() for plan in plans], windows=2, seq_len=16)
+    finally:
+        handle.remove()
+    assert len(blocks) > 1 and not later  # stopped after block 0, the last (only) one changed
+    assert errors[0] > errors[1] > 0 and errors[2] > 0  # the embedding's change shows at block 0's output
+    after = evaluator.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
