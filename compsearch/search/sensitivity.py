@@ -17,7 +17,7 @@ and the others are scaled from it: KL = KL_anchor * error / error_anchor. Where 
 small to scale from (below `NOISE_KL`) and an option's error is far above it, that option is measured
 too, and each option scales from the anchor nearest to it in log error. On SmolLM2-135M's joint space
 this measures 90 of 510 options; the predicted profile's rank correlation with the fully measured one
-is 0.996 (`python benchmarks/profile.py`).
+is 0.996 (`python benchmarks/sensitivity_profile.py`).
 """
 from __future__ import annotations
 

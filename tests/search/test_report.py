@@ -6,10 +6,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from compsearch.report import FIGURES, describe_protocol, load_view, write_report
-from compsearch.report_figures import hypervolume
+from compsearch.report import FIGURES, StudyView, describe_protocol, load_view, write_report
+from compsearch.report_figures import _quality_limits, hypervolume
 from compsearch.search.commands import RunOptions, evaluate, submit
 from compsearch.search.evaluate import Reference
 from compsearch.search.study import load_study, open_storage
@@ -144,3 +145,14 @@ def test_study_without_profile_or_references_still_renders(plain_report, tmp_pat
     dom = read_dom(html_path, "front-points", tmp_path)
     assert dom.points() == len(load_view(study).front) and "memory (MB)" in dom.texts
     assert read_dom(html_path, "reference-points", tmp_path).points() == 0
+
+
+def test_the_quality_axis_spans_the_feasible_points_not_an_infeasible_outlier():
+    def rows(ppl, feasible):
+        return pd.DataFrame({"state": "COMPLETE", "ppl": ppl, "feasible": feasible, "collapsed": False})
+
+    view = StudyView(name="s", spec={}, trials=rows([15.0, 20.0, 28.0], [True, True, True]),
+                     references=rows([71.0, 17.7], [False, True]), layers=[], base_metrics={"ppl": 14.0},
+                     base_bytes=None, memory_budget_bytes=None, latency_budget_ms=None, profile=None, protocol={})
+    bottom, top, log = _quality_limits(view)
+    assert bottom < 14.0 and 28.0 < top < 71.0 and not log  # the 71 is drawn at the top edge instead

@@ -9,10 +9,10 @@ caches on the same Ray workers, one after the other, for the README demo's job (
 median and 90th percentile of |log(predicted / measured)| over options with a measured KL above
 the noise floor, how many KLs each measured, and the wall time.
 
-    python benchmarks/profile.py [--space joint] [--workers 2]
+    python benchmarks/sensitivity_profile.py [--space joint] [--workers 2]
 
-Writes benchmarks/results/profile.csv (space,groups,options,kl_measured,seconds,spearman,median_log_error,
-p90_log_error,load) with one row per way of making the profile.
+Writes benchmarks/results/sensitivity_profile.csv, one row per way of making the profile (space,way,groups,
+options,kl_measured,seconds,load; the predicted row also spearman,median_log_error,p90_log_error).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--space", default="joint")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.csv")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sensitivity_profile.csv")
     args = parser.parse_args()
     ctx = prepare_job(JobSpec(study="profile-bench", space=args.space, memory_budget="0.5"))
     start_ray(None, args.workers)
