@@ -97,9 +97,18 @@ def base_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int,
                    top_k: int | None = DEFAULT_TOP_K) -> list[TopKLogProbs] | list[torch.Tensor]:
     """The base model's distributions, chunked like `next_token_log_probs`: compact top-k (default), or
     with `top_k=None` the full log-probabilities in float16 (exact KL, vocabulary x 2 bytes per token)."""
-    if top_k is None:
-        return [log_probs.half() for log_probs, _ in next_token_log_probs(model, windows, batch_size)]
-    return [TopKLogProbs.from_log_probs(log_probs, top_k) for log_probs, _ in next_token_log_probs(model, windows, batch_size)]
+    return base_reference(model, windows, batch_size, top_k)[0]
+
+
+def base_reference(model: nn.Module, windows: torch.Tensor, batch_size: int, top_k: int | None = DEFAULT_TOP_K
+                   ) -> tuple[list[TopKLogProbs] | list[torch.Tensor], dict[str, float]]:
+    """`base_log_probs`, and from the same forward pass the base model's own `perplexity_and_kl` (KL 0)."""
+    chunks, nll_sum, tokens = [], 0.0, 0
+    for log_probs, targets in next_token_log_probs(model, windows, batch_size):
+        nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
+        tokens += targets.numel()
+        chunks.append(log_probs.half() if top_k is None else TopKLogProbs.from_log_probs(log_probs, top_k))
+    return chunks, _quality(nll_sum, tokens, 0.0)
 
 
 def base_kl_sum(reference: TopKLogProbs | torch.Tensor, log_probs: torch.Tensor) -> float:
@@ -120,7 +129,11 @@ def perplexity_and_kl(
         tokens += targets.numel()
         if base is not None:
             kl_sum += base_kl_sum(base[index], log_probs)
+    return _quality(nll_sum, tokens, kl_sum if base is not None else None)
+
+
+def _quality(nll_sum: float, tokens: int, kl_sum: float | None) -> dict[str, float]:
     metrics = {"ppl": math.exp(nll_sum / tokens) if math.isfinite(nll_sum) else math.inf, "nll": nll_sum / tokens}
-    if base is not None:
+    if kl_sum is not None:
         metrics["kl"] = kl_sum / tokens
     return metrics

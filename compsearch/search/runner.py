@@ -204,11 +204,13 @@ def _prepare_search(ctx: JobContext, study: optuna.Study, target: int, pool: lis
             study.sampler = make_sampler(ctx.spec, GuidedChildren(ctx, ctx.profile, seed), seed)
     seed_profile(ctx, study, ctx.profile, target, workers)
     queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    base = study.user_attrs[BASE_METRICS_ATTR]
-    per_trial_s = float(base.get("compress_s", 0)) + float(base.get("evaluate_s", 0))
     remaining = max(0, target - done_count(study))
-    say(f"{queued} trials queued first (seeds, re-runs); about {per_trial_s:.0f}s per trial, "
-        f"{per_trial_s * remaining / max(1, workers) / 60:.1f} min for the {remaining} trials left")
+    took = [t.user_attrs["compress_s"] + t.user_attrs["evaluate_s"] for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if "evaluate_s" in t.user_attrs]
+    per_trial_s = float(pd.Series(took).median()) if took else None
+    say(f"{queued} trials queued first (seeds, re-runs)" + (
+        f"; about {per_trial_s:.0f}s per trial, {per_trial_s * remaining / max(1, workers) / 60:.1f} min for the "
+        f"{remaining} trials left" if per_trial_s is not None else ""))
 
 
 def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn: Callable[[int], list],

@@ -16,7 +16,7 @@ import torch
 
 from compsearch.compress import apply_plan_, input_hessians, input_norms
 from compsearch.compress.variants import VariantCache, variant_cache_bytes
-from compsearch.evaluators.quality import base_log_probs, perplexity_and_kl
+from compsearch.evaluators.quality import base_log_probs, base_reference, perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.evaluators.measure import GGUFTarget, Measurements
 from compsearch.evaluators.metrics import check_declared
@@ -85,8 +85,9 @@ class TrialEvaluator:
         self.device = settings.device
         self.eval_ids, self.calib_ids = eval_ids.to(self.device), calib_ids.to(self.device)
         self.batch_size = settings.batch_size or auto_batch_size(self.model, self.eval_ids.shape[1], self.device)
-        self.base = base_log_probs(self.model, self.eval_ids, self.batch_size, settings.kl_top_k) \
-            if settings.with_kl else None
+        # The base model's distributions (for KL) and its own quality, from one forward pass.
+        self.base, self.base_quality = base_reference(self.model, self.eval_ids, self.batch_size, settings.kl_top_k) \
+            if settings.with_kl else (None, None)
         tasks = settings.tasks
         suite = TaskSuite(**tasks, cache_dir=settings.cache_dir) \
             if tasks and (tasks.get("tasks") or tasks.get("task_paths")) else None
@@ -155,9 +156,13 @@ class TrialEvaluator:
                                  f"{self.latency_budget_ms:g} ms budget; not run")
             return {**metrics, "worker": self.worker}
         with PeakMemory(self.device) as peak:
-            model, stored = self.compressed_model(plan, keep_stored=self.measurements.gguf is not None)
-            compressed = time.perf_counter()
-            metrics.update(perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base))
+            if plan.layers or self.base_quality is None:
+                model, stored = self.compressed_model(plan, keep_stored=self.measurements.gguf is not None)
+                compressed = time.perf_counter()
+                metrics.update(perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base))
+            else:  # the base model itself, scored when this worker started
+                model, stored, compressed = self.model, {}, time.perf_counter()
+                metrics.update(self.base_quality)
             if self.settings.tasks_each_trial:
                 metrics.update(self.measurements.tasks(model))
             metrics.update(self.measurements.measured_latency(model, plan, stored))
