@@ -1,12 +1,15 @@
 """Finding and loading the base model: the bundled default, a local folder, or a Hugging Face id."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -73,8 +76,9 @@ def float_checkpoint_from_gguf(gguf_path: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a float checkpoint in %s (once)", gguf_path.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantized; the weights are plain floats by now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -90,6 +94,21 @@ def float_checkpoint_from_gguf(gguf_path: Path, target: Path) -> Path:
         if not (target / "config.json").exists():
             raise
     return target
+
+
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """While transformers converts a GGUF file, it reads the file with gguf-py's reader three times (config,
+    tokenizer, weights: several seconds each for a 49k-token vocabulary) and builds gguf-py's tensor-name
+    map once per module (hundreds of times): both are made once instead (SmolLM2-135M: 32 s -> 15 s)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def model_fingerprint(ref: str) -> str:

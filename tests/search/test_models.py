@@ -27,6 +27,9 @@ def test_default_model_converts_once_and_evaluates_sensibly(tmp_path_factory):
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a damaged copy (a full disk, a killed copy) is converted again
     assert ensure_default_model(cache) == path and weights.stat().st_size > 500_000_000
+    import gguf
+
+    assert isinstance(gguf.GGUFReader, type)  # the conversion read the file once through a cache, now undone
 
 
 def test_unknown_model_is_a_user_error():
