@@ -134,7 +134,8 @@ FIGURES: tuple[tuple[str, str, Callable[[StudyView], Figure]], ...] = (
     ("front", "Quality against cost: every trial, the feasible Pareto front, references and budgets",
      figures.front_figure),
     ("plans", "The front's plans, layer by layer", figures.plans_figure),
-    ("profile", "Sensitivity profile: KL of each option on each group alone", figures.profile_figure),
+    ("profile", "Sensitivity profile: KL of each option on each group alone (measured, or scaled from a measured "
+                "one by output error)", figures.profile_figure),
     ("history", "Search history: hypervolume of the feasible front", figures.history_figure),
     ("estimate", "The profile's KL estimate against the measured KL", figures.estimate_figure),
 )
