@@ -156,13 +156,15 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     perplexity). `granularity` `block`: one type per decoder block (its seven projections) and one for
     the embedding, 31 profile groups on SmolLM2-135M, not the 121 of per-projection choices (the gguf
     space's default); `type`: one type per projection kind across the blocks (all attn_v, ...), as
-    llama.cpp's presets choose them."""
+    llama.cpp's presets choose them; `layer`: one type per tensor, q/k/v and gate/up untied (llama.cpp
+    stores them apart: its mixes give attn_v more bits than attn_q)."""
     options = RunOptions(results_dir=workdir / "results", workers=2, cache_dir=None,
                          on_status=lambda line: print(line, flush=True),
                          on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
     suffix = (f"-{memory_budget}" if memory_budget else "") + (f"-{granularity}" if granularity != "block" else "")
     study = "gguf-bench" + suffix
     spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf", granularity=granularity,
+                   tie_fused=granularity != "layer",
                    objectives=("ppl", "memory"), quant_methods=STUDY_TYPES, memory_budget=memory_budget)
     study_table = workdir / "results" / study / "trials.parquet"
     table = pd.read_parquet(study_table) if study_table.exists() else submit(spec, trials, options)
