@@ -4,7 +4,7 @@ A study's profile is the KL each option does to each decision group alone. Measu
 option costs a forward pass of the whole model; predicted (the default), one option per group and
 factor is measured and the others are scaled from it by their relative block output error, which
 costs only the changed blocks (`compsearch/search/sensitivity.py`). Both are made here from empty
-caches on the same Ray workers, one after the other, for the README demo's job (default model,
+caches on fresh Ray workers of the same kind, one after the other, for the README demo's job (default model,
 `joint` space, block granularity), and compared option by option: Spearman rank correlation, the
 median and 90th percentile of |log(predicted / measured)| over options with a measured KL above
 the noise floor, how many KLs each measured, and the wall time.
@@ -40,11 +40,6 @@ from compsearch.search.spec import JobSpec  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def flat(kl: dict) -> dict[tuple[str, str, str], float]:
-    return {(group, factor, option): value for group, factors in kl.items()
-            for factor, options in factors.items() for option, value in options.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--space", default="joint")
@@ -53,18 +48,21 @@ def main() -> None:
     args = parser.parse_args()
     ctx = prepare_job(JobSpec(study="profile-bench", space=args.space, memory_budget="0.5"))
     start_ray(None, args.workers)
-    pool = start_workers(ctx, args.workers, 1)
-    shape = (ctx.spec.profile_windows, ctx.spec.profile_seq_len)  # workers ready (model, base log-probs) first
-    ray.get([worker.profile_kl.remote([], *shape) for worker in pool])
     rows, profiles = [], {}
     for way, predict in (("measured", False), ("predicted", True)):
+        # Fresh workers for each way (a worker keeps compressed variants and factorizations it made), made
+        # ready (model, base log-probs, block replay) before the clock starts.
+        pool = start_workers(ctx, args.workers, 1)
+        ray.get([worker.profile_kl.remote([], ctx.spec.profile_windows, ctx.spec.profile_seq_len) for worker in pool])
         with tempfile.TemporaryDirectory() as cache_dir:
             profile, seconds = measure_profile(ctx, pool, Path(cache_dir), predict=predict)
             cache = SensitivityCache(cache_path(ctx, Path(cache_dir)))
             plans = {plan for options in profile_cells(ctx.space, ctx.space.groups(ctx.layers)).values()
                      for plan in options.values()}
             measured = sum(cache.key(plan) in cache.values for plan in plans)
-        profiles[way] = flat(profile.kl)
+        for worker in pool:
+            ray.kill(worker)
+        profiles[way] = profile.options()
         rows.append({"space": args.space, "way": way, "groups": len(profile.kl), "options": len(profiles[way]),
                      "kl_measured": measured, "seconds": round(seconds, 1), "load": round(os.getloadavg()[0], 2)})
     keys = sorted(profiles["measured"])

@@ -75,16 +75,21 @@ def front_figure(view: StudyView) -> Figure:
 
 
 def _quality_limits(view: StudyView) -> tuple[float, float, bool]:
-    """(bottom, top, log scale) of the quality axis, spanning the feasible points and the base model:
-    collapsed and infeasible ones are left out so they cannot squash the front (they are drawn at the
-    top edge when above it)."""
+    """(bottom, top, log scale) of the quality axis: from the best point that has not collapsed up to the
+    worst feasible one (or the base model): collapsed and infeasible points cannot squash the front; those
+    above it are drawn at the top edge."""
     quality = view.quality
     frames = [view.completed, view.references]
     base = pd.Series([view.base_metrics.get(quality)])
-    values = pd.concat([f.loc[~f["collapsed"] & (f["feasible"] == True), quality] for f in frames] + [base])  # noqa: E712
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    if len(values) < 2:
-        values = pd.to_numeric(pd.concat([f[quality] for f in frames]), errors="coerce").dropna()
+
+    def numbers(parts: list[pd.Series]) -> pd.Series:
+        return pd.to_numeric(pd.concat(parts), errors="coerce").dropna()
+
+    kept = numbers([f.loc[~f["collapsed"], quality] for f in frames] + [base])
+    if kept.empty:
+        kept = numbers([f[quality] for f in frames])
+    feasible = numbers([f.loc[~f["collapsed"] & (f["feasible"] == True), quality] for f in frames] + [base])  # noqa: E712
+    values = pd.concat([kept[kept <= feasible.max()], feasible]) if len(feasible) >= 2 else kept
     positive = values[values > 0]
     low, high = (values.min(), values.max()) if not values.empty else (0.0, 1.0)
     if not positive.empty and positive.max() / positive.min() > LOG_SPAN:

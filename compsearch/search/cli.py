@@ -526,6 +526,8 @@ def _print_summary(args: argparse.Namespace, trials) -> None:
 
 
 def _table(frame) -> str:
+    import pandas as pd
+
     from compsearch.search.results import SEARCH_SOURCE
 
     if frame.empty:
@@ -538,8 +540,10 @@ def _table(frame) -> str:
     shown = frame[["rank", "trial", *references, *quality, *tasks, *rest, "feasible", "on_front"]]
     shown = shown.dropna(axis=1, how="all").copy()
     if references:  # the search's own trials have no name, references no rank or trial number
-        for column in ("rank", "trial", "name"):
-            shown[column] = shown[column].astype(object).where(shown[column].notna(), "-" if column != "name" else "")
+        for column in ("rank", "trial"):
+            if column in shown:
+                shown[column] = shown[column].map(lambda value: "-" if pd.isna(value) else str(int(value)))
+        shown["name"] = shown["name"].fillna("")
     byte_columns = [m.name for m in board if m.unit == "bytes" and m.name in shown]
     for column in byte_columns:
         shown[column] = shown[column].map(lambda b: _mb(b) if b == b else "")

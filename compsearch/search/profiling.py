@@ -11,10 +11,13 @@ later block and no output head.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
 from torch import nn
+
+from compsearch.spaces.layers import head_is_tied
 
 
 class _Stop(Exception):
@@ -40,6 +43,7 @@ class BlockReplay:
         self.blocks: nn.ModuleList | None = getattr(decoder, "layers", None)
         self.prefixes: list[str] = []
         self.before_blocks: set[str] = set()
+        self.unseen_by_blocks: set[str] = set()  # layers whose change also reaches past the blocks
         self.outputs: list = []
         if not isinstance(self.blocks, nn.ModuleList):
             self.blocks = None  # an architecture without a plain block list: always run everything
@@ -48,6 +52,8 @@ class BlockReplay:
         self.prefixes = [names[id(block)] + "." for block in self.blocks]
         ordered = [name for name, _ in model.named_modules()]
         self.before_blocks = set(ordered[:ordered.index(self.prefixes[0][:-1])]) if self.prefixes else set()
+        if head_is_tied(model):  # a changed embedding changes the output head too
+            self.unseen_by_blocks = {names[id(model.get_input_embeddings())]}
         handles = [block.register_forward_hook(lambda _m, _a, out: self.outputs.append(out)) for block in self.blocks]
         try:
             with torch.inference_mode():
@@ -78,14 +84,17 @@ class BlockReplay:
                 self.blocks[i] = block
 
     def last_changed(self, layer_names) -> int | None:
-        """Index of the last block holding one of the layers; 0 for the token embedding alone (block 0 is the
-        first to see its change); None when no block sees a change (the output head alone) or the model
-        has no plain block list."""
+        """Index of the last block holding one of the layers (0 for the token embedding: block 0 is the first
+        to see its change); None when a block's output cannot show the whole change: a layer after the
+        blocks (the output head), an embedding the head shares, a model without a plain block list."""
         if self.blocks is None:
             return None
-        indices = [i for name in layer_names for i, prefix in enumerate(self.prefixes) if name.startswith(prefix)]
-        if any(name in self.before_blocks for name in layer_names):
-            indices.append(0)
+        indices = []
+        for name in layer_names:
+            block = next((i for i, prefix in enumerate(self.prefixes) if name.startswith(prefix)), None)
+            if name in self.unseen_by_blocks or (block is None and name not in self.before_blocks):
+                return None
+            indices.append(0 if block is None else block)
         return max(indices, default=None)
 
     def output_error(self, model: nn.Module, batch: torch.Tensor, layer_names) -> float | None:
@@ -107,8 +116,11 @@ class BlockReplay:
                 model.get_decoder()(input_ids=batch)
         finally:
             handle.remove()
+        if "out" not in seen:
+            return None
         out, base = (_hidden(seen["out"]).float(), _hidden(self.outputs[last]).float())
-        return float((out - base).square().sum() / base.square().sum().clamp(min=1e-30))
+        error = float((out - base).square().sum() / base.square().sum().clamp(min=1e-30))
+        return error if math.isfinite(error) else None  # an overflow: only the full pass can say what it does
 
 
 def _hidden(block_output) -> torch.Tensor:

@@ -13,9 +13,10 @@ blocks (`BlockReplay.output_error`), about a fifth of the cost. Within one group
 close to proportional to that error (on SmolLM2-135M's joint space a least-squares fit of log KL on log
 error within each group gives exponents 0.94-1.0; damage linear in the layer's relative output error,
 as HIGGS found), so one option per group and factor is measured, the one of median error (an anchor),
-and the others are scaled from it: KL = KL_anchor * error / error_anchor. Where the anchor's KL is too
-small to scale from (below `NOISE_KL`) and an option's error is far above it, that option is measured
-too, and each option scales from the anchor nearest to it in log error. On SmolLM2-135M's joint space
+and the others are scaled from it: KL = KL_anchor * error / error_anchor. Where the anchor's KL is
+mostly noise (below `NOISE_KL`) and the largest error is far above the anchor's, that option is measured
+too, and each option scales from the anchor nearest to it in log error. Options no block's output shows
+in full (the output head, an embedding the head shares) are measured. On SmolLM2-135M's joint space
 this measures 90 of 510 options; the predicted profile's rank correlation with the fully measured one
 is 0.996 (`python benchmarks/sensitivity_profile.py`).
 """
@@ -47,9 +48,10 @@ log = logging.getLogger(__name__)
 # Knobs of one technique only make sense together: they are measured together (`Knob.factor`).
 FACTORS = factors()
 OFF = off_values()  # the value of a knob that turns its technique off
-PROFILE_ATTR = "profile"  # the study attribute holding its measured `Profile.kl`
-NOISE_KL = 1e-4  # below this a measured KL is mostly noise: no anchor to scale from
-FAR_ERROR_RATIO = 10.0  # an option this many times the anchor's error, when the anchor is noise, is measured
+PROFILE_ATTR = "profile"  # the study attribute holding its `Profile.kl` (measured or predicted)
+KL, OUTPUT_ERROR = "kl", "output-error"  # the two measurements, each cached under its own key
+NOISE_KL = 1e-4  # below this a measured KL is mostly noise, a poor anchor to scale far from
+FAR_ERROR_RATIO = 10.0  # with a noisy anchor, the largest error is measured too when this far above it
 UNSEEN = -1.0  # the cached output error of an option no decoder block's output shows (measured in full)
 
 
@@ -76,6 +78,11 @@ class Profile:
 
     kl: dict[str, dict[str, dict[str, float]]]
 
+    def options(self) -> dict[tuple[str, str, str], float]:
+        """(group, factor, option key) -> KL, flat."""
+        return {(group, factor, option): value for group, factors in self.kl.items()
+                for factor, options in factors.items() for option, value in options.items()}
+
     def group_estimate(self, group: str, choice: dict[str, Any]) -> float:
         total = 0.0
         for factor, options in self.kl[group].items():
@@ -89,7 +96,8 @@ class Profile:
 
 
 class SensitivityCache:
-    """A JSON file of measured KLs keyed by a hash of the exact plan, one file per model and data."""
+    """A JSON file of measured KLs and output errors keyed by a hash of the exact plan (and of which
+    measurement), one file per model and data."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -110,9 +118,9 @@ class SensitivityCache:
         return {}
 
     @staticmethod
-    def key(plan_json: str, what: str = "kl") -> str:
-        """The entry of a plan's KL, or (`what="error"`) of its relative block output error."""
-        return hashlib.sha256((plan_json if what == "kl" else f"{what}:{plan_json}").encode()).hexdigest()[:24]
+    def key(plan_json: str, what: str = KL) -> str:
+        """The entry of a plan's KL, or (`what=OUTPUT_ERROR`) of its relative block output error."""
+        return hashlib.sha256((plan_json if what == KL else f"{what}:{plan_json}").encode()).hexdigest()[:24]
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,18 +158,18 @@ def measure_profile(ctx: JobContext, pool: list, cache_dir: Path | None = None,
         missing = sorted(plan for plan in plans if cache.key(plan, what) not in cache.values)
         if missing:
             measured_any = True
-            label = "KL measurements" if what == "kl" else "output errors"
+            label = "KL measurements" if what == KL else "output errors"
             _measure_(cache, missing, what, pool, window_shape,
                       on_progress and (lambda done, total: on_progress(label, done, total)), spawn)
 
     unmeasured = {cell: plans for cell, plans in cells.items()
                   if not all(cache.key(plan) in cache.values for plan in plans.values())}
     if not predict:
-        measure("kl", {plan for plans in unmeasured.values() for plan in plans.values()})
+        measure(KL, {plan for plans in unmeasured.values() for plan in plans.values()})
     else:
-        measure("error", {plan for plans in unmeasured.values() for plan in plans.values()})
-        measure("kl", {plan for plans in unmeasured.values() for plan in _anchors(plans, cache)})
-        measure("kl", {plan for plans in unmeasured.values() for plan in _anchors(plans, cache, again=True)})
+        measure(OUTPUT_ERROR, {plan for plans in unmeasured.values() for plan in plans.values()})
+        measure(KL, {plan for plans in unmeasured.values() for plan in _anchors(plans, cache)})
+        measure(KL, {plan for plans in unmeasured.values() for plan in _anchors(plans, cache, again=True)})
     profile: dict[str, dict[str, dict[str, float]]] = {group: {} for group in groups}
     for (group, factor), plans in cells.items():
         profile[group][factor] = _scaled(plans, cache)
@@ -182,41 +190,44 @@ def profile_cells(space: Space, groups: dict[str, list]) -> dict[tuple[str, str]
 
 
 def _anchors(plans: dict[str, str], cache: SensitivityCache, again: bool = False) -> set[str]:
-    """The plans of one group and factor whose KL must be measured: those no block output shows, and the
-    option of median output error (unless one is measured already); `again` (once those are measured):
-    the option of largest error too, when every measured KL is below `NOISE_KL` and that error is over
-    `FAR_ERROR_RATIO` times the largest measured one's."""
-    error = {plan: cache.values[cache.key(plan, "error")] for plan in plans.values()}
+    """The plans of one group and factor whose KL must be measured: those no block output shows, and of
+    those with a nonzero error the one of median error (unless one is measured already); `again` (once
+    those are measured): the one of largest error too, when every measured KL is below `NOISE_KL` and
+    that error is over `FAR_ERROR_RATIO` times the largest measured one's."""
+    error = {plan: cache.values[cache.key(plan, OUTPUT_ERROR)] for plan in plans.values()}
     unseen = {plan for plan, e in error.items() if e == UNSEEN}
-    seen = sorted((plan for plan in error if plan not in unseen), key=error.get)
+    seen = sorted((plan for plan, e in error.items() if e > 0), key=error.get)
     measured = [plan for plan in seen if cache.key(plan) in cache.values]
     if not again:
         return unseen | ({seen[len(seen) // 2]} if seen and not measured else set())
-    largest = seen[-1] if seen else None
-    if largest is None or largest in measured or any(cache.values[cache.key(p)] >= NOISE_KL for p in measured):
+    if not measured or seen[-1] in measured or max(cache.values[cache.key(p)] for p in measured) >= NOISE_KL:
         return set()
-    return {largest} if error[largest] > FAR_ERROR_RATIO * max(error[p] for p in measured) else set()
+    return {seen[-1]} if error[seen[-1]] > FAR_ERROR_RATIO * max(error[p] for p in measured) else set()
 
 
 def _scaled(plans: dict[str, str], cache: SensitivityCache) -> dict[str, float]:
     """option key -> KL of one group and factor: measured where measured, else scaled from the measured
-    option nearest in log output error (KL proportional to the error)."""
+    option nearest in log output error (KL proportional to the error; 0 where the error is 0: the block's
+    output, hence the logits, are the base model's)."""
     kl = {key: cache.values.get(cache.key(plan)) for key, plan in plans.items()}
     predicted = [key for key, value in kl.items() if value is None]
     if not predicted:
         return kl
-    error = {key: cache.values[cache.key(plans[key], "error")] for key in kl}
-    anchors = [(error[key], kl[key]) for key in kl if key not in predicted and error[key] != UNSEEN]
-    for key in predicted:
-        anchor_error, anchor_kl = min(anchors, key=lambda a: abs(math.log((error[key] + 1e-30) / (a[0] + 1e-30))))
-        kl[key] = anchor_kl * error[key] / anchor_error if anchor_error > 0 else anchor_kl
+    error = {key: cache.values[cache.key(plans[key], OUTPUT_ERROR)] for key in kl}
+    anchors = [(error[key], kl[key]) for key in kl if key not in predicted and error[key] > 0]
+    for key in predicted:  # an UNSEEN option is always measured, so error[key] >= 0 here
+        if error[key] == 0:
+            kl[key] = 0.0
+            continue
+        anchor_error, anchor_kl = min(anchors, key=lambda anchor: abs(math.log(error[key] / anchor[0])))
+        kl[key] = anchor_kl * error[key] / anchor_error
     return kl
 
 
 def _measure_(cache: SensitivityCache, plans: list[str], what: str, pool: list, window_shape: tuple[int, int],
               on_progress: Callable[[int, int], None] | None, spawn: Callable[[int], list] | None) -> None:
-    """Spread the plans over the workers in small batches, each worker measuring `what` (`kl`: the KL,
-    `error`: the output error; `UNSEEN` where no block shows it); save after every batch (a crash
+    """Spread the plans over the workers in small batches, each worker measuring `what` (`KL`, or
+    `OUTPUT_ERROR`: `UNSEEN` where no block's output shows the change); save after every batch (a crash
     loses little)."""
     batches = [plans[i:i + 8] for i in range(0, len(plans), 8)]
     pending: dict = {}
@@ -225,7 +236,7 @@ def _measure_(cache: SensitivityCache, plans: list[str], what: str, pool: list, 
     while batches or pending:
         while idle and batches:
             worker, batch = idle.pop(), batches.pop(0)
-            method = worker.profile_kl if what == "kl" else worker.profile_error
+            method = worker.profile_kl if what == KL else worker.profile_error
             pending[method.remote(batch, *window_shape)] = (worker, batch)
         ready, _ = ray.wait(list(pending), num_returns=1)
         worker, batch = pending.pop(ready[0])

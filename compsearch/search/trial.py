@@ -156,11 +156,11 @@ class TrialEvaluator:
                                  f"{self.latency_budget_ms:g} ms budget; not run")
             return {**metrics, "worker": self.worker}
         with PeakMemory(self.device) as peak:
-            if plan.layers or self.base_quality is None:
+            if plan.layers or not self._base_scored():
                 model, stored = self.compressed_model(plan, keep_stored=self.measurements.gguf is not None)
                 compressed = time.perf_counter()
                 metrics.update(perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base))
-            else:  # the base model itself, scored when this worker started
+            else:  # the base model itself, whose quality was scored when this worker started
                 model, stored, compressed = self.model, {}, time.perf_counter()
                 metrics.update(self.base_quality)
             if self.settings.tasks_each_trial:
@@ -171,6 +171,12 @@ class TrialEvaluator:
                        threads=torch.get_num_threads())
         check_declared(metrics)
         return metrics
+
+    def _base_scored(self) -> bool:
+        """Whether `evaluate` of the empty plan has nothing to measure: the base model's quality is known
+        and no task or timing is asked for (those run on a copy, never on the worker's own model)."""
+        tasks = self.settings.tasks_each_trial and self.measurements.has_tasks
+        return self.base_quality is not None and not tasks and self.measurements.latency is None
 
     def predicted_latency_ms(self, plan_jsons: list[str]) -> list[float | None]:
         """The latency cost model's prefill milliseconds of each plan, without running any (None without
@@ -203,6 +209,9 @@ class TrialEvaluator:
         errors = []
         for plan_json in plan_jsons:
             plan = Plan.from_json(plan_json)
+            if replay.last_changed(plan.layers) is None:
+                errors.append(None)
+                continue
             with self._base_with_plan(plan) as model:
                 errors.append(replay.output_error(model, ids, plan.layers))
         return errors

@@ -44,6 +44,10 @@ class SlowProfileEvaluator(_RayTrialEvaluator):
         time.sleep(0.5)
         return super().profile_kl(plans, windows, seq_len)
 
+    def profile_error(self, plans: list[str], windows: int, seq_len: int) -> list[float | None]:
+        time.sleep(0.5)
+        return super().profile_error(plans, windows, seq_len)
+
 
 class OutOfMemoryEvaluator(_RayTrialEvaluator):
     """A real worker that runs out of memory on every third trial it gets."""
@@ -172,7 +176,7 @@ def test_a_worker_killed_while_the_profile_is_measured_is_replaced(ray_session, 
     thread.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "killed" not in outcome and thread.is_alive():
-        busy = ray_actor_processes(psutil.Process(), "ray::SlowProfileEvaluator.profile_kl")
+        busy = ray_actor_processes(psutil.Process(), "ray::SlowProfileEvaluator.profile_")
         if busy:
             outcome["killed"] = busy[0].pid
             busy[0].kill()

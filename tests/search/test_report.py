@@ -152,7 +152,7 @@ def test_the_quality_axis_spans_the_feasible_points_not_an_infeasible_outlier():
         return pd.DataFrame({"state": "COMPLETE", "ppl": ppl, "feasible": feasible, "collapsed": False})
 
     view = StudyView(name="s", spec={}, trials=rows([15.0, 20.0, 28.0], [True, True, True]),
-                     references=rows([71.0, 17.7], [False, True]), layers=[], base_metrics={"ppl": 14.0},
+                     references=rows([71.0, 17.7, 12.5], [False, True, False]), layers=[], base_metrics={"ppl": 14.0},
                      base_bytes=None, memory_budget_bytes=None, latency_budget_ms=None, profile=None, protocol={})
     bottom, top, log = _quality_limits(view)
-    assert bottom < 14.0 and 28.0 < top < 71.0 and not log  # the 71 is drawn at the top edge instead
+    assert bottom < 12.5 and 28.0 < top < 71.0 and not log  # the 71 is drawn at the top edge instead

@@ -68,6 +68,21 @@ def test_output_error_grows_with_the_damage_and_runs_only_the_changed_blocks(tin
     finally:
         handle.remove()
     assert len(blocks) > 1 and not later  # stopped after block 0, the last (only) one changed
-    assert errors[0] > errors[1] > 0 and errors[2] > 0  # the embedding's change shows at block 0's output
+    assert errors[0] > errors[1] > 0
+    assert errors[2] is None  # the tiny model's head shares the embedding: no block output shows that change
     after = evaluator.model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(not block._forward_hooks and type(block).__name__ != "_Replay" for block in blocks)
+
+
+def test_the_base_model_is_scored_once_when_the_worker_starts(tiny_model_dir):
+    from compsearch.evaluators.quality import perplexity_and_kl
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text, source = load_text(None)
+    windows = make_windows(tokenizer, text, source, seq_len=32, eval_windows=2, calib_windows=2)
+    evaluator = TrialEvaluator(str(tiny_model_dir), windows.eval_ids, windows.calib_ids, WorkerSettings(batch_size=2))
+    full = perplexity_and_kl(evaluator.model, windows.eval_ids, 2, evaluator.base)
+    metrics = evaluator.evaluate(Plan().to_json())
+    assert metrics["ppl"] == full["ppl"] and metrics["nll"] == full["nll"] and metrics["kl"] == 0.0
+    assert metrics["compress_s"] < 1e-3  # nothing compressed, nothing copied
