@@ -183,8 +183,9 @@ def _submit_parser(submit: argparse.ArgumentParser) -> None:
     space.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACE_KEYWORDS)} (default: joint)")
     space.add_argument("--granularity", help=f"one decision per: {', '.join(GRANULARITIES)} (default: the space's "
                        "own: block; layer for gguf and vllm)")
-    space.add_argument("--no-tie-fused", dest="tie_fused", action="store_false",
-                       help="let q/k/v and gate/up choose separately at layer granularity")
+    space.add_argument("--no-tie-fused", dest="tie_fused", action="store_false", default=None,
+                       help="let q/k/v and gate/up choose separately at layer granularity (default: the space's "
+                            "own: apart for gguf, whose files store them apart; tied otherwise, as vLLM fuses them)")
     space.add_argument("--include-lm-head", action="store_true", help="compress the output head too (untied models)")
     for knob in KNOBS:  # overrides of the space's choices, one flag per knob
         _help_suffix(space.add_argument(knob.flag, dest=knob.choices, type=_list_of(knob.parse), metavar="A,B,...",

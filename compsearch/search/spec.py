@@ -63,7 +63,7 @@ class JobSpec:
     data: str | None = None
     space: str = "joint"
     granularity: str | None = None  # None: the space's own (block; layer for gguf and vllm)
-    tie_fused: bool = True
+    tie_fused: bool | None = None  # None: the space's own (tied; apart for gguf)
     include_lm_head: bool = False
     # Overrides of the space's choices, one per knob (`spaces.knobs.KNOBS`; a test keeps them in step).
     bits: tuple[int, ...] | None = None

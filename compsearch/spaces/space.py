@@ -282,9 +282,9 @@ SPACE_KEYWORDS: dict[str, dict[str, Any]] = {
     # Head fractions are rounded to whole heads per key/value group: 0.67 keeps 2 of SmolLM2's 3, 3 of Llama-3's 4.
     "structured": dict(bits=(4, 8, 16), quant_methods=("gptq",),
                        channel_fractions=(1.0, 0.875, 0.75, 0.625, 0.5), head_fractions=(1.0, 0.67)),
-    # GGUF tensor types (llama.cpp), per projection (q/k/v and gate/up tied) and for the token embedding, as
-    # llama.cpp's own mixes choose them. f16 first: it is the "off" choice.
-    "gguf": dict(granularity="layer", embeddings=True, quant_methods=(
+    # GGUF tensor types (llama.cpp), per tensor (q/k/v and gate/up apart: llama.cpp's own mixes give attn_v
+    # more bits than attn_q) and for the token embedding. f16 first: it is the "off" choice.
+    "gguf": dict(granularity="layer", tie_fused=False, embeddings=True, quant_methods=(
         "f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_1", "q5_0", "q4_1", "q4_0")),
     # What vLLM serves fast from compressed-tensors checkpoints: symmetric integer weights at 4 and 8 bits
     # (W4A16, W8A16), grouped, GPTQ or round-to-nearest; q/k/v and gate/up tied as vLLM fuses them.
