@@ -173,8 +173,9 @@ class TrialEvaluator:
         return metrics
 
     def _base_scored(self) -> bool:
-        """Whether `evaluate` of the empty plan has nothing to measure: the base model's quality is known
-        and no task or timing is asked for (those run on a copy, never on the worker's own model)."""
+        """Whether `evaluate` of the empty plan has nothing left to measure: the base model's quality is
+        known and no task or timing is asked for (they would run on the worker's own model, which
+        evaluation never touches: the full path runs them on a copy)."""
         tasks = self.settings.tasks_each_trial and self.measurements.has_tasks
         return self.base_quality is not None and not tasks and self.measurements.latency is None
 
