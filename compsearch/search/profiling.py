@@ -67,8 +67,12 @@ class BlockReplay:
         embedding), the block count if all lie after them (the output head)."""
         if any(name in self.before_blocks for name in layer_names):
             return 0
-        indices = [i for name in layer_names for i, prefix in enumerate(self.prefixes) if name.startswith(prefix)]
+        indices = [block for block in map(self._block_of, layer_names) if block is not None]
         return min(indices, default=len(self.prefixes))
+
+    def _block_of(self, layer_name: str) -> int | None:
+        """Index of the block holding the layer; None for a layer outside the blocks."""
+        return next((i for i, prefix in enumerate(self.prefixes) if layer_name.startswith(prefix)), None)
 
     @contextlib.contextmanager
     def skipping(self, layer_names) -> Iterator[None]:
@@ -91,7 +95,7 @@ class BlockReplay:
             return None
         indices = []
         for name in layer_names:
-            block = next((i for i, prefix in enumerate(self.prefixes) if name.startswith(prefix)), None)
+            block = self._block_of(name)
             if name in self.unseen_by_blocks or (block is None and name not in self.before_blocks):
                 return None
             indices.append(0 if block is None else block)

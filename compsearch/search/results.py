@@ -20,6 +20,7 @@ from compsearch.spaces.plan import Plan
 
 TRIALS_FILE, LAYERS_FILE, PARETO_FILE, BEST_DIR = "trials.parquet", "layers.parquet", "pareto.parquet", "best"
 _CONSTRAINT_PREFIX = "constraints:"
+CONSTRAINTS = ("memory", "latency", "quality")  # a study's limits; `<name>_violation` columns
 TASK_SCORES_ATTR = "task_scores"  # study attribute `task_scores:<trial>`: tasks scored after the search
 DISTILLED_ATTR = "distilled"  # study attribute `distilled:<trial>`: an exported candidate after distillation
 REFERENCE_ATTR = "reference"  # study attribute `reference:<name>`: a configuration scored by `compsearch evaluate`
@@ -92,15 +93,25 @@ def _reference_row(study: optuna.Study, spec: JobSpec, protocol: dict, record: d
     row = {"study": study.study_name, "trial": None, "state": "COMPLETE", "on_front": False,
            "objectives": ",".join(spec.objectives), "memory_budget_bytes": memory_budget,
            "latency_budget_ms": latency_budget, **record}
-    for name, budget, value in (("memory", memory_budget, record.get("memory_bytes")),
-                                ("latency", latency_budget, record.get("latency_ms"))):
-        if budget is not None:
-            row[f"{name}_violation"] = (value - budget) / budget if value is not None else math.inf
-    if spec.max_ppl_ratio is not None:
-        row["quality_violation"] = spec.quality_violation(record.get("ppl"), study.user_attrs[BASE_METRICS_ATTR]["ppl"])
-    row["feasible"] = all(row.get(f"{name}_violation", 0) <= 0 for name in ("memory", "latency", "quality"))
+    for name, value in violations(spec, record, memory_budget, study).items():
+        row[f"{name}_violation"] = value
+    row["feasible"] = all(row.get(f"{name}_violation", 0) <= 0 for name in CONSTRAINTS)
     row.update({f"protocol_{key}": value for key, value in protocol.items()})
     return row
+
+
+def violations(spec: JobSpec, metrics: dict, memory_budget_bytes: int | None, study: optuna.Study) -> dict[str, float]:
+    """How far past each of the study's limits a plan's `metrics` are, relative to the limit (<= 0: within):
+    the memory and latency budgets and the quality floor, those the study has; a metric that is missing
+    counts as infinitely over."""
+    over = {}
+    for name, budget, value in (("memory", memory_budget_bytes, metrics.get("memory_bytes")),
+                                ("latency", spec.latency_budget_ms, metrics.get("latency_ms"))):
+        if budget is not None:
+            over[name] = (value - budget) / budget if value is not None else math.inf
+    if spec.max_ppl_ratio is not None:
+        over["quality"] = spec.quality_violation(metrics.get("ppl"), study.user_attrs[BASE_METRICS_ATTR]["ppl"])
+    return over
 
 
 def rank_trials(frame: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:

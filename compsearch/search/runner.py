@@ -20,7 +20,9 @@ from compsearch.search.capacity import memory_warning
 from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext
-from compsearch.search.results import SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, write_results
+from compsearch.search.results import (
+    CONSTRAINTS, SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, violations, write_results,
+)
 from compsearch.search.spec import OBJECTIVES, objective_sign
 from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_profile, seed_uniform
@@ -294,13 +296,8 @@ def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, work
     if bad:
         _fail(study, trial, f"non-finite metrics: {', '.join(bad)} (the compressed model diverged)")
         return worker
-    if ctx.memory_budget_bytes is not None:
-        trial.set_constraint("memory", (metrics["memory_bytes"] - ctx.memory_budget_bytes) / ctx.memory_budget_bytes)
-    if ctx.spec.latency_budget_ms is not None:
-        trial.set_constraint("latency", (metrics["latency_ms"] - ctx.spec.latency_budget_ms) / ctx.spec.latency_budget_ms)
-    if ctx.spec.max_ppl_ratio is not None:
-        trial.set_constraint("quality", ctx.spec.quality_violation(metrics.get("ppl"),
-                                                                   study.user_attrs[BASE_METRICS_ATTR]["ppl"]))
+    for name, value in violations(ctx.spec, metrics, ctx.memory_budget_bytes, study).items():
+        trial.set_constraint(name, value)
     study.tell(trial, [objective_sign(name) * value for name, value in zip(ctx.spec.objectives, values)])
     return worker
 
@@ -382,6 +379,6 @@ def _event(study: optuna.Study, trials: pd.DataFrame, number: int, target: int, 
     ascending = objective_sign(ctx.spec.objectives[0]) > 0
     best = feasible.sort_values(primary, ascending=ascending).iloc[0].to_dict() if len(feasible) else None
     metrics = {key: row[key] for key in ("ppl", "kl", "memory_bytes", "bits_per_weight", "latency_ms")}
-    violated = tuple(name for name in ("memory", "latency", "quality") if (row[f"{name}_violation"] or 0) > 0)
+    violated = tuple(name for name in CONSTRAINTS if (row[f"{name}_violation"] or 0) > 0)
     return TrialEvent(done_count(study), target, number, row["state"], metrics, row["feasible"], best, len(feasible),
                       row["error"], violated)
