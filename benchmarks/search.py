@@ -19,10 +19,10 @@ first finished trial (cold profile cache unless `--cache-dir` holds one); `estim
 the same for the estimate corrected by the trials before each one (`guided.Calibration`, as the
 guided children use it).
 
-Writes benchmarks/results/search.csv and search_bpw.csv (rows of the methods and seeds run replace
+Writes benchmarks/results/search.csv and search_bpw.csv (rows of the space, methods and seeds run replace
 theirs; the others are kept) and prints the tables.
 
-    python benchmarks/search.py --trials 32 --seeds 0 1 2 [--workdir DIR to resume an interrupted run]
+    python benchmarks/search.py --space quant --trials 32 --seeds 0 1 2 [--workdir DIR to resume an interrupted run]
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ METHODS = {
 # floor, uniform-first seeds and calibrated children (its numbers from its own run, 2026-12-01).
 KEPT_METHODS = ("guided-before",)
 BPW_TARGETS = (3.0, 2.5)
+UNIFORM_ALL_MAX = 64  # spaces with more uniform plans than this (sota: 480) get no exhaustive uniform reference
 
 
 def hypervolume(trials: pd.DataFrame, base_bytes: int, reference: np.ndarray) -> float:
@@ -70,9 +71,9 @@ def hypervolume(trials: pd.DataFrame, base_bytes: int, reference: np.ndarray) ->
     return front_hypervolume(points, reference) if len(points) else 0.0
 
 
-def run_method(name: str, seed: int, args, workdir: Path) -> tuple[pd.DataFrame, float, float, float | None]:
-    """The method's study, run now or, when `workdir` already holds it finished, read back (then its
-    time to the first result is unknown)."""
+def run_method(name: str, seed: int, args, workdir: Path) -> tuple[pd.DataFrame, optuna.Study, float | None]:
+    """The method's study and its trials, run now or, when `workdir` already holds it finished, read back
+    (then its time to the first result is unknown)."""
     spec = JobSpec(study=f"{name}-s{seed}", space=args.space, seed=seed, population_size=args.population,
                    eval_windows=args.eval_windows, calib_windows=args.calib_windows, **METHODS[name])
     options = RunOptions(results_dir=workdir, workers=args.workers, cache_dir=args.cache_dir)
@@ -85,8 +86,7 @@ def run_method(name: str, seed: int, args, workdir: Path) -> tuple[pd.DataFrame,
         trials = submit(spec, args.trials, options, force=True)
         first_result_s = (trials["finished_at"].min() - submitted).total_seconds()
     study = optuna.load_study(study_name=spec.study, storage=options.storage_url(spec.study))
-    search_s = (trials["finished_at"].max() - trials["started_at"].min()).total_seconds()
-    return trials.sort_values("trial"), search_s, study.user_attrs.get("profile_s", 0.0), first_result_s
+    return trials.sort_values("trial"), study, first_result_s
 
 
 def estimate_errors(trials: pd.DataFrame) -> tuple[float | None, float | None]:
@@ -105,11 +105,15 @@ def estimate_errors(trials: pd.DataFrame) -> tuple[float | None, float | None]:
     return float(np.median(raw)), float(np.median(corrected))
 
 
-def uniform_reference(args, workdir: Path) -> pd.DataFrame:
-    """Every uniform plan of the space, evaluated once (the best a user can do by hand)."""
+def uniform_reference(args, workdir: Path) -> pd.DataFrame | None:
+    """Every uniform plan of the space, evaluated once (the best a user can do by hand); None when the space
+    has more than `UNIFORM_ALL_MAX` of them."""
     spec = JobSpec(study="uniform-all", space=args.space, granularity="model", guided=False, uniform_seeds=False,
                    sampler="random", eval_windows=args.eval_windows, calib_windows=args.calib_windows)
     choices = list(spec.search_space().uniform_choices())
+    if len(choices) > UNIFORM_ALL_MAX:
+        print(f"{len(choices)} uniform plans in {args.space!r}: not all measured (no trials_to_beat_uniform)")
+        return None
     options = RunOptions(results_dir=workdir, workers=args.workers, cache_dir=args.cache_dir)
 
     def enqueue_all(ctx, study, _requeued):
@@ -144,41 +148,42 @@ def main() -> None:
     print(f"studies in {workdir}")
 
     uniform = uniform_reference(args, workdir)
-    base_study = optuna.load_study(study_name="uniform-all", storage=f"sqlite:///{workdir}/uniform-all/study.db")
-    base_bytes, base_ppl = base_study.user_attrs["base_bytes"], base_study.user_attrs[BASE_METRICS_ATTR]["ppl"]
-    reference = np.array([1.0, REF_PPL_RATIO * base_ppl])
-    uniform_hv = hypervolume(uniform, base_bytes, reference)
-    print(f"base ppl {base_ppl:.3f}; every uniform plan ({len(uniform)}): hypervolume {uniform_hv:.4f}")
-
+    if uniform is not None:
+        print(f"every uniform plan ({len(uniform)}) measured")
     rows, bpw_rows = [], []
     for name in args.methods:
         for seed in args.seeds:
-            trials, search_s, profile_s, first_result_s = run_method(name, seed, args, workdir)
+            trials, study, first_result_s = run_method(name, seed, args, workdir)
+            base_bytes, base_ppl = study.user_attrs["base_bytes"], study.user_attrs[BASE_METRICS_ATTR]["ppl"]
+            reference = np.array([1.0, REF_PPL_RATIO * base_ppl])
+            uniform_hv = hypervolume(uniform, base_bytes, reference) if uniform is not None else None
             hv = [hypervolume(trials.head(n), base_bytes, reference) for n in range(1, len(trials) + 1)]
-            beat = next((n for n, value in enumerate(hv, 1) if value > uniform_hv + 1e-12), None)
+            beat = next((n for n, value in enumerate(hv, 1) if value > uniform_hv + 1e-12), None) \
+                if uniform_hv is not None else None
             repeated = int(trials.loc[trials["state"] == "COMPLETE", "plan_json"].duplicated().sum())
             collapsed = int(((trials["state"] == "COMPLETE") & (trials["ppl"] > COLLAPSED_PPL_RATIO * base_ppl)).sum())
             raw_error, corrected_error = estimate_errors(trials)
-            rows.append({"method": name, "seed": seed, "trials": len(trials), "hypervolume": hv[-1],
+            search_s = (trials["finished_at"].max() - trials["started_at"].min()).total_seconds()
+            rows.append({"space": args.space, "method": name, "seed": seed, "trials": len(trials), "hypervolume": hv[-1],
                          "hypervolume_16": hv[min(16, len(hv)) - 1], "trials_to_beat_uniform": beat,
                          "repeated_plans": repeated, "collapsed_trials": collapsed, "first_result_s": first_result_s,
                          "estimate_error": raw_error, "corrected_estimate_error": corrected_error,
-                         "search_s": search_s, "profile_s": profile_s})
+                         "search_s": search_s, "profile_s": study.user_attrs.get("profile_s", 0.0)})
             for target in BPW_TARGETS:
-                bpw_rows.append({"method": name, "seed": seed, "bpw_target": target,
+                bpw_rows.append({"space": args.space, "method": name, "seed": seed, "bpw_target": target,
                                  "best_ppl": _best_ppl_at(trials, target)})
             print(rows[-1], flush=True)
-    for target in BPW_TARGETS:  # the best uniform plan at the same or larger size
+    for target in BPW_TARGETS if uniform is not None else ():  # the best uniform plan at the same or larger size
         bigger = uniform[(uniform["state"] == "COMPLETE") & (uniform["bits_per_weight"] >= target)]
         smallest = bigger.sort_values("bits_per_weight").head(1)
-        bpw_rows.append({"method": "uniform-all", "seed": -1, "bpw_target": target,
+        bpw_rows.append({"space": args.space, "method": "uniform-all", "seed": -1, "bpw_target": target,
                          "best_ppl": float(smallest["ppl"].iloc[0]) if len(smallest) else None,
                          "uniform_bpw": float(smallest["bits_per_weight"].iloc[0]) if len(smallest) else None})
     RESULTS.mkdir(exist_ok=True)
     table = _merged(RESULTS / "search.csv", pd.DataFrame(rows))
     bpw = _merged(RESULTS / "search_bpw.csv", pd.DataFrame(bpw_rows))
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print("\n" + table.groupby("method")[["hypervolume", "hypervolume_16", "trials_to_beat_uniform", "repeated_plans",
+    print("\n" + table.groupby(["space", "method"])[["hypervolume", "hypervolume_16", "trials_to_beat_uniform", "repeated_plans",
                                           "collapsed_trials", "first_result_s", "estimate_error",
                                           "corrected_estimate_error", "search_s", "profile_s"]].mean().to_string())
     print("\n" + bpw.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -186,13 +191,14 @@ def main() -> None:
 
 
 def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
-    """`new` written over the rows of the same (method, seed) in the CSV at `path`; the others kept."""
-    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["method", "seed"])
-    replaced = set(zip(new["method"], new["seed"]))
-    kept = old[[(method, seed) not in replaced for method, seed in zip(old["method"], old["seed"])]]
+    """`new` written over the rows of the same (space, method, seed) in the CSV at `path`; the others kept."""
+    key = ["space", "method", "seed"]
+    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=key)
+    replaced = set(new[key].itertuples(index=False, name=None))
+    kept = old[[row not in replaced for row in old[key].itertuples(index=False, name=None)]]
     table = pd.concat([kept, new], ignore_index=True) if len(kept) else new
     order = {name: index for index, name in enumerate([*METHODS, *KEPT_METHODS, "uniform-all"])}
-    table = table.sort_values(["method", "seed"], key=lambda col: col.map(order) if col.name == "method" else col)
+    table = table.sort_values(key, key=lambda col: col.map(order) if col.name == "method" else col)
     table.to_csv(path, index=False)
     return table
 
