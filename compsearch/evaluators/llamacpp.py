@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from compsearch.evaluators.latency import LatencySettings, device_name
-from compsearch.evaluators.quality import base_kl_sum
+from compsearch.evaluators.quality import ReferenceRows, base_kl_sum
 
 INSTALL_HINT = "install it with `pip install 'compsearch[llamacpp]'` (builds llama.cpp, about 8 minutes on 2 cores)"
 
@@ -69,14 +69,15 @@ def llamacpp_log_probs(gguf_path: Path, windows: torch.Tensor, threads: int | No
 def llamacpp_perplexity_and_kl(gguf_path: Path, windows: torch.Tensor, threads: int | None = None,
                                base: list | None = None) -> dict[str, float]:
     """`ppl` and `nll` of the file over `windows` (token ids, BOS first), every position scored; with the
-    base model's log-probs of each window (`base_log_probs` with batch size 1), also `kl` to it."""
+    base model's log-probs on them (`base_log_probs`), also `kl` to it."""
     nll_sum, kl_sum, tokens = 0.0, 0.0, 0
-    for index, (window, log_probs) in enumerate(zip(windows, llamacpp_log_probs(gguf_path, windows, threads))):
+    reference = ReferenceRows(base) if base is not None else None
+    for window, log_probs in zip(windows, llamacpp_log_probs(gguf_path, windows, threads)):
         targets = window[1:]
         nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
         tokens += len(targets)
-        if base is not None:
-            kl_sum += base_kl_sum(base[index], log_probs)
+        if reference is not None:
+            kl_sum += base_kl_sum(reference.next(len(log_probs)), log_probs)
     metrics = {"ppl": math.exp(nll_sum / tokens), "nll": nll_sum / tokens}
     if base is not None:
         metrics["kl"] = kl_sum / tokens

@@ -46,6 +46,19 @@ class TopKLogProbs:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.rest))
 
+    def __len__(self) -> int:
+        return len(self.rest)
+
+    def __getitem__(self, rows: slice) -> "TopKLogProbs":
+        return TopKLogProbs(self.values[rows], self.indices[rows], self.rest[rows])
+
+    def to(self, device: str | torch.device) -> "TopKLogProbs":
+        return TopKLogProbs(self.values.to(device), self.indices.to(device), self.rest.to(device))
+
+    @classmethod
+    def cat(cls, parts: list["TopKLogProbs"]) -> "TopKLogProbs":
+        return cls(*(torch.cat([getattr(part, name) for part in parts]) for name in ("values", "indices", "rest")))
+
     def kl_sum(self, log_probs: torch.Tensor) -> float:
         """Sum over tokens of KL(base || model), the tail lumped into one outcome (a lower bound)."""
         indices = self.indices.long()
@@ -111,6 +124,39 @@ def base_reference(model: nn.Module, windows: torch.Tensor, batch_size: int, top
     return chunks, _quality(nll_sum, tokens, 0.0)
 
 
+def merged_references(parts: list[tuple[list, dict[str, float]]]) -> tuple[list, dict[str, float]]:
+    """One `base_reference` from those of consecutive shares of the windows (measured apart, e.g. one share
+    per worker), in order."""
+    chunks = [chunk for part_chunks, _ in parts for chunk in part_chunks]
+    tokens = [sum(len(chunk) for chunk in part_chunks) for part_chunks, _ in parts]
+    nll_sum = sum(quality["nll"] * count for (_, quality), count in zip(parts, tokens))
+    return chunks, _quality(nll_sum, sum(tokens), 0.0)
+
+
+class ReferenceRows:
+    """A base reference's chunks read as one sequence of predicted positions, whatever chunk sizes it was
+    measured with (another batch size, or shares measured apart)."""
+
+    def __init__(self, chunks: list):
+        self.chunks, self.chunk, self.row = chunks, 0, 0
+
+    def next(self, count: int) -> TopKLogProbs | torch.Tensor:
+        """The reference of the next `count` positions."""
+        parts = []
+        while count > 0:
+            if self.chunk >= len(self.chunks):
+                raise ValueError("the base reference covers fewer positions than the windows evaluated")
+            chunk = self.chunks[self.chunk]
+            taken = min(count, len(chunk) - self.row)
+            parts.append(chunk[self.row:self.row + taken])
+            self.row, count = self.row + taken, count - taken
+            if self.row == len(chunk):
+                self.chunk, self.row = self.chunk + 1, 0
+        if len(parts) == 1:
+            return parts[0]
+        return TopKLogProbs.cat(parts) if isinstance(parts[0], TopKLogProbs) else torch.cat(parts)
+
+
 def base_kl_sum(reference: TopKLogProbs | torch.Tensor, log_probs: torch.Tensor) -> float:
     """KL(base || model) summed over positions; `reference` is the base's compact top-k or its full log-probs."""
     if isinstance(reference, TopKLogProbs):
@@ -124,11 +170,12 @@ def perplexity_and_kl(
 ) -> dict[str, float]:
     """`ppl` over all predicted tokens; with the base model's log-probs also `kl` = mean KL(base || model)."""
     nll_sum, kl_sum, tokens = 0.0, 0.0, 0
-    for index, (log_probs, targets) in enumerate(next_token_log_probs(model, windows, batch_size)):
+    reference = ReferenceRows(base) if base is not None else None
+    for log_probs, targets in next_token_log_probs(model, windows, batch_size):
         nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
         tokens += targets.numel()
-        if base is not None:
-            kl_sum += base_kl_sum(base[index], log_probs)
+        if reference is not None:
+            kl_sum += base_kl_sum(reference.next(len(log_probs)), log_probs)
     return _quality(nll_sum, tokens, kl_sum if base is not None else None)
 
 

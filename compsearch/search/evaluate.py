@@ -12,7 +12,6 @@ from typing import Callable
 import pandas as pd
 
 from compsearch.compress import plan_bits_per_weight
-from compsearch.evaluators.quality import base_log_probs
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, prepare_job
 from compsearch.search.models import load_config
@@ -122,9 +121,8 @@ def _score_gguf(path: Path, ctx: JobContext, evaluator: TrialEvaluator) -> dict:
     from compsearch.evaluators.llamacpp import LlamaCppMissing, llamacpp_latency, llamacpp_perplexity_and_kl
 
     settings = evaluator.settings
-    base = base_log_probs(evaluator.model, evaluator.eval_ids, 1, settings.kl_top_k) if settings.with_kl else None
     try:
-        metrics = llamacpp_perplexity_and_kl(path, ctx.windows.eval_ids, settings.threads, base)
+        metrics = llamacpp_perplexity_and_kl(path, ctx.windows.eval_ids, settings.threads, evaluator.base)
         if settings.latency is not None:
             metrics.update(llamacpp_latency(path, settings.latency, settings.threads))
     except LlamaCppMissing as err:

@@ -16,6 +16,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from compsearch.compress import plan_bits_per_weight
+from compsearch.evaluators.quality import merged_references
 from compsearch.search.capacity import memory_warning
 from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
@@ -124,6 +125,27 @@ def start_workers(ctx: JobContext, count: int, cpus_per_worker: int, gpus_per_wo
     return [actor.remote(ctx.model_ref, eval_ref, calib_ref, settings) for _ in range(count)]
 
 
+def share_base_reference(ctx: JobContext, pool: list) -> list:
+    """The base model's distributions on the evaluation windows (for KL), each worker measuring a share of
+    the windows, given to every worker: one forward pass over the windows per study, not one per worker.
+    Returns [its object ref], or [] when the study measures no KL or a worker died (then each worker
+    measures its own on first use)."""
+    if not ctx.spec.needs_kl:
+        return []
+    windows = len(ctx.windows.eval_ids)
+    bounds = [round(index * windows / len(pool)) for index in range(len(pool) + 1)]
+    try:
+        shares = ray.get([worker.base_reference_share.remote(start, end)
+                          for worker, start, end in zip(pool, bounds, bounds[1:]) if end > start])
+    except (RayActorError, RayTaskError) as err:
+        log.warning("the base reference could not be shared (%s); each worker measures its own", err)
+        return []
+    reference = ray.put(merged_references(shares))
+    for worker in pool:
+        worker.set_base_reference.remote(reference)
+    return [reference]
+
+
 def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,
               cpus_per_worker: int = 1, address: str | None = None,
               on_trial: Callable[[TrialEvent], None] | None = None,
@@ -149,10 +171,16 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         if warning:
             say(f"warning: {warning}")
 
+        shared_reference: list = []  # the base model's distributions, once the workers have measured them
+
         def spawn(count: int) -> list:
-            return start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator)
+            started = start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator)
+            for worker in started if shared_reference else ():
+                worker.set_base_reference.remote(shared_reference[0])
+            return started
 
         pool = spawn(workers)
+        shared_reference.extend(share_base_reference(ctx, pool))
         beat(study, [])
         if BASE_METRICS_ATTR not in study.user_attrs:
             study.set_user_attr(BASE_METRICS_ATTR, storable(ray.get(pool[0].evaluate.remote(Plan().to_json()))))

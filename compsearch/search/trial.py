@@ -85,9 +85,9 @@ class TrialEvaluator:
         self.device = settings.device
         self.eval_ids, self.calib_ids = eval_ids.to(self.device), calib_ids.to(self.device)
         self.batch_size = settings.batch_size or auto_batch_size(self.model, self.eval_ids.shape[1], self.device)
-        # The base model's distributions (for KL) and its own quality, from one forward pass.
-        self.base, self.base_quality = base_reference(self.model, self.eval_ids, self.batch_size, settings.kl_top_k) \
-            if settings.with_kl else (None, None)
+        # The base model's distributions on the evaluation windows (for KL) and its own quality, from one
+        # forward pass: measured on first use, or given (`set_base_reference`) when the workers share them.
+        self._base_reference: tuple[list, dict] | None = None
         tasks = settings.tasks
         suite = TaskSuite(**tasks, cache_dir=settings.cache_dir) \
             if tasks and (tasks.get("tasks") or tasks.get("task_paths")) else None
@@ -104,6 +104,34 @@ class TrialEvaluator:
         self.variants = VariantCache(variant_cache_bytes(count_params(self.model)))
         self._profile: tuple | None = None  # profiling windows, their base log-probs, the block replay
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def base(self) -> list | None:
+        """The base model's next-token distributions on the evaluation windows (None without KL)."""
+        return self._reference()[0]
+
+    @property
+    def base_quality(self) -> dict[str, float] | None:
+        """The base model's own `perplexity_and_kl` on the evaluation windows (None without KL)."""
+        return self._reference()[1]
+
+    def base_reference_share(self, start: int, end: int) -> tuple[list, dict[str, float]]:
+        """`base_reference` of evaluation windows [start, end), on the CPU: this worker's share when the
+        workers split the measurement."""
+        chunks, quality = base_reference(self.model, self.eval_ids[start:end], self.batch_size, self.settings.kl_top_k)
+        return [chunk.to("cpu") for chunk in chunks], quality
+
+    def set_base_reference(self, reference: tuple[list, dict[str, float]]) -> None:
+        """Use `reference` (`merged_references` of the shares) instead of measuring it here."""
+        chunks, quality = reference
+        self._base_reference = [chunk.to(self.device) for chunk in chunks], quality
+
+    def _reference(self) -> tuple[list | None, dict[str, float] | None]:
+        if not self.settings.with_kl:
+            return None, None
+        if self._base_reference is None:
+            self.set_base_reference(self.base_reference_share(0, len(self.eval_ids)))
+        return self._base_reference
 
     def input_norms(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
         """Calibration input norms of every Linear, measured on first use and kept."""

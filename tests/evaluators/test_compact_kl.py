@@ -50,3 +50,22 @@ def test_compact_cache_size_does_not_grow_with_the_vocabulary(setup):
     tokens = sum(chunk.values.shape[0] for chunk in cache)
     assert sum(chunk.nbytes for chunk in cache) == tokens * (8 * 8 + 4)
     assert perplexity_and_kl(model, ids, 2, cache)["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [8, None])
+def test_a_reference_measured_in_shares_gives_the_same_kl(setup, top_k):
+    """Shares of the windows measured apart (as the workers of a study split it), with other batch sizes,
+    merge into the reference measured at once: same KL, perplexity and nll whatever the evaluation's batch."""
+    from compsearch.evaluators.quality import base_reference, merged_references
+
+    model, damaged, ids = setup
+    whole, whole_quality = base_reference(model, ids, 4, top_k)
+    merged, merged_quality = merged_references([base_reference(model, ids[:1], 1, top_k),
+                                                base_reference(model, ids[1:], 3, top_k)])
+    assert merged_quality["ppl"] == pytest.approx(whole_quality["ppl"], rel=1e-6)
+    assert merged_quality["nll"] == pytest.approx(whole_quality["nll"], rel=1e-6)
+    for batch in (1, 2, 4):
+        assert perplexity_and_kl(damaged, ids, batch, merged)["kl"] == pytest.approx(
+            perplexity_and_kl(damaged, ids, 4, whole)["kl"], rel=1e-5)
+    with pytest.raises(ValueError, match="fewer positions"):
+        perplexity_and_kl(damaged, ids, 2, merged[:1])

@@ -27,6 +27,21 @@ def finished_study(tiny_model_dir, ray_session, tmp_path_factory):
     return spec, results, options, trials, events
 
 
+def test_the_workers_share_one_base_reference(finished_study):
+    """Each of the two workers measured half of the evaluation windows; the merged reference is the one a
+    single process measures: the base perplexity, and KL 0 for the base model's own plan."""
+    from compsearch.evaluators.quality import base_reference
+    from compsearch.search.job import prepare_job
+    from compsearch.search.trial import TrialEvaluator, WorkerSettings
+
+    spec, _, options, _, _ = finished_study
+    ctx = prepare_job(spec)
+    evaluator = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, WorkerSettings(batch_size=4))
+    _, alone = base_reference(evaluator.model, ctx.windows.eval_ids, 4)
+    shared = load_study("e2e", open_storage(options.storage_url("e2e")))[0].user_attrs[BASE_METRICS_ATTR]
+    assert shared["ppl"] == pytest.approx(alone["ppl"], rel=1e-5) and shared["kl"] == 0.0
+
+
 def test_study_writes_every_table(finished_study):
     spec, results, options, trials, events = finished_study
     folder = results / "e2e"
