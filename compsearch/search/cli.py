@@ -19,7 +19,7 @@ from compsearch.search.spec import (DEFAULT_MAX_PPL_RATIO, DEFAULT_MODEL, EXPORT
                                     JobSpec)
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import GRANULARITIES
-from compsearch.spaces.space import SPACE_KEYWORDS
+from compsearch.spaces.space import DEFAULT_SPACE, SPACE_KEYWORDS
 
 EXIT_USAGE = 2
 
@@ -180,7 +180,8 @@ def _submit_parser(submit: argparse.ArgumentParser) -> None:
     data.add_argument("--calib-windows", type=int, default=16)
     data.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     space = submit.add_argument_group("space")
-    space.add_argument("--space", default="joint", help=f"search space: {', '.join(SPACE_KEYWORDS)} (default: joint)")
+    space.add_argument("--space", default=DEFAULT_SPACE,
+                       help=f"search space: {', '.join(SPACE_KEYWORDS)} (default: {DEFAULT_SPACE})")
     space.add_argument("--granularity", help=f"one decision per: {', '.join(GRANULARITIES)} (default: the space's "
                        "own: block; layer for gguf and vllm)")
     space.add_argument("--no-tie-fused", dest="tie_fused", action="store_false", default=None,

@@ -12,7 +12,7 @@ from compsearch.search.errors import UserError
 from compsearch.spaces import SpaceError, get_space
 from compsearch.spaces.knobs import CHOICE_FIELDS, FLOAT_METHOD
 from compsearch.spaces.layers import GRANULARITIES
-from compsearch.spaces.space import Space
+from compsearch.spaces.space import DEFAULT_SPACE, Space
 
 DEFAULT_MODEL = "smollm2-135m"
 TASKS_ON = ("all", "pareto")
@@ -61,7 +61,7 @@ class JobSpec:
     study: str
     model: str = DEFAULT_MODEL
     data: str | None = None
-    space: str = "joint"
+    space: str = DEFAULT_SPACE
     granularity: str | None = None  # None: the space's own (block; layer for gguf and vllm)
     tie_fused: bool | None = None  # None: the space's own (tied; apart for gguf)
     include_lm_head: bool = False

@@ -30,7 +30,7 @@ def _error(capsys, argv) -> str:
     (["--space", "everything"], "space 'everything' is unknown"),
     (["--sampler", "cmaes"], "sampler 'cmaes' is unknown"),
     (["--objectives", "ppl,speed"], "'ppl,speed' are not valid"),
-    (["--memory-budget", "1KB"], "is below the smallest plan in space 'joint'"),
+    (["--memory-budget", "1KB"], "is below the smallest plan in space 'quant-sparse'"),
     (["--memory-budget", "12"], "has no unit"),
     (["--data", "/no/such/file.txt"], "no such file or folder"),
     (["--bits", "4,7"], "bits 7 is not supported"),
@@ -46,7 +46,7 @@ def test_bad_submit_inputs(tiny_model_dir, tmp_path, capsys, extra, fragment):
 
 def test_an_unreachable_latency_budget_is_refused_before_any_trial(tiny_model_dir, ray_session, tmp_path, capsys):
     err = _error(capsys, cli_args(tiny_model_dir, tmp_path, "fast", 2, "--latency-budget", "0.001"))
-    assert "latency budget 0.001 ms is out of reach: the fastest plan of space 'joint' is predicted at" in err
+    assert "latency budget 0.001 ms is out of reach: the fastest plan of space 'quant-sparse' is predicted at" in err
     assert not study_exists(open_storage(default_storage_url(tmp_path, "fast")), "fast")  # a new submit may use the name
     assert main(cli_args(tiny_model_dir, tmp_path, "fast", 1, "--latency-budget", "10000", "--latency-repeats", "1")) == 0
 
