@@ -12,7 +12,10 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    estimate, corrected by the study's own measurements (`Calibration`), is past the quality floor, is
    drawn again, a few times at most: such a trial costs as much as any and teaches nothing. The first
    redraws stay local (other parents, other random switches); later ones take one more switch each,
-   for when a parent's near neighbourhood is used up.
+   for when a parent's near neighbourhood is used up;
+5. of the first few children that pass, the one whose predicted point (its bytes, its corrected KL)
+   adds the most hypervolume to the measured (bytes, KL) front is run: the trial goes where the front
+   has a gap or can move, not to a size the front already covers well.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile 
 CROSSOVER_PROB = 0.3
 REDRAWS = 8  # children drawn at most before a repeat of a known plan is accepted
 LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
+CANDIDATES = 4  # children that pass, of which the one of largest predicted hypervolume gain runs
 
 
 class GuidedChildren:
@@ -40,10 +44,10 @@ class GuidedChildren:
     def __init__(self, ctx: JobContext, profile: Profile, seed: int | None = None):
         self.ctx, self.members = ctx, ctx.space.groups(ctx.layers)
         self.options = group_options(ctx, profile)
+        self.kept_bytes = ctx.base_bytes - sum(layer.num_params for layer in ctx.layers) * 2  # not searched
         self.layer_budget = None
         if ctx.memory_budget_bytes is not None:
-            kept = ctx.base_bytes - sum(layer.num_params for layer in ctx.layers) * 2
-            self.layer_budget = ctx.memory_budget_bytes - kept
+            self.layer_budget = ctx.memory_budget_bytes - self.kept_bytes
         self.knobs = list(ctx.space.knobs())
         self.rng = np.random.default_rng(seed)
 
@@ -53,14 +57,27 @@ class GuidedChildren:
         known = {_plan_key(trial.params, search_space) for trial in trials}
         max_kl, corrected = self.ctx.spec.max_kl, Calibration.from_trials(trials)
         new = None  # the first child that is no repeat, should none keep within the floor
+        front = _measured_front(trials)
+        wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
+        passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and KL, child)
         for attempt in range(REDRAWS):
             levels = self._child(parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
             child = self._params(levels, search_space)
-            if _plan_key(child, search_space) in known:
+            key = _plan_key(child, search_space)
+            if key in known:
                 continue
-            if max_kl is None or corrected(self._estimate(levels)) <= max_kl:
-                return child
+            known.add(key)
+            predicted_kl = corrected(self._estimate(levels))
+            if max_kl is None or predicted_kl <= max_kl:
+                passed.append(((self.kept_bytes + self._size(levels), predicted_kl), child))
+                if len(passed) == wanted:
+                    break
             new = new or child
+        if passed:
+            memory_limit = self.ctx.memory_budget_bytes or self.ctx.base_bytes
+            kl_limit = max_kl or 2 * max(kl for _, kl in front + [point for point, _ in passed])
+            return max(passed, key=lambda candidate: _hypervolume_gain(front, *candidate[0], memory_limit * 1.01,
+                                                                        kl_limit))[1]
         return new or child
 
     def _params(self, levels: dict[str, int], search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -132,6 +149,37 @@ class GuidedChildren:
 
     def _estimate(self, levels: dict[str, int]) -> float:
         return sum(self.options[group][level].estimate for group, level in levels.items())
+
+
+def _measured_front(trials: list[FrozenTrial]) -> list[tuple[float, float]]:
+    """(memory bytes, KL) of the completed trials that no other beats in both, by ascending bytes."""
+    points = sorted((t.user_attrs["memory_bytes"], t.user_attrs["kl"]) for t in trials
+                    if t.state == optuna.trial.TrialState.COMPLETE and "memory_bytes" in t.user_attrs
+                    and _positive(t.user_attrs.get("kl")))
+    front: list[tuple[float, float]] = []
+    for memory, kl in points:
+        if not front or kl < front[-1][1]:
+            front.append((memory, kl))
+    return front
+
+
+def _hypervolume_gain(front: list[tuple[float, float]], memory: float, kl: float,
+                      memory_limit: float, kl_limit: float) -> float:
+    """The area that the point (memory, kl) adds to what `front` (`_measured_front`) dominates, in
+    (bytes, log KL) up to (`memory_limit`, `kl_limit`); log KL, so that gains at small and at large
+    damage weigh alike."""
+    if kl <= 0 or memory >= memory_limit or kl >= kl_limit:
+        return 0.0
+    point, height = math.log(kl), math.log(kl_limit)  # `height`: where the front's dominated area starts
+    for step_memory, step_kl in front:
+        if step_memory <= memory:
+            height = min(height, math.log(step_kl))
+    gained, left = 0.0, memory
+    for step_memory, step_kl in front:
+        if memory < step_memory < memory_limit:
+            gained += max(0.0, height - point) * (step_memory - left)
+            left, height = step_memory, min(height, math.log(step_kl))
+    return gained + max(0.0, height - point) * (memory_limit - left)
 
 
 def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:

@@ -159,3 +159,42 @@ def test_guided_children_keep_within_the_quality_floor():
     drawn = [children(study, distributions, parents) for _ in range(20)]
     levels = [children._levels(params) for params in drawn]
     assert all(children._estimate(level) <= floor for level in levels)
+
+
+def test_hypervolume_gain_counts_only_the_area_the_front_does_not_hold():
+    from compsearch.search.guided import _hypervolume_gain, _measured_front
+
+    trials = [optuna.trial.create_trial(values=[1.0], user_attrs={"memory_bytes": m, "kl": k})
+              for m, k in ((10, 1.0), (20, 0.1), (25, 0.5))]  # (25, 0.5) is dominated by (20, 0.1)
+    front = _measured_front(trials)
+    assert front == [(10, 1.0), (20, 0.1)]
+    assert _hypervolume_gain(front, 15, 0.5, 30, 10) == pytest.approx(np.log(1.0 / 0.5) * 5)  # up to the next step
+    assert _hypervolume_gain(front, 5, 0.5, 30, 10) == pytest.approx(np.log(10 / 0.5) * 5 + np.log(1 / 0.5) * 10)
+    assert _hypervolume_gain(front, 25, 0.2, 30, 10) == 0.0  # dominated
+    assert _hypervolume_gain([], 25, 0.2, 30, 10) == pytest.approx(np.log(10 / 0.2) * 5)
+
+
+def test_guided_children_go_where_the_front_can_gain_most():
+    """Of the children that pass, the one predicted to add most to the measured front runs: never one
+    predicted to be dominated by it while another is predicted to improve it."""
+    from compsearch.search.guided import _hypervolume_gain, _measured_front
+
+    ctx = _context()
+    children = GuidedChildren(ctx, _profile(ctx), seed=7)
+    distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
+                     for group in children.options for knob, choices in ctx.space.knobs().items()}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for level in (1, 3, 5):  # measured: the estimate exactly
+        levels = {g: min(level, len(options) - 1) for g, options in children.options.items()}
+        study.add_trial(optuna.trial.create_trial(
+            params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
+            user_attrs={"memory_bytes": children.kept_bytes + children._size(levels), "kl": children._estimate(levels)}))
+    parents = study.get_trials()
+    front = _measured_front(parents)
+    limit = (ctx.base_bytes * 1.01, 2 * max(kl for _, kl in front))
+    gains = []
+    for _ in range(10):
+        levels = children._levels(children(study, distributions, parents))
+        gains.append(_hypervolume_gain(front, children.kept_bytes + children._size(levels), children._estimate(levels),
+                                       *limit))
+    assert min(gains) > 0
