@@ -13,9 +13,10 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    drawn again, a few times at most: such a trial costs as much as any and teaches nothing. The first
    redraws stay local (other parents, other random switches); later ones take one more switch each,
    for when a parent's near neighbourhood is used up;
-5. of the first few children that pass, the one whose predicted point (its bytes, its corrected KL)
-   adds the most hypervolume to the measured (bytes, KL) front is run: the trial goes where the front
-   has a gap or can move, not to a size the front already covers well.
+5. of the first few children that pass, the one whose predicted point (its bytes; the base model's
+   perplexity times e^KL, KL its corrected estimate) adds the most hypervolume to the measured
+   (bytes, perplexity) front, up to the budget and the quality floor, is run: the trial goes where
+   the front has a gap or can move, not to a size the front already covers well.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ from optuna.trial import FrozenTrial
 from compsearch.search.job import JobContext
 from compsearch.search.seeding import group_nbytes, group_options
 from compsearch.search.sensitivity import Profile
+from compsearch.search.study import BASE_METRICS_ATTR
 
 SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
 CROSSOVER_PROB = 0.3
 REDRAWS = 8  # children drawn at most before a repeat of a known plan is accepted
 LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
 CANDIDATES = 4  # children that pass, of which the one of largest predicted hypervolume gain runs
+FLOORLESS_PPL_RATIO = 3.0  # the hypervolume's perplexity bound, in base perplexities, without a quality floor
 
 
 class GuidedChildren:
@@ -59,7 +62,8 @@ class GuidedChildren:
         new = None  # the first child that is no repeat, should none keep within the floor
         front = _measured_front(trials)
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
-        passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and KL, child)
+        passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and perplexity, child)
+        base_ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl", 1.0)
         for attempt in range(REDRAWS):
             levels = self._child(parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
             child = self._params(levels, search_space)
@@ -69,15 +73,14 @@ class GuidedChildren:
             known.add(key)
             predicted_kl = corrected(self._estimate(levels))
             if max_kl is None or predicted_kl <= max_kl:
-                passed.append(((self.kept_bytes + self._size(levels), predicted_kl), child))
+                passed.append(((self.kept_bytes + self._size(levels), base_ppl * math.exp(predicted_kl)), child))
                 if len(passed) == wanted:
                     break
             new = new or child
         if passed:
-            memory_limit = self.ctx.memory_budget_bytes or self.ctx.base_bytes
-            kl_limit = max_kl or 2 * max(kl for _, kl in front + [point for point, _ in passed])
-            return max(passed, key=lambda candidate: _hypervolume_gain(front, *candidate[0], memory_limit * 1.01,
-                                                                        kl_limit))[1]
+            limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01,
+                     base_ppl * (self.ctx.spec.max_ppl_ratio or FLOORLESS_PPL_RATIO))
+            return max(passed, key=lambda candidate: _hypervolume_gain(front, *candidate[0], *limit))[1]
         return new or child
 
     def _params(self, levels: dict[str, int], search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -152,34 +155,33 @@ class GuidedChildren:
 
 
 def _measured_front(trials: list[FrozenTrial]) -> list[tuple[float, float]]:
-    """(memory bytes, KL) of the completed trials that no other beats in both, by ascending bytes."""
-    points = sorted((t.user_attrs["memory_bytes"], t.user_attrs["kl"]) for t in trials
+    """(memory bytes, perplexity) of the completed trials that no other beats in both, by ascending bytes."""
+    points = sorted((t.user_attrs["memory_bytes"], t.user_attrs["ppl"]) for t in trials
                     if t.state == optuna.trial.TrialState.COMPLETE and "memory_bytes" in t.user_attrs
-                    and _positive(t.user_attrs.get("kl")))
+                    and _positive(t.user_attrs.get("ppl")))
     front: list[tuple[float, float]] = []
-    for memory, kl in points:
-        if not front or kl < front[-1][1]:
-            front.append((memory, kl))
+    for memory, ppl in points:
+        if not front or ppl < front[-1][1]:
+            front.append((memory, ppl))
     return front
 
 
-def _hypervolume_gain(front: list[tuple[float, float]], memory: float, kl: float,
-                      memory_limit: float, kl_limit: float) -> float:
-    """The area that the point (memory, kl) adds to what `front` (`_measured_front`) dominates, in
-    (bytes, log KL) up to (`memory_limit`, `kl_limit`); log KL, so that gains at small and at large
-    damage weigh alike."""
-    if kl <= 0 or memory >= memory_limit or kl >= kl_limit:
+def _hypervolume_gain(front: list[tuple[float, float]], memory: float, ppl: float,
+                      memory_limit: float, ppl_limit: float) -> float:
+    """The area that the point (memory, ppl) adds to what `front` (`_measured_front`) dominates, up to
+    (`memory_limit`, `ppl_limit`)."""
+    if memory >= memory_limit or ppl >= ppl_limit:
         return 0.0
-    point, height = math.log(kl), math.log(kl_limit)  # `height`: where the front's dominated area starts
-    for step_memory, step_kl in front:
+    height = ppl_limit  # where the front's dominated area starts, left of the current step
+    for step_memory, step_ppl in front:
         if step_memory <= memory:
-            height = min(height, math.log(step_kl))
+            height = min(height, step_ppl)
     gained, left = 0.0, memory
-    for step_memory, step_kl in front:
+    for step_memory, step_ppl in front:
         if memory < step_memory < memory_limit:
-            gained += max(0.0, height - point) * (step_memory - left)
-            left, height = step_memory, min(height, math.log(step_kl))
-    return gained + max(0.0, height - point) * (memory_limit - left)
+            gained += max(0.0, height - ppl) * (step_memory - left)
+            left, height = step_memory, min(height, step_ppl)
+    return gained + max(0.0, height - ppl) * (memory_limit - left)
 
 
 def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:

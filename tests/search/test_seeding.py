@@ -164,37 +164,48 @@ def test_guided_children_keep_within_the_quality_floor():
 def test_hypervolume_gain_counts_only_the_area_the_front_does_not_hold():
     from compsearch.search.guided import _hypervolume_gain, _measured_front
 
-    trials = [optuna.trial.create_trial(values=[1.0], user_attrs={"memory_bytes": m, "kl": k})
-              for m, k in ((10, 1.0), (20, 0.1), (25, 0.5))]  # (25, 0.5) is dominated by (20, 0.1)
+    trials = [optuna.trial.create_trial(values=[1.0], user_attrs={"memory_bytes": m, "ppl": p})
+              for m, p in ((10, 20.0), (20, 12.0), (25, 15.0))]  # (25, 15) is dominated by (20, 12)
     front = _measured_front(trials)
-    assert front == [(10, 1.0), (20, 0.1)]
-    assert _hypervolume_gain(front, 15, 0.5, 30, 10) == pytest.approx(np.log(1.0 / 0.5) * 5)  # up to the next step
-    assert _hypervolume_gain(front, 5, 0.5, 30, 10) == pytest.approx(np.log(10 / 0.5) * 5 + np.log(1 / 0.5) * 10)
-    assert _hypervolume_gain(front, 25, 0.2, 30, 10) == 0.0  # dominated
-    assert _hypervolume_gain([], 25, 0.2, 30, 10) == pytest.approx(np.log(10 / 0.2) * 5)
+    assert front == [(10, 20.0), (20, 12.0)]
+    assert _hypervolume_gain(front, 15, 16.0, 30, 40) == pytest.approx((20 - 16) * 5)  # up to the next step
+    assert _hypervolume_gain(front, 5, 16.0, 30, 40) == pytest.approx((40 - 16) * 5 + (20 - 16) * 10)
+    assert _hypervolume_gain(front, 25, 13.0, 30, 40) == 0.0  # dominated
+    assert _hypervolume_gain(front, 25, 41.0, 30, 40) == 0.0  # past the floor
+    assert _hypervolume_gain([], 25, 13.0, 30, 40) == pytest.approx((40 - 13) * 5)
 
 
-def test_guided_children_go_where_the_front_can_gain_most():
-    """Of the children that pass, the one predicted to add most to the measured front runs: never one
-    predicted to be dominated by it while another is predicted to improve it."""
-    from compsearch.search.guided import _hypervolume_gain, _measured_front
+def test_guided_children_go_where_the_front_can_gain_most(monkeypatch):
+    """Of the children that pass, the one predicted to add most to the measured front runs: over the
+    same draws, more predicted gain than running the first child that passes."""
+    import compsearch.search.guided as guided
+    from compsearch.search.study import BASE_METRICS_ATTR
 
     ctx = _context()
-    children = GuidedChildren(ctx, _profile(ctx), seed=7)
-    distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
-                     for group in children.options for knob, choices in ctx.space.knobs().items()}
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    for level in (1, 3, 5):  # measured: the estimate exactly
-        levels = {g: min(level, len(options) - 1) for g, options in children.options.items()}
-        study.add_trial(optuna.trial.create_trial(
-            params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
-            user_attrs={"memory_bytes": children.kept_bytes + children._size(levels), "kl": children._estimate(levels)}))
-    parents = study.get_trials()
-    front = _measured_front(parents)
-    limit = (ctx.base_bytes * 1.01, 2 * max(kl for _, kl in front))
-    gains = []
-    for _ in range(10):
-        levels = children._levels(children(study, distributions, parents))
-        gains.append(_hypervolume_gain(front, children.kept_bytes + children._size(levels), children._estimate(levels),
-                                       *limit))
-    assert min(gains) > 0
+    base_ppl, limit = 10.0, (ctx.base_bytes * 1.01, 30.0)
+
+    def predicted_gains(seed: int) -> list[float]:
+        children = GuidedChildren(ctx, _profile(ctx), seed=seed)
+        distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
+                         for group in children.options for knob, choices in ctx.space.knobs().items()}
+        study = optuna.create_study(directions=["minimize", "minimize"])
+        study.set_user_attr(BASE_METRICS_ATTR, {"ppl": base_ppl})
+        for level in (1, 3, 5):  # measured: the estimate exactly
+            levels = {g: min(level, len(options) - 1) for g, options in children.options.items()}
+            study.add_trial(optuna.trial.create_trial(
+                params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
+                user_attrs={"memory_bytes": children.kept_bytes + children._size(levels),
+                            "ppl": base_ppl * np.exp(children._estimate(levels))}))
+        parents = study.get_trials()
+        front = guided._measured_front(parents)
+        gains = []
+        for _ in range(10):
+            levels = children._levels(children(study, distributions, parents))
+            predicted = (children.kept_bytes + children._size(levels), base_ppl * np.exp(children._estimate(levels)))
+            gains.append(guided._hypervolume_gain(front, *predicted, *limit))
+        return gains
+
+    ranked = [sum(predicted_gains(seed)) for seed in range(4)]
+    monkeypatch.setattr(guided, "CANDIDATES", 1)
+    first = [sum(predicted_gains(seed)) for seed in range(4)]
+    assert all(r >= f for r, f in zip(ranked, first)) and sum(ranked) > 1.2 * sum(first)
