@@ -20,7 +20,6 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
+from compsearch.search.front import hypervolume_gain, measured_front, positive, ppl_limit, predicted_ppl
 from compsearch.search.job import JobContext
 from compsearch.search.seeding import group_nbytes, group_options
 from compsearch.search.sensitivity import Profile
@@ -38,7 +38,6 @@ CROSSOVER_PROB = 0.3
 REDRAWS = 8  # children drawn at most before a repeat of a known plan is accepted
 LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
 CANDIDATES = 4  # children that pass, of which the one of largest predicted hypervolume gain runs
-FLOORLESS_PPL_RATIO = 3.0  # the hypervolume's perplexity bound, in base perplexities, without a quality floor
 
 
 class GuidedChildren:
@@ -60,7 +59,7 @@ class GuidedChildren:
         known = {_plan_key(trial.params, search_space) for trial in trials}
         max_kl, corrected = self.ctx.spec.max_kl, Calibration.from_trials(trials)
         new = None  # the first child that is no repeat, should none keep within the floor
-        front = _measured_front(trials)
+        front = measured_front(trials)
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
         passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and perplexity, child)
         base_ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl", 1.0)
@@ -73,14 +72,14 @@ class GuidedChildren:
             known.add(key)
             predicted_kl = corrected(self._estimate(levels))
             if max_kl is None or predicted_kl <= max_kl:
-                passed.append(((self.kept_bytes + self._size(levels), base_ppl * math.exp(predicted_kl)), child))
+                passed.append(((self.kept_bytes + self._size(levels), predicted_ppl(base_ppl, predicted_kl)), child))
                 if len(passed) == wanted:
                     break
             new = new or child
         if passed:
             limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01,
-                     base_ppl * (self.ctx.spec.max_ppl_ratio or FLOORLESS_PPL_RATIO))
-            return max(passed, key=lambda candidate: _hypervolume_gain(front, *candidate[0], *limit))[1]
+                     ppl_limit(base_ppl, self.ctx.spec.max_ppl_ratio))
+            return max(passed, key=lambda candidate: hypervolume_gain(front, *candidate[0], *limit))[1]
         return new or child
 
     def _params(self, levels: dict[str, int], search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -154,36 +153,6 @@ class GuidedChildren:
         return sum(self.options[group][level].estimate for group, level in levels.items())
 
 
-def _measured_front(trials: list[FrozenTrial]) -> list[tuple[float, float]]:
-    """(memory bytes, perplexity) of the completed trials that no other beats in both, by ascending bytes."""
-    points = sorted((t.user_attrs["memory_bytes"], t.user_attrs["ppl"]) for t in trials
-                    if t.state == optuna.trial.TrialState.COMPLETE and "memory_bytes" in t.user_attrs
-                    and _positive(t.user_attrs.get("ppl")))
-    front: list[tuple[float, float]] = []
-    for memory, ppl in points:
-        if not front or ppl < front[-1][1]:
-            front.append((memory, ppl))
-    return front
-
-
-def _hypervolume_gain(front: list[tuple[float, float]], memory: float, ppl: float,
-                      memory_limit: float, ppl_limit: float) -> float:
-    """The area that the point (memory, ppl) adds to what `front` (`_measured_front`) dominates, up to
-    (`memory_limit`, `ppl_limit`)."""
-    if memory >= memory_limit or ppl >= ppl_limit:
-        return 0.0
-    height = ppl_limit  # where the front's dominated area starts, left of the current step
-    for step_memory, step_ppl in front:
-        if step_memory <= memory:
-            height = min(height, step_ppl)
-    gained, left = 0.0, memory
-    for step_memory, step_ppl in front:
-        if memory < step_memory < memory_limit:
-            gained += max(0.0, height - ppl) * (step_memory - left)
-            left, height = step_memory, min(height, step_ppl)
-    return gained + max(0.0, height - ppl) * (memory_limit - left)
-
-
 def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:
     """The searched parameters of a trial, comparable across trials."""
     return tuple(sorted((name, value) for name, value in params.items() if name in search_space))
@@ -210,14 +179,9 @@ class Calibration:
     @classmethod
     def fit(cls, pairs: list[tuple[float | None, float | None]]) -> "Calibration":
         """From (estimated, measured) KL pairs; pairs missing either, or not positive, are skipped."""
-        pairs = np.array([(e, m) for e, m in pairs if _positive(e) and _positive(m)])
+        pairs = np.array([(e, m) for e, m in pairs if positive(e) and positive(m)])
         if len(pairs) < cls.MIN_TRIALS:
             return cls()
         x, y = np.log(pairs[:, 0]), np.log(pairs[:, 1])
         power = float(np.clip(np.polyfit(x, y, 1)[0], 0.5, 2.0)) if np.ptp(x) > 0 else 1.0
         return cls(float(np.exp(np.mean(y - power * x))), power)
-
-
-def _positive(value) -> bool:
-    """A finite number above 0 (trial attributes hold non-finite metrics as the strings "nan", "inf")."""
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0

@@ -10,8 +10,10 @@ import numpy as np
 import optuna
 
 from compsearch.compress import layer_nbytes
+from compsearch.search.front import hypervolume_gain, measured_front, pareto, ppl_limit, predicted_ppl
 from compsearch.search.job import JobContext
 from compsearch.search.sensitivity import Profile
+from compsearch.search.study import BASE_METRICS_ATTR
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import LayerPlan, Plan
@@ -82,19 +84,15 @@ class Knapsack:
                     return choices
         return None
 
-    def informative_budgets(self, count: int, low_bytes: float, high_bytes: float,
-                            max_estimate: float | None = None) -> list[int]:
-        """`count` budgets in [low, high] whose best estimates are evenly spaced in log scale, so seeds
-        sit where quality changes with size rather than where every plan is already near lossless; none
-        whose best estimate is above `max_estimate`."""
-        rooms = np.arange(int(low_bytes / self.unit), min(DP_UNITS, int(high_bytes / self.unit)) + 1)
-        feasible = rooms[np.isfinite(self.best[rooms]) & (self.best[rooms] <= (max_estimate or np.inf))]
-        if not len(feasible):
-            return []
-        worst, best = self.best[feasible[0]], self.best[feasible[-1]]
-        negligible = max(best, worst * 1e-3, 1e-12)  # below a thousandth of the worst damage, more bytes buy nothing
-        targets = np.geomspace(max(worst, negligible), negligible, count)
-        return sorted({int(feasible[np.argmax(self.best[feasible] <= t)] * self.unit) for t in targets})
+    def steps(self, low_bytes: float, high_bytes: float, max_estimate: float | None = None) -> list[tuple[int, float]]:
+        """(table bytes, least estimate) of every budget in [low, high] where spending more bytes lowers
+        the estimate, none estimated above `max_estimate`."""
+        steps: list[tuple[int, float]] = []
+        for room in range(max(0, int(low_bytes / self.unit)), min(DP_UNITS, int(high_bytes / self.unit)) + 1):
+            estimate = self.best[room]
+            if np.isfinite(estimate) and estimate <= (max_estimate or np.inf) and (not steps or estimate < steps[-1][1]):
+                steps.append((int(room * self.unit), float(estimate)))
+        return steps
 
     def _backtrack(self, room: int) -> tuple[dict[str, dict], int]:
         choices, size = {}, 0
@@ -136,7 +134,10 @@ def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, 
         wanted = max(2, trials // 4, first_generation - seeded)
         room = max(0, max(trials // 2, min(first_generation, trials)) - seeded)
         if min(wanted, room):
-            _enqueue(study, ctx, budget_seeds(ctx, profile, min(wanted, room), ctx.spec.max_kl), "profile")
+            base_ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl", 1.0)
+            plans = budget_seeds(ctx, profile, min(wanted, room), measured_front(study.get_trials(deepcopy=False)),
+                                 base_ppl)
+            _enqueue(study, ctx, plans, "profile")
     study.set_user_attr(SEEDED_ATTR, True)
 
 
@@ -154,25 +155,32 @@ def _enqueue(study: optuna.Study, ctx: JobContext, plans: list[dict[str, dict]],
     return count
 
 
-def budget_seeds(ctx: JobContext, profile: Profile, count: int,
-                 max_estimate: float | None = None) -> list[dict[str, dict]]:
-    """Profile-optimal plans for `count` budgets between the smallest plan and the memory budget (or the
-    largest plan), placed where the estimated damage changes most (see `Knapsack.informative_budgets`)
-    and estimated at most `max_estimate` (the quality floor)."""
+def budget_seeds(ctx: JobContext, profile: Profile, count: int, front: list[tuple[float, float]] = (),
+                 base_ppl: float = 1.0) -> list[dict[str, dict]]:
+    """Profile-optimal plans for up to `count` budgets between the smallest plan and the memory budget (or
+    the largest plan), estimated within the quality floor, chosen one at a time for the most hypervolume
+    their predicted points (bytes, `base_ppl` x e^estimate) add to `front` (the measured (bytes,
+    perplexity) front) and to the seeds chosen before them: seeds go where perplexity changes fastest
+    with size, not where every plan is already near lossless."""
     kept_bytes = ctx.plan_bytes(Plan()) - sum(layer.num_params for layer in ctx.layers) * 2  # outside the layers
     top = min(ctx.memory_budget_bytes or ctx.largest_plan_bytes, ctx.largest_plan_bytes)
     knapsack = Knapsack(group_options(ctx, profile))
-    plans: list[dict[str, dict]] = []
-    for asked in (count, 2 * count, 4 * count):  # budgets close together can share a plan: ask for more
-        budgets = knapsack.informative_budgets(asked, ctx.smallest_plan_bytes - kept_bytes, top - kept_bytes,
-                                               max_estimate)
-        plans = list({json.dumps(plan, sort_keys=True, default=str): plan
-                      for plan in map(knapsack.plan, budgets) if plan is not None}.values())
-        if len(plans) >= count:
+    candidates = [(kept_bytes + table_bytes, predicted_ppl(base_ppl, estimate))
+                  for table_bytes, estimate in knapsack.steps(ctx.smallest_plan_bytes - kept_bytes, top - kept_bytes,
+                                                              ctx.spec.max_kl)]
+    bounds = (top * 1.01, ppl_limit(base_ppl, ctx.spec.max_ppl_ratio))
+    front, plans = pareto(list(front)), {}
+    while len(plans) < count and candidates:
+        gains = [hypervolume_gain(front, memory, ppl, *bounds) for memory, ppl in candidates]
+        best = int(np.argmax(gains))
+        if gains[best] <= 0:
             break
-    if len(plans) <= count:
-        return plans
-    return [plans[round(i * (len(plans) - 1) / (count - 1))] for i in range(count)] if count > 1 else plans[-1:]
+        memory, ppl = candidates.pop(best)
+        plan = knapsack.plan(memory - kept_bytes)
+        if plan is not None:
+            plans.setdefault(json.dumps(plan, sort_keys=True, default=str), (memory, plan))
+        front = pareto(front + [(memory, ppl)])
+    return [plan for _, plan in sorted(plans.values(), key=lambda item: item[0])]
 
 
 def uniform_seed_choices(ctx: JobContext, count: int, upper_half: bool = False) -> list[dict]:

@@ -162,23 +162,24 @@ def test_guided_children_keep_within_the_quality_floor():
 
 
 def test_hypervolume_gain_counts_only_the_area_the_front_does_not_hold():
-    from compsearch.search.guided import _hypervolume_gain, _measured_front
+    from compsearch.search.front import hypervolume_gain, measured_front
 
     trials = [optuna.trial.create_trial(values=[1.0], user_attrs={"memory_bytes": m, "ppl": p})
               for m, p in ((10, 20.0), (20, 12.0), (25, 15.0))]  # (25, 15) is dominated by (20, 12)
-    front = _measured_front(trials)
+    front = measured_front(trials)
     assert front == [(10, 20.0), (20, 12.0)]
-    assert _hypervolume_gain(front, 15, 16.0, 30, 40) == pytest.approx((20 - 16) * 5)  # up to the next step
-    assert _hypervolume_gain(front, 5, 16.0, 30, 40) == pytest.approx((40 - 16) * 5 + (20 - 16) * 10)
-    assert _hypervolume_gain(front, 25, 13.0, 30, 40) == 0.0  # dominated
-    assert _hypervolume_gain(front, 25, 41.0, 30, 40) == 0.0  # past the floor
-    assert _hypervolume_gain([], 25, 13.0, 30, 40) == pytest.approx((40 - 13) * 5)
+    assert hypervolume_gain(front, 15, 16.0, 30, 40) == pytest.approx((20 - 16) * 5)  # up to the next step
+    assert hypervolume_gain(front, 5, 16.0, 30, 40) == pytest.approx((40 - 16) * 5 + (20 - 16) * 10)
+    assert hypervolume_gain(front, 25, 13.0, 30, 40) == 0.0  # dominated
+    assert hypervolume_gain(front, 25, 41.0, 30, 40) == 0.0  # past the floor
+    assert hypervolume_gain([], 25, 13.0, 30, 40) == pytest.approx((40 - 13) * 5)
 
 
 def test_guided_children_go_where_the_front_can_gain_most(monkeypatch):
     """Of the children that pass, the one predicted to add most to the measured front runs: over the
     same draws, more predicted gain than running the first child that passes."""
     import compsearch.search.guided as guided
+    from compsearch.search.front import hypervolume_gain, measured_front
     from compsearch.search.study import BASE_METRICS_ATTR
 
     ctx = _context()
@@ -197,15 +198,42 @@ def test_guided_children_go_where_the_front_can_gain_most(monkeypatch):
                 user_attrs={"memory_bytes": children.kept_bytes + children._size(levels),
                             "ppl": base_ppl * np.exp(children._estimate(levels))}))
         parents = study.get_trials()
-        front = guided._measured_front(parents)
+        front = measured_front(parents)
         gains = []
         for _ in range(10):
             levels = children._levels(children(study, distributions, parents))
             predicted = (children.kept_bytes + children._size(levels), base_ppl * np.exp(children._estimate(levels)))
-            gains.append(guided._hypervolume_gain(front, *predicted, *limit))
+            gains.append(hypervolume_gain(front, *predicted, *limit))
         return gains
 
     ranked = [sum(predicted_gains(seed)) for seed in range(4)]
     monkeypatch.setattr(guided, "CANDIDATES", 1)
     first = [sum(predicted_gains(seed)) for seed in range(4)]
     assert all(r >= f for r, f in zip(ranked, first)) and sum(ranked) > 1.2 * sum(first)
+
+
+def test_budget_seeds_go_where_the_predicted_front_gains_most():
+    """Seeds are knapsack plans within the floor, each adding predicted hypervolume to the measured front
+    and the seeds before it; none is predicted dominated by another."""
+    from compsearch.search.front import hypervolume_gain, pareto, ppl_limit, predicted_ppl
+    from compsearch.search.seeding import budget_seeds, group_nbytes
+
+    ctx = _context()
+    ctx.spec = JobSpec(study="s", space="quant", max_ppl_ratio=3.0)
+    sizes = [ctx.plan_bytes(ctx.space.plan(ctx.layers, choice)) for choice in ctx.space.uniform_choices()]
+    ctx.smallest_plan_bytes, ctx.largest_plan_bytes = min(sizes), max(sizes)
+    profile, base_ppl = _profile(ctx), 10.0
+    groups = ctx.space.groups(ctx.layers)
+    kept = ctx.plan_bytes(Plan()) - sum(layer.num_params for layer in ctx.layers) * 2
+
+    def point(plan):
+        size = kept + sum(group_nbytes(ctx, groups[g], choice) for g, choice in plan.items())
+        return size, predicted_ppl(base_ppl, sum(profile.group_estimate(g, choice) for g, choice in plan.items()))
+
+    measured = [(ctx.largest_plan_bytes * 0.6, 11.0)]
+    seeds = budget_seeds(ctx, profile, 4, measured, base_ppl)
+    points = [point(plan) for plan in seeds]
+    assert 1 < len(seeds) <= 4 and all(ppl <= ppl_limit(base_ppl, 3.0) for _, ppl in points)
+    assert len(pareto(points)) == len(points)  # none dominated by another seed
+    bounds = (ctx.largest_plan_bytes * 1.01, 30.0)
+    assert all(hypervolume_gain(pareto(measured), *p, *bounds) > 0 for p in points)

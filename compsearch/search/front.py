@@ -1,0 +1,59 @@
+"""The (bytes, perplexity) front of a study and what a new point would add to it: seeds and guided
+children both go where the front can gain the most hypervolume."""
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.trial import FrozenTrial
+
+FLOORLESS_PPL_RATIO = 3.0  # the hypervolume's perplexity bound, in base perplexities, without a quality floor
+
+
+def ppl_limit(base_ppl: float, max_ppl_ratio: float | None) -> float:
+    """The perplexity up to which gains count: the quality floor, or `FLOORLESS_PPL_RATIO` x the base's."""
+    return base_ppl * (max_ppl_ratio or FLOORLESS_PPL_RATIO)
+
+
+def predicted_ppl(base_ppl: float, kl: float) -> float:
+    """Perplexity from a KL estimate: log perplexity grows by about the KL to the base model."""
+    return base_ppl * math.exp(kl)
+
+
+def measured_front(trials: list[FrozenTrial]) -> list[tuple[float, float]]:
+    """(memory bytes, perplexity) of the completed trials that no other beats in both, by ascending bytes."""
+    return pareto([(t.user_attrs["memory_bytes"], t.user_attrs["ppl"]) for t in trials
+                   if t.state == optuna.trial.TrialState.COMPLETE and "memory_bytes" in t.user_attrs
+                   and positive(t.user_attrs.get("ppl"))])
+
+
+def hypervolume_gain(front: list[tuple[float, float]], memory: float, ppl: float,
+                     memory_bound: float, ppl_bound: float) -> float:
+    """The area that the point (memory, ppl) adds to what `front` (`pareto`) dominates, up to
+    (`memory_bound`, `ppl_bound`)."""
+    if memory >= memory_bound or ppl >= ppl_bound:
+        return 0.0
+    height = ppl_bound  # where the front's dominated area starts, left of the current step
+    for step_memory, step_ppl in front:
+        if step_memory <= memory:
+            height = min(height, step_ppl)
+    gained, left = 0.0, memory
+    for step_memory, step_ppl in front:
+        if memory < step_memory < memory_bound:
+            gained += max(0.0, height - ppl) * (step_memory - left)
+            left, height = step_memory, min(height, step_ppl)
+    return gained + max(0.0, height - ppl) * (memory_bound - left)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other beats in both, by ascending memory."""
+    front: list[tuple[float, float]] = []
+    for memory, ppl in sorted(points):
+        if not front or ppl < front[-1][1]:
+            front.append((memory, ppl))
+    return front
+
+
+def positive(value) -> bool:
+    """A finite number above 0 (trial attributes hold non-finite metrics as the strings "nan", "inf")."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
