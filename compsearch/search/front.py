@@ -7,7 +7,16 @@ import math
 import optuna
 from optuna.trial import FrozenTrial
 
+from compsearch.search.study import BASE_METRICS_ATTR
+
 FLOORLESS_PPL_RATIO = 3.0  # the hypervolume's perplexity bound, in base perplexities, without a quality floor
+
+
+def base_ppl_of(study: optuna.Study) -> float:
+    """The study's measured base perplexity, or 1.0 (a neutral scale: gains then rank by KL alone) while
+    none is measured or when the base model itself diverged (stored as "inf" or "nan")."""
+    ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl")
+    return ppl if positive(ppl) else 1.0
 
 
 def ppl_limit(base_ppl: float, max_ppl_ratio: float | None) -> float:

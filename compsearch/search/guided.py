@@ -27,11 +27,10 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
-from compsearch.search.front import hypervolume_gain, measured_front, positive, ppl_limit, predicted_ppl
+from compsearch.search.front import base_ppl_of, hypervolume_gain, measured_front, positive, ppl_limit, predicted_ppl
 from compsearch.search.job import JobContext
 from compsearch.search.seeding import group_nbytes, group_options
 from compsearch.search.sensitivity import Profile
-from compsearch.search.study import BASE_METRICS_ATTR
 
 SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
 CROSSOVER_PROB = 0.3
@@ -62,7 +61,7 @@ class GuidedChildren:
         front = measured_front(trials)
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
         passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and perplexity, child)
-        base_ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl", 1.0)
+        base_ppl = base_ppl_of(study)
         for attempt in range(REDRAWS):
             levels = self._child(parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
             child = self._params(levels, search_space)

@@ -10,10 +10,9 @@ import numpy as np
 import optuna
 
 from compsearch.compress import layer_nbytes
-from compsearch.search.front import hypervolume_gain, measured_front, pareto, ppl_limit, predicted_ppl
+from compsearch.search.front import base_ppl_of, hypervolume_gain, measured_front, pareto, ppl_limit, predicted_ppl
 from compsearch.search.job import JobContext
 from compsearch.search.sensitivity import Profile
-from compsearch.search.study import BASE_METRICS_ATTR
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import LayerPlan, Plan
@@ -134,7 +133,7 @@ def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, 
         wanted = max(2, trials // 4, first_generation - seeded)
         room = max(0, max(trials // 2, min(first_generation, trials)) - seeded)
         if min(wanted, room):
-            base_ppl = study.user_attrs.get(BASE_METRICS_ATTR, {}).get("ppl", 1.0)
+            base_ppl = base_ppl_of(study)
             plans = budget_seeds(ctx, profile, min(wanted, room), measured_front(study.get_trials(deepcopy=False)),
                                  base_ppl)
             _enqueue(study, ctx, plans, "profile")

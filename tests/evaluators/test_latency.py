@@ -93,10 +93,13 @@ def test_cost_model_predicts_within_a_loose_factor_and_is_cached(model, tiny_mod
     skip_if_overloaded()
     for layer_plan in (LayerPlan(), LayerPlan(bits=8), LayerPlan(rank_fraction=0.25)):
         plan = uniform(model, layer_plan)
-        measured = measure_generation(timing_model(compressed(model, plan), plan)[0], SETTINGS)
+        timed = timing_model(compressed(model, plan), plan)[0]
+        # other work on the machine only ever adds time: the fastest of three runs is the kernels' own
+        runs = [measure_generation(timed, SETTINGS) for _ in range(3)]
         predicted = cost.predict(plan)
         for scenario in ("decode_ms", "latency_ms"):
-            assert 0.25 < predicted[f"predicted_{scenario}"] / measured[scenario] < 4, (layer_plan, scenario)
+            measured = min(run[scenario] for run in runs)
+            assert 0.25 < predicted[f"predicted_{scenario}"] / measured < 4, (layer_plan, scenario)
 
 
 @pytest.mark.parametrize("damage", ['{"key": {"device": "x"}, "tab', "[1, 2]", '{"key": 1}', "\xff\xfe"])

@@ -175,6 +175,17 @@ def test_hypervolume_gain_counts_only_the_area_the_front_does_not_hold():
     assert hypervolume_gain([], 25, 13.0, 30, 40) == pytest.approx((40 - 13) * 5)
 
 
+@pytest.mark.parametrize("stored, expected", [(14.0, 14.0), ("inf", 1.0), ("nan", 1.0), (None, 1.0)])
+def test_the_base_perplexity_scales_gains_only_when_it_is_a_measured_number(stored, expected):
+    from compsearch.search.front import base_ppl_of
+    from compsearch.search.study import BASE_METRICS_ATTR
+
+    study = optuna.create_study()
+    if stored is not None:  # a diverged base model's perplexity is stored as a string
+        study.set_user_attr(BASE_METRICS_ATTR, {"ppl": stored})
+    assert base_ppl_of(study) == expected
+
+
 def test_guided_children_go_where_the_front_can_gain_most(monkeypatch):
     """Of the children that pass, the one predicted to add most to the measured front runs: over the
     same draws, more predicted gain than running the first child that passes."""
