@@ -12,41 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from compsearch.compress.blocks import Stop, decoder_blocks, hidden, replaying
 from compsearch.spaces.layers import head_is_tied
-
-
-class _Stop(Exception):
-    """Raised by a forward hook to end a forward pass once the wanted output is seen."""
-
-
-class _Replay(nn.Module):
-    """Stands in for a decoder block: returns a cached output whatever it is given."""
-
-    def __init__(self, output):
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args, **kwargs):
-        return self.output
 
 
 class BlockReplay:
     """The base model's block outputs on one batch, and a way to skip the unchanged leading blocks."""
 
     def __init__(self, model: nn.Module, batch: torch.Tensor):
-        decoder = model.get_decoder()
-        self.blocks: nn.ModuleList | None = getattr(decoder, "layers", None)
+        self.blocks: nn.ModuleList | None = decoder_blocks(model)
         self.prefixes: list[str] = []
         self.before_blocks: set[str] = set()
         self.unseen_by_blocks: set[str] = set()  # layers whose change also reaches past the blocks
         self.outputs: list = []
-        if not isinstance(self.blocks, nn.ModuleList):
-            self.blocks = None  # an architecture without a plain block list: always run everything
+        if self.blocks is None:  # an architecture without a plain block list: always run everything
             return
         names = {id(module): name for name, module in model.named_modules()}
         self.prefixes = [names[id(block)] + "." for block in self.blocks]
@@ -57,7 +40,7 @@ class BlockReplay:
         handles = [block.register_forward_hook(lambda _m, _a, out: self.outputs.append(out)) for block in self.blocks]
         try:
             with torch.inference_mode():
-                decoder(input_ids=batch)
+                model.get_decoder()(input_ids=batch)
         finally:
             for handle in handles:
                 handle.remove()
@@ -74,18 +57,12 @@ class BlockReplay:
         """Index of the block holding the layer; None for a layer outside the blocks."""
         return next((i for i, prefix in enumerate(self.prefixes) if layer_name.startswith(prefix)), None)
 
-    @contextlib.contextmanager
-    def skipping(self, layer_names) -> Iterator[None]:
+    def skipping(self, layer_names) -> contextlib.AbstractContextManager:
         """Within the block, blocks before the first changed one replay the base model's output."""
         first = self.first_changed(layer_names) if self.blocks is not None else 0
-        originals = [self.blocks[i] for i in range(first)] if first else []
-        try:
-            for i in range(first):
-                self.blocks[i] = _Replay(self.outputs[first - 1])
-            yield
-        finally:
-            for i, block in enumerate(originals):
-                self.blocks[i] = block
+        if not first:
+            return contextlib.nullcontext()
+        return replaying(self.blocks, first, self.outputs[first - 1])
 
     def last_changed(self, layer_names) -> int | None:
         """Index of the last block holding one of the layers (0 for the token embedding: block 0 is the first
@@ -112,21 +89,16 @@ class BlockReplay:
 
         def stop(_module, _args, out):
             seen["out"] = out
-            raise _Stop
+            raise Stop
 
         handle = self.blocks[last].register_forward_hook(stop)
         try:
-            with torch.inference_mode(), self.skipping(layer_names), contextlib.suppress(_Stop):
+            with torch.inference_mode(), self.skipping(layer_names), contextlib.suppress(Stop):
                 model.get_decoder()(input_ids=batch)
         finally:
             handle.remove()
         if "out" not in seen:
             return None
-        out, base = (_hidden(seen["out"]).float(), _hidden(self.outputs[last]).float())
+        out, base = (hidden(seen["out"]).float(), hidden(self.outputs[last]).float())
         error = float((out - base).square().sum() / base.square().sum().clamp(min=1e-30))
         return error if math.isfinite(error) else None  # an overflow: only the full pass can say what it does
-
-
-def _hidden(block_output) -> torch.Tensor:
-    """The hidden states of a decoder block's output (a tensor, or a tuple that starts with them)."""
-    return block_output[0] if isinstance(block_output, (tuple, list)) else block_output

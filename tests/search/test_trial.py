@@ -47,10 +47,10 @@ def test_skipping_unchanged_blocks_gives_the_full_forward_result(tiny_model_dir)
     model, _ = evaluator.compressed_model(plan)
     full = perplexity_and_kl(model, ids, len(ids), base)["kl"]
     with evaluator._base_with_plan(plan) as in_place, replay.skipping(plan.layers):
-        assert type(in_place.model.layers[0]).__name__ == "_Replay"
+        assert type(in_place.model.layers[0]).__name__ == "Replay"
         skipped = perplexity_and_kl(in_place, ids, len(ids), base)["kl"]
     assert full > 0 and abs(skipped - full) <= 1e-6 * full
-    assert type(evaluator.model.model.layers[0]).__name__ != "_Replay"  # restored
+    assert type(evaluator.model.model.layers[0]).__name__ != "Replay"  # restored
 
 
 def test_output_error_grows_with_the_damage_and_runs_only_the_changed_blocks(tiny_model_dir):
@@ -72,7 +72,7 @@ def test_output_error_grows_with_the_damage_and_runs_only_the_changed_blocks(tin
     assert errors[2] is None  # the tiny model's head shares the embedding: no block output shows that change
     after = evaluator.model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert all(not block._forward_hooks and type(block).__name__ != "_Replay" for block in blocks)
+    assert all(not block._forward_hooks and type(block).__name__ != "Replay" for block in blocks)
 
 
 def test_the_base_model_is_scored_once_when_the_worker_starts(tiny_model_dir):
