@@ -3,10 +3,14 @@
 SmolLM2-135M, the default data (pydoc text), calibration on the calibration split (first half of the
 tokens), perplexity on the evaluation split (second half). Every compared plan touches the same
 layers with the same bytes, so within a group only the method differs:
-- quantization of every Linear at 3 and 2 bits, groups of 128: RTN, GPTQ, HQQ-style, k-means
+- quantization of every Linear at 4, 3 and 2 bits, groups of 128: RTN, GPTQ, HQQ-style, k-means
   (k-means has one codebook per row instead of group scales: its bytes are in the table);
 - 50% unstructured and 2:4 sparsity of every Linear: magnitude, Wanda, SparseGPT (and OWL's
   non-uniform 50% profile with Wanda);
+- the calibrated methods (GPTQ at 4 and 3 bits, SparseGPT, Wanda) also calibrated in sequence
+  (setting "... sequential": each block's statistics from the compressed blocks before it,
+  `compress.sequential`; its compress_s includes measuring those statistics) against the default
+  one-shot statistics of the base model;
 - low-rank of the MLP projections: plain SVD vs whitened (SVD-LLM) at equal ranks;
 - structured removal of 25% and 50% of every MLP's channels, of a third of the attention heads (one
   of each key/value group's three), and both, with the measured forward time vs the base.
@@ -32,6 +36,7 @@ import torch  # noqa: E402
 
 from compsearch.compress import apply_plan_, input_hessians, plan_bits_per_weight, plan_nbytes  # noqa: E402
 from compsearch.compress.owl import owl_plan  # noqa: E402
+from compsearch.compress.sequential import apply_plan_sequentially_  # noqa: E402
 from common import default_model_and_windows, write_table  # noqa: E402
 from compsearch.evaluators.quality import perplexity_and_kl  # noqa: E402
 from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
@@ -39,10 +44,13 @@ from compsearch.spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E40
 
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
 FAMILY_ORDER = {"base": 0, "quant": 1, "sparse": 2, "lowrank": 3, "structured": 4}
+SEQUENTIAL_METHODS = ("gptq", "sparsegpt", "wanda")  # calibrated: compared one-shot and in sequence
+SEQUENTIAL = " sequential"  # the setting's suffix for a plan calibrated in sequence
 
 
 def plans(layers) -> list[tuple[str, str, str, Plan]]:
-    """(family, method, setting, plan) for every compared configuration, the most telling first."""
+    """(family, method, setting, plan) for every compared configuration, the most telling first; a
+    setting that ends in `SEQUENTIAL` is calibrated in sequence."""
     names = [layer.name for layer in layers]
     mlp = [layer.name for layer in layers if layer.kind in MLP_KINDS]
 
@@ -67,8 +75,12 @@ def plans(layers) -> list[tuple[str, str, str, Plan]]:
                   ("structured", "attention-heads", "heads -33% (6 of 9)", fewer_heads),
                   ("structured", "mlp-channels+heads", "MLP -25% + heads -33%", Plan({
                       **fewer_heads.layers, **{name: LayerPlan(channel_fraction=0.75) for name in mlp}}))]
+    def sequential(configs: list) -> list:
+        return [(family, method, setting + SEQUENTIAL, plan) for family, method, setting, plan in configs
+                if method in SEQUENTIAL_METHODS]
+
     return [("base", "fp16", "-", Plan())] + quant(3) + sparse("unstructured") + lowrank + structured \
-        + quant(2) + sparse("2:4")
+        + quant(2) + sparse("2:4") + quant(4) + sequential(quant(3) + quant(4) + sparse("unstructured") + sparse("2:4"))
 
 
 def forward_ms(models: list, windows: torch.Tensor, repeats: int = 7) -> list[float]:
@@ -90,15 +102,20 @@ def forward_ms(models: list, windows: torch.Tensor, repeats: int = 7) -> list[fl
     return [statistics.median(spent) for spent in times]
 
 
-def run(model, plan: Plan, layers, total: int, windows, norms, hessians, cache: dict, batch_size: int) -> dict | None:
-    """Compress a copy of `model` by `plan` and measure it; None when the plan is not storable."""
+def run(model, plan: Plan, layers, total: int, windows, norms, hessians, cache: dict, batch_size: int,
+        sequential: bool = False) -> dict | None:
+    """Compress a copy of `model` by `plan` (calibrated in sequence when `sequential`) and measure it; None
+    when the plan is not storable."""
     try:
         plan_bytes = plan_nbytes(layers, plan, total)
     except ValueError:
         return None
     compressed = copy.deepcopy(model)
     started = time.perf_counter()
-    apply_plan_(compressed, plan, norms, svd_cache=cache, hessians=hessians)
+    if sequential:
+        apply_plan_sequentially_(compressed, plan, windows.calib_ids, batch_size)
+    else:
+        apply_plan_(compressed, plan, norms, svd_cache=cache, hessians=hessians)
     compress_s = time.perf_counter() - started
     ppl = perplexity_and_kl(compressed, windows.eval_ids, batch_size)["ppl"]
     row = {"ppl": round(ppl, 3), "plan_bytes": plan_bytes, "bits_per_weight": round(plan_bits_per_weight(layers, plan), 3),
@@ -135,7 +152,8 @@ def main() -> None:
     for family, method, setting, plan in configs:
         if (args.only and family not in (args.only, "base")) or (family, method, setting) in done:
             continue
-        row = run(model, plan, layers, total, windows, norms, hessians, cache, args.batch_size)
+        row = run(model, plan, layers, total, windows, norms, hessians, cache, args.batch_size,
+                  sequential=setting.endswith(SEQUENTIAL))
         if row is None:
             print(f"skip {family} {method} {setting}: a rank that stores more than the dense matrix")
             continue
