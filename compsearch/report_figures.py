@@ -85,7 +85,8 @@ def _quality_limits(view: StudyView) -> tuple[float, float, bool]:
     def numbers(parts: list[pd.Series]) -> pd.Series:
         return pd.to_numeric(pd.concat(parts), errors="coerce").dropna()
 
-    kept = numbers([f.loc[~f["collapsed"], quality] for f in frames] + [base])
+    distilled = view.completed.get(f"distilled_{quality}", pd.Series(dtype=float))  # --distill-top's points
+    kept = numbers([f.loc[~f["collapsed"], quality] for f in frames] + [base, distilled])
     if kept.empty:
         kept = numbers([f[quality] for f in frames])
     feasible = numbers([f.loc[~f["collapsed"] & (f["feasible"] == True), quality] for f in frames] + [base])  # noqa: E712
@@ -126,6 +127,7 @@ def _front_panel(ax: Axes, view: StudyView, column: str, scale: float, budget: f
              edgecolors="black", zorder=5, label="reference")
     for name, x, y in zip(references.get("name", []), *points(references)):
         ax.annotate(str(name), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    _distilled_arrows(ax, done, quality, points, prefix)
     above = pd.concat([done, references])
     above = above[pd.to_numeric(above[quality], errors="coerce").gt(top)]
     _scatter(ax, prefix + "clipped-points", points(above), s=60, marker="^", color="tab:purple", zorder=5,
@@ -142,6 +144,20 @@ def _front_panel(ax: Axes, view: StudyView, column: str, scale: float, budget: f
     ax.set_xlabel(AXIS_LABELS[column])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+
+
+def _distilled_arrows(ax: Axes, done: pd.DataFrame, quality: str, points, prefix: str) -> None:
+    """The trials distilled after the search (`--distill-top`): an arrow from the trial's point to where
+    distillation took it, at the same cost."""
+    after_column = f"distilled_{quality}"
+    if after_column not in done:
+        return
+    distilled = _drawable(done, after_column, quality)
+    (xs, before), (_, after) = points(distilled), points(distilled.assign(**{quality: distilled[after_column]}))
+    for x, start, end in zip(xs, before, after):
+        ax.annotate("", (x, end), xytext=(x, start), arrowprops={"arrowstyle": "->", "color": "tab:cyan", "lw": 1.2})
+    _scatter(ax, prefix + "distilled-points", (xs, after), s=40, marker="v", color="tab:cyan", zorder=5,
+             label="after distillation")
 
 
 def _drawable(frame: pd.DataFrame, column: str, quality: str) -> pd.DataFrame:

@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="continue a study to a total trial count")
     _common(resume)
     _run_options(resume)
+    _distill_top_options(resume, resuming=True)
     resume.set_defaults(handler=_resume)
 
     status = commands.add_parser("status", help="trial counts and the best trial so far (and the Ray job's state)")
@@ -211,6 +212,7 @@ def _submit_parser(submit: argparse.ArgumentParser) -> None:
     search.add_argument("--profile-windows", type=int, default=2, help="calibration windows per sensitivity measurement")
     search.add_argument("--profile-seq-len", type=int, default=128, help="tokens of each of those windows")
     search.add_argument("--force", action="store_true", help="replace an existing study of the same name")
+    _distill_top_options(search)
     _run_options(submit.add_argument_group("workers"), trials_required=False)
     evaluation = submit.add_argument_group("evaluation")
     evaluation.add_argument("--batch-size", type=int, default=0,
@@ -222,6 +224,16 @@ def _submit_parser(submit: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--gguf-template", help="a GGUF of the base model whose metadata the GGUF files copy "
                                                     "(default: the bundled model's own)")
     submit.set_defaults(handler=_submit)
+
+
+def _distill_top_options(parser, resuming: bool = False) -> None:
+    own = " (default: the study's own)" if resuming else ""
+    parser.add_argument("--distill-top", type=int, default=None if resuming else 0, metavar="K",
+                        help="once the search is done, distill the K best feasible plans on the workers; their rows "
+                             "gain distilled_ppl, distilled_kl, distill_s" + (own or " (default: 0, none)"))
+    steps = parser.add_argument("--distill-steps", type=int, help="steps of each of those distillations" + own)
+    if not resuming:
+        _help_suffix(steps, lambda: _distill_default("steps"))
 
 
 def _evaluator_options(parser: argparse.ArgumentParser) -> None:
@@ -340,7 +352,8 @@ def _resume(args: argparse.Namespace) -> int:
         return _send_job(args)
     if args.address:
         check_reachable(args.address)
-    trials = resume(args.study, args.trials, _options(args))
+    trials = resume(args.study, args.trials, _options(args), distill_top=args.distill_top,
+                    distill_steps=args.distill_steps)
     _print_summary(args, trials)
     return 0
 
@@ -539,8 +552,9 @@ def _table(frame) -> str:
     quality = [m.name for m in board if m.unit in ("", "nats/token") and m.direction]
     rest = [m.name for m in board if m.name not in quality]
     references = ["source", "name"] if "source" in frame and (frame["source"] != SEARCH_SOURCE).any() else []
-    shown = frame[["rank", "trial", *references, *quality, *tasks, *rest, "feasible", "on_front"]]
-    shown = shown.dropna(axis=1, how="all").copy()
+    distilled = [column for column in ("distilled_ppl", "distilled_kl") if column in frame]  # --distill-top's
+    shown = frame[["rank", "trial", *references, *quality, *distilled, *tasks, *rest, "feasible", "on_front"]]
+    shown = shown.dropna(axis=1, how="all").copy()  # (empty where nothing was distilled: dropped)
     if references:  # the search's own trials have no name, references no rank or trial number
         for column in ("rank", "trial"):
             if column in shown:

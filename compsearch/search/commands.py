@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,16 +16,16 @@ import torch
 import yaml
 
 from compsearch.compress import COMPRESS_VERSION, load_compressed, save_compressed
-from compsearch.compress.distill import DistillSettings, distill_
+from compsearch.compress.distill import DistillSettings
 from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext, check_out, check_writable, prepare_job
 from compsearch.search.models import load_config, load_tokenizer, study_gguf_template
-from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, LAYERS_FILE, PARETO_FILE, SEARCH_SOURCE, TRIALS_FILE,
-                                       trials_frame, write_results)
-from compsearch.search.runner import TrialEvent, run_study
+from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, DISTILLED_COLUMNS, LAYERS_FILE, PARETO_FILE,
+                                       SEARCH_SOURCE, TRIALS_FILE, storable, trials_frame, write_results)
+from compsearch.search.runner import TrialEvent, plans_to_distill, run_study
 from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, JobSpec
-from compsearch.search.study import (BASE_METRICS_ATTR, create_study, default_storage_url, done_count, live_driver,
+from compsearch.search.study import (BASE_METRICS_ATTR, SPEC_ATTR, create_study, default_storage_url, done_count, live_driver,
                                      load_study, open_storage, requeue_interrupted, study_exists)
 from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.layers import meta_model
@@ -90,14 +89,22 @@ def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False)
         raise
 
 
-def resume(study_name: str, trials: int, options: RunOptions) -> pd.DataFrame:
-    """Continue a study until it has `trials` trials done; interrupted trials run again first."""
+def resume(study_name: str, trials: int, options: RunOptions, distill_top: int | None = None,
+           distill_steps: int | None = None) -> pd.DataFrame:
+    """Continue a study until it has `trials` trials done; interrupted trials run again first. `distill_top`
+    and `distill_steps`, when given, replace the study's own (`--trials` equal to the trials done then
+    only distills)."""
     _check_counts(trials, options)
     check_writable(options.results_dir)
     study, spec = _open_existing(study_name, options)
     driver = live_driver(study)
     if driver:
         raise UserError(f"study {study_name!r} is already running ({driver}); wait for it or stop that driver")
+    changed = {key: value for key, value in (("distill_top", distill_top), ("distill_steps", distill_steps))
+               if value is not None}
+    if changed:
+        spec = dataclasses.replace(spec, **changed)  # validated again
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
     ctx = prepare_job(spec, options.cache_dir)
     recorded = study.user_attrs.get("protocol", {})
     if recorded.get("data_sha256", ctx.windows.protocol.data_sha256) != ctx.windows.protocol.data_sha256:
@@ -133,7 +140,7 @@ def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions,
     study.set_user_attr(TARGET_ATTR, trials)
     if options.on_ready:
         options.on_ready(ctx, study, requeued)
-    if done_count(study) >= trials:
+    if done_count(study) >= trials and not plans_to_distill(study, ctx.spec):
         return write_results(study, options.results_dir)
     return run_study(ctx, study, trials, options.workers, options.results_dir, options.cpus_per_worker,
                      options.address, options.on_trial, options.on_status, options.cache_dir,
@@ -242,8 +249,8 @@ def export(study_name: str, rank: int, out_dir: Path, options: RunOptions, check
     if "checkpoint_ppl" in summary:  # a distilled checkpoint must reproduce the distilled model
         _verdict(summary, "checkpoint_ppl", summary.get("distilled_ppl", summary["metrics"]["ppl"]), "compsearch")
     if "distilled_ppl" in summary:
-        study.set_user_attr(f"{DISTILLED_ATTR}:{summary['trial']}", {
-            key: summary[key] for key in ("distilled_ppl", "distill_steps", "distill_final_loss")})
+        study.set_user_attr(f"{DISTILLED_ATTR}:{summary['trial']}", storable({
+            key: summary[key] for key in DISTILLED_COLUMNS if key in summary}))
         write_results(study, options.results_dir)
     (out_dir / "export.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
@@ -417,22 +424,17 @@ def _export_checkpoint(spec: JobSpec, plan: Plan, out_dir: Path, options: RunOpt
 def _distill(evaluator: TrialEvaluator, model, stored: dict, settings: DistillSettings,
              say: Callable[[str], None]) -> dict:
     """Distill the compressed `model` from the evaluator's base model; its perplexity before and after."""
-    before = perplexity_and_kl(model, evaluator.eval_ids, evaluator.batch_size)["ppl"]
     every = max(1, settings.steps // 10)
 
     def progress(step: int, loss: float) -> None:
         if step % every == 0 or step == settings.steps:
             say(f"distillation step {step}/{settings.steps}: KL to the base model {loss:.4f}")
 
-    started = time.perf_counter()
-    losses = distill_(model, evaluator.model, stored, evaluator.calib_ids, settings, progress)
-    after = perplexity_and_kl(model, evaluator.eval_ids, evaluator.batch_size)["ppl"]
-    if after >= before:
-        say(f"warning: distillation did not help (perplexity {before:.3f} -> {after:.3f}); export without "
-            "--distill-steps, or try a lower --distill-lr")
-    return {"ppl_before_distill": before, "distilled_ppl": after, "distill_steps": settings.steps,
-            "distill_final_loss": losses[-1], "distill_s": time.perf_counter() - started,
-            "distill_settings": dataclasses.asdict(settings)}
+    result = evaluator.distill(model, stored, settings, progress)
+    if result["distilled_ppl"] >= result["ppl_before_distill"]:
+        say(f"warning: distillation did not help (perplexity {result['ppl_before_distill']:.3f} -> "
+            f"{result['distilled_ppl']:.3f}); export without --distill-steps, or try a lower --distill-lr")
+    return {**result, "distill_settings": dataclasses.asdict(settings)}
 
 
 def _open_existing(study_name: str, options: RunOptions) -> tuple[optuna.Study, JobSpec]:

@@ -22,10 +22,11 @@ TRIALS_FILE, LAYERS_FILE, PARETO_FILE, BEST_DIR = "trials.parquet", "layers.parq
 _CONSTRAINT_PREFIX = "constraints:"
 CONSTRAINTS = ("memory", "latency", "quality")  # a study's limits; `<name>_violation` columns
 TASK_SCORES_ATTR = "task_scores"  # study attribute `task_scores:<trial>`: tasks scored after the search
-DISTILLED_ATTR = "distilled"  # study attribute `distilled:<trial>`: an exported candidate after distillation
+DISTILLED_ATTR = "distilled"  # study attribute `distilled:<trial>`: a candidate after distillation (export, --distill-top)
 REFERENCE_ATTR = "reference"  # study attribute `reference:<name>`: a configuration scored by `compsearch evaluate`
 SEARCH_SOURCE = "search"  # the `source` of the study's own trials (a reference's is its kind: uniform, plan, gguf)
-_DISTILLED_COLUMNS = ["distilled_ppl", "distill_steps", "distill_final_loss"]
+# What distilling a trial's plan measured (its row holds it beside what the trial measured).
+DISTILLED_COLUMNS = ["distilled_ppl", "distilled_kl", "distill_steps", "distill_final_loss", "distill_s", "distill_error"]
 # Every declared metric is a column (`evaluators.metrics`); task metrics add `task_<task>_<metric>` columns.
 _METRIC_COLUMNS = [metric.name for metric in METRICS]
 
@@ -56,7 +57,7 @@ _TRIAL_COLUMNS = [
 
 def trials_columns(tasks: list[str] = (), protocol: dict | None = None) -> list[str]:
     """The columns of trials.parquet: bookkeeping, every declared metric, distillation, tasks, protocol."""
-    return _TRIAL_COLUMNS + _METRIC_COLUMNS + _DISTILLED_COLUMNS + list(tasks) + [f"protocol_{k}" for k in protocol or {}]
+    return _TRIAL_COLUMNS + _METRIC_COLUMNS + DISTILLED_COLUMNS + list(tasks) + [f"protocol_{k}" for k in protocol or {}]
 
 
 def _trial_row(study: optuna.Study, spec: JobSpec, protocol: dict, trial: FrozenTrial, front: set[int]) -> dict:

@@ -22,9 +22,10 @@ from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext
 from compsearch.search.results import (
-    CONSTRAINTS, SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, violations, write_results,
+    CONSTRAINTS, DISTILLED_ATTR, DISTILLED_COLUMNS, SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, violations,
+    write_results,
 )
-from compsearch.search.spec import OBJECTIVES, objective_sign
+from compsearch.search.spec import OBJECTIVES, JobSpec, objective_sign
 from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_profile, seed_uniform
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
@@ -193,6 +194,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         _prepare_search(ctx, study, target, pool, spawn, workers, say, cache_dir, on_progress)
         _drive(ctx, study, target, pool, spawn, results_dir, on_trial)
         _score_front_tasks(ctx, study, pool)
+        _distill_best(ctx, study, pool, say)
     finally:
         beat(study, [], running=False)
         trials = _write_tables(study, results_dir)
@@ -351,6 +353,43 @@ def _score_front_tasks(ctx: JobContext, study: optuna.Study, pool: list) -> None
             log.warning("task scoring of trial %d failed: %s", number, err.cause)
             scores = {"task_error": f"{type(err.cause).__name__}: {err.cause}"}
         study.set_user_attr(f"{TASK_SCORES_ATTR}:{number}", storable(scores))
+
+
+def plans_to_distill(study: optuna.Study, spec: JobSpec) -> list[tuple[int, str]]:
+    """(trial number, plan) of the `spec.distill_top` best feasible trials not distilled yet."""
+    if not spec.distill_top:
+        return []
+    trials = trials_frame(study)
+    best = trials[(trials["source"] == SEARCH_SOURCE) & (trials["feasible"] == True)]  # noqa: E712
+    return [(int(row.trial), row.plan_json) for row in best.sort_values("rank").head(spec.distill_top).itertuples()
+            if f"{DISTILLED_ATTR}:{int(row.trial)}" not in study.user_attrs]
+
+
+def _distill_best(ctx: JobContext, study: optuna.Study, pool: list, say: Callable[[str], None]) -> None:
+    """With `--distill-top K`: once the search is done, the K best feasible trials (ranks 1..K) are
+    distilled on the workers, one plan per worker at a time; what each measured after distillation joins
+    its row (`distilled:<trial>` study attributes, as `tasks-on pareto` scores do). A resumed study
+    distills only those not distilled yet; a worker lost on the way leaves its plan to the next resume."""
+    todo = plans_to_distill(study, ctx.spec)
+    if not todo:
+        return
+    say(f"distilling the {len(todo)} best feasible plans on {min(len(pool), len(todo))} workers")
+    refs = {pool[i % len(pool)].distilled.remote(plan_json, ctx.spec.distill_steps): number
+            for i, (number, plan_json) in enumerate(todo)}
+    for ref, number in refs.items():
+        try:
+            result = ray.get(ref)
+        except RayActorError as err:
+            log.warning("the worker distilling trial %d was lost (%s); resume the study to distill it", number, err)
+            continue
+        except RayTaskError as err:
+            log.warning("distilling trial %d failed: %s", number, err.cause)
+            result = {"distill_error": f"{type(err.cause).__name__}: {err.cause}"}
+        study.set_user_attr(f"{DISTILLED_ATTR}:{number}",
+                            storable({key: value for key, value in result.items() if key in DISTILLED_COLUMNS}))
+        if "distilled_ppl" in result:
+            say(f"trial {number} distilled in {result['distill_s']:.0f}s: ppl {result['ppl_before_distill']:.3f} -> "
+                f"{result['distilled_ppl']:.3f}")
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, error: str) -> None:

@@ -97,6 +97,8 @@ class JobSpec:
     tasks: tuple[str, ...] | None = None  # lm-eval task names and bigbench:PATH entries
     task_paths: tuple[str, ...] | None = None  # folders of the user's lm-eval task YAML files
     tasks_on: str = "all"  # score tasks on every trial, or only on the final Pareto front
+    distill_top: int = 0  # after the search, distill the best N feasible plans (their rows gain distilled_*)
+    distill_steps: int | None = None  # steps of each of those distillations; None: `DistillSettings`' default
     task_limit: int | None = None  # first N examples of every task
     measure_latency: bool = False  # measure latency on every trial even without a latency objective/budget
     decode_tokens: int = 16
@@ -172,6 +174,9 @@ class JobSpec:
             raise UserError(f"kl-top-k={self.kl_top_k} must be a number of tokens, or 0 for the full distribution")
         if self.task_limit is not None and self.task_limit < 1:
             raise UserError(f"task-limit={self.task_limit} must be at least 1 (examples per task)")
+        if self.distill_top < 0 or (self.distill_steps is not None and self.distill_steps < 1):
+            raise UserError(f"--distill-top {self.distill_top} --distill-steps {self.distill_steps}: give the number of "
+                            "best plans to distill (0: none) and at least 1 step, e.g. --distill-top 3 --distill-steps 20")
         if self.tasks_on not in TASKS_ON:
             raise UserError(f"tasks-on {self.tasks_on!r} is unknown; choose one of {TASKS_ON}")
         task_objectives = [o for o in self.objectives if o.startswith(TASK_PREFIX)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from compsearch.compress import apply_plan_, input_hessians, input_norms
+from compsearch.compress.distill import DistillSettings, distill_
 from compsearch.compress.variants import VariantCache, variant_cache_bytes
 from compsearch.evaluators.quality import base_log_probs, base_reference, perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
@@ -217,6 +218,25 @@ class TrialEvaluator:
         """Task metrics of one plan alone (for scoring only the final Pareto candidates)."""
         model, _ = self.compressed_model(Plan.from_json(plan_json))
         return self.measurements.tasks(model)
+
+    def distilled(self, plan_json: str, steps: int | None = None) -> dict[str, float]:
+        """One plan compressed and distilled for `steps` steps (None: the default) for a study's
+        `--distill-top` (see `distill`)."""
+        model, stored = self.compressed_model(Plan.from_json(plan_json), keep_stored=True)
+        return self.distill(model, stored, DistillSettings(steps=steps) if steps else DistillSettings())
+
+    def distill(self, model, stored: dict, settings: DistillSettings, on_step=None) -> dict[str, float]:
+        """Distill the compressed `model` (with its `stored` matrices, updated in place) from the base model
+        on the calibration windows (`compress.distill`): its perplexity and KL on the evaluation windows
+        before and after, the steps, the last step's loss and the seconds the training took."""
+        before = perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base)
+        started = time.perf_counter()
+        losses = distill_(model, self.model, stored, self.calib_ids, settings, on_step)
+        spent = time.perf_counter() - started
+        after = perplexity_and_kl(model, self.eval_ids, self.batch_size, self.base)
+        return {"ppl_before_distill": before["ppl"], "kl_before_distill": before.get("kl"),
+                "distilled_ppl": after["ppl"], "distilled_kl": after.get("kl"), "distill_steps": settings.steps,
+                "distill_final_loss": losses[-1], "distill_s": spent}
 
     def profile_kl(self, plan_jsons: list[str], windows: int, seq_len: int) -> list[float]:
         """KL to the base model of each plan on the first `seq_len` tokens of the first `windows`

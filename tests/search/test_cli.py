@@ -36,6 +36,7 @@ def _error(capsys, argv) -> str:
     (["--bits", "4,7"], "bits 7 is not supported"),
     (["--trials", "0"], "--trials 0"),
     (["--workers", "100"], "needs 100 CPUs; this machine has"),
+    (["--distill-top", "3", "--distill-steps", "0"], "--distill-top 3 --distill-steps 0"),
 ])
 def test_bad_submit_inputs(tiny_model_dir, tmp_path, capsys, extra, fragment):
     argv = cli_args(tiny_model_dir, tmp_path, "bad", 2) + extra  # a later --model overrides the first

@@ -11,7 +11,7 @@ import pytest
 
 from compsearch.report import FIGURES, StudyView, describe_protocol, load_view, write_report
 from compsearch.report_figures import _quality_limits, hypervolume
-from compsearch.search.commands import RunOptions, evaluate, submit
+from compsearch.search.commands import RunOptions, evaluate, resume, submit
 from compsearch.search.evaluate import Reference
 from compsearch.search.study import load_study, open_storage
 from tests.search.helpers import tiny_spec
@@ -30,11 +30,14 @@ def run_study(spec, trials: int, folder: Path):
 
 @pytest.fixture(scope="module")
 def guided_report(tiny_model_dir, ray_session, tmp_path_factory):
-    """A guided study with a memory budget, latency measured and one reference configuration."""
+    """A guided study with a memory budget, latency measured, one reference configuration and its best plan
+    distilled."""
     folder = tmp_path_factory.mktemp("report")
     study = run_study(tiny_spec(tiny_model_dir, "report", memory_budget="0.5", measure_latency=True), 6, folder)
     options = RunOptions(results_dir=folder / "results", cache_dir=folder / "cache")
     evaluate([Reference("uniform", "rtn:8:g128")], options, "report")
+    resume("report", 6, RunOptions(results_dir=folder / "results", workers=2, cache_dir=folder / "cache"),
+           distill_top=1, distill_steps=2)
     study, _ = load_study("report", open_storage(options.storage_url("report")))
     return study, write_report(study, folder / "out")
 
@@ -125,6 +128,7 @@ def test_chromium_shows_the_front_and_its_axes(guided_report, tmp_path):
     front = read_dom(html_path, "front-points", tmp_path)
     assert front.points() == len(view.front)
     assert read_dom(html_path, "reference-points", tmp_path).points() == 1
+    assert read_dom(html_path, "distilled-points", tmp_path).points() == 1  # with an arrow from its trial
     assert read_dom(html_path, "latency-front-points", tmp_path).points() == view.front["latency_ms"].notna().sum()
     assert {"memory (MB)", "perplexity", "latency (ms, median prefill)", "rtn:8:g128"} <= set(front.texts)
     shot = tmp_path / "report.png"
@@ -145,6 +149,7 @@ def test_study_without_profile_or_references_still_renders(plain_report, tmp_pat
     dom = read_dom(html_path, "front-points", tmp_path)
     assert dom.points() == len(load_view(study).front) and "memory (MB)" in dom.texts
     assert read_dom(html_path, "reference-points", tmp_path).points() == 0
+    assert read_dom(html_path, "distilled-points", tmp_path).points() == 0
 
 
 def test_the_quality_axis_spans_the_feasible_points_not_an_infeasible_outlier():

@@ -263,3 +263,20 @@ def test_a_results_folder_that_cannot_take_the_tables_does_not_stop_the_study(ti
     (results / "blocked" / "trials.parquet").rmdir()
     resume("blocked", 3, options)  # runs no trial, rebuilds the tables
     assert len(pd.read_parquet(results / "blocked" / "trials.parquet")) == 3
+
+
+def test_the_best_plans_are_distilled_once_and_their_rows_show_before_and_after(finished_study):
+    """`resume --trials <done> --distill-top 2` only distills: the two best feasible trials' rows gain what
+    distillation measured, beside what the trial measured; a second resume finds them done."""
+    spec, results, options, trials, _ = finished_study
+    done = int((trials["state"] == "COMPLETE").sum())
+    table = resume("e2e", done, options, distill_top=2, distill_steps=2)
+    ranked = table[(table["source"] == "search") & (table["feasible"] == True)].sort_values("rank")  # noqa: E712
+    best, rest = ranked.head(2), ranked.iloc[2:]
+    assert (best["distill_steps"] == 2).all() and best["distill_error"].isna().all()
+    assert (best["distilled_ppl"] > 1).all() and (best["distilled_kl"] >= 0).all() and (best["distill_s"] > 0).all()
+    assert best["distilled_ppl"].ne(best["ppl"]).all()  # the model changed; the trial's own numbers stay
+    assert rest["distilled_ppl"].isna().all()
+    again = resume("e2e", done, options)  # the study's spec now says --distill-top 2: nothing left to distill
+    assert again.set_index("trial")["distill_s"].dropna().to_dict() == table.set_index("trial")["distill_s"].dropna().to_dict()
+    assert pd.read_parquet(results / "e2e" / "trials.parquet")["distilled_ppl"].notna().sum() == 2
