@@ -52,18 +52,18 @@ def replaying(blocks: nn.ModuleList, count: int, output) -> Iterator[None]:
             blocks[i] = block
 
 
-def block_output(model: nn.Module, blocks: nn.ModuleList, index: int, batch, previous):
-    """Block `index`'s output on `batch` (token ids), given block index-1's output on it (`previous`;
-    None for block 0): the blocks before it replay `previous` and the pass stops after it."""
+def block_output(model: nn.Module, blocks: nn.ModuleList, batch, last: int, replayed: int = 0, replay=None):
+    """Block `last`'s output on `batch` (token ids), the first `replayed` blocks returning `replay` (block
+    replayed-1's output on it) unrun and the pass stopping after block `last`."""
     seen = {}
 
     def stop(_module, _args, out):
         seen["out"] = out
         raise Stop
 
-    handle = blocks[index].register_forward_hook(stop)
+    handle = blocks[last].register_forward_hook(stop)
     try:
-        with replaying(blocks, index if previous is not None else 0, previous), contextlib.suppress(Stop):
+        with replaying(blocks, replayed, replay), contextlib.suppress(Stop):
             model.get_decoder()(input_ids=batch, use_cache=False)
     finally:
         handle.remove()

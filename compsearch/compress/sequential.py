@@ -52,14 +52,14 @@ def apply_plan_sequentially_(model: nn.Module, plan: Plan, windows: torch.Tensor
     batches = [windows[start:start + batch_size] for start in range(0, len(windows), batch_size)]
     if before:  # the token embedding: its rounding needs no input statistics
         compress(before, None)
-    previous = [None] * len(batches)  # the compressed block i-1's outputs, batch by batch
+    previous = [None] * len(batches)  # the compressed block i-1's outputs, batch by batch (none before block 0)
     for index, part in enumerate(in_block):
         if part:
             with InputHessians(model, part) as statistics:
                 for batch, inputs in zip(batches, previous):
-                    block_output(model, blocks, index, batch, inputs)
+                    block_output(model, blocks, batch, index, index, inputs)
             compress(part, statistics)
-        previous = [block_output(model, blocks, index, batch, inputs) for batch, inputs in zip(batches, previous)]
+        previous = [block_output(model, blocks, batch, index, index, inputs) for batch, inputs in zip(batches, previous)]
     if after:
         with InputHessians(model, after) as statistics:
             forward_with_hooks(model, windows, batch_size)

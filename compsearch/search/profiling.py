@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from compsearch.compress.blocks import Stop, decoder_blocks, hidden, replaying
+from compsearch.compress.blocks import block_output, decoder_blocks, hidden, replaying
 from compsearch.spaces.layers import head_is_tied
 
 
@@ -85,20 +85,9 @@ class BlockReplay:
         last = self.last_changed(layer_names)
         if last is None:
             return None
-        seen = {}
-
-        def stop(_module, _args, out):
-            seen["out"] = out
-            raise Stop
-
-        handle = self.blocks[last].register_forward_hook(stop)
-        try:
-            with torch.inference_mode(), self.skipping(layer_names), contextlib.suppress(Stop):
-                model.get_decoder()(input_ids=batch)
-        finally:
-            handle.remove()
-        if "out" not in seen:
-            return None
-        out, base = (hidden(seen["out"]).float(), hidden(self.outputs[last]).float())
+        first = self.first_changed(layer_names)
+        with torch.inference_mode():
+            out = block_output(model, self.blocks, batch, last, first, self.outputs[first - 1] if first else None)
+        out, base = (hidden(out).float(), hidden(self.outputs[last]).float())
         error = float((out - base).square().sum() / base.square().sum().clamp(min=1e-30))
         return error if math.isfinite(error) else None  # an overflow: only the full pass can say what it does

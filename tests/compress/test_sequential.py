@@ -27,9 +27,14 @@ def test_one_block_runs_on_the_outputs_given_for_the_one_before(calibrated_tiny)
     for handle in handles:
         handle.remove()
     with torch.no_grad():
-        first = block_output(model, blocks, 0, batch, None)
-        second = block_output(model, blocks, 1, batch, first)
+        first = block_output(model, blocks, batch, 0)
+        second = block_output(model, blocks, batch, 1, replayed=1, replay=first)
+        through = block_output(model, blocks, batch, 1)  # block 0 runs too
     assert torch.allclose(hidden(first), outputs[0], atol=1e-6) and torch.allclose(hidden(second), outputs[1], atol=1e-6)
+    assert torch.allclose(hidden(through), outputs[1], atol=1e-6)
+    with torch.no_grad():  # block 1 reads what it is given, not what block 0 would compute
+        shifted = block_output(model, blocks, batch, 1, replayed=1, replay=hidden(first) + 1.0)
+    assert not torch.allclose(hidden(shifted), outputs[1], atol=1e-3)
     assert [type(block).__name__ for block in blocks] == ["LlamaDecoderLayer"] * len(blocks)  # put back
 
 
