@@ -75,6 +75,7 @@ def plans(layers) -> list[tuple[str, str, str, Plan]]:
                   ("structured", "attention-heads", "heads -33% (6 of 9)", fewer_heads),
                   ("structured", "mlp-channels+heads", "MLP -25% + heads -33%", Plan({
                       **fewer_heads.layers, **{name: LayerPlan(channel_fraction=0.75) for name in mlp}}))]
+
     def sequential(configs: list) -> list:
         return [(family, method, setting + SEQUENTIAL, plan) for family, method, setting, plan in configs
                 if method in SEQUENTIAL_METHODS]

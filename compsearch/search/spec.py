@@ -97,9 +97,9 @@ class JobSpec:
     tasks: tuple[str, ...] | None = None  # lm-eval task names and bigbench:PATH entries
     task_paths: tuple[str, ...] | None = None  # folders of the user's lm-eval task YAML files
     tasks_on: str = "all"  # score tasks on every trial, or only on the final Pareto front
+    task_limit: int | None = None  # first N examples of every task
     distill_top: int = 0  # after the search, distill the best N feasible plans (their rows gain distilled_*)
     distill_steps: int | None = None  # steps of each of those distillations; None: `DistillSettings`' default
-    task_limit: int | None = None  # first N examples of every task
     measure_latency: bool = False  # measure latency on every trial even without a latency objective/budget
     decode_tokens: int = 16
     decode_batch: int = 4
