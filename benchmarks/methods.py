@@ -12,6 +12,10 @@ layers with the same bytes, so within a group only the method differs:
   `compress.sequential`; its compress_s includes measuring those statistics) against the default
   one-shot statistics of the base model;
 - low-rank of the MLP projections: plain SVD vs whitened (SVD-LLM) at equal ranks;
+- parameter sharing across layers (family `sharing`): Basis Sharing (runs of 2 or 4 blocks share each
+  projection's whitened basis, `LayerPlan.share_blocks`) at the bytes of per-layer whitened and plain
+  low-rank, on the MLP projections and on the attention projections (the largest shared rank whose
+  bytes do not exceed the per-layer plan's);
 - structured removal of 25% and 50% of every MLP's channels, of a third of the attention heads (one
   of each key/value group's three), and both, with the measured forward time vs the base.
 Prints a table and writes benchmarks/results/methods.csv.
@@ -43,12 +47,52 @@ from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
 from compsearch.spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
 
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
-FAMILY_ORDER = {"base": 0, "quant": 1, "sparse": 2, "lowrank": 3, "structured": 4}
+RESIDUAL_WRITERS = ("o_proj", "down_proj")  # read the attention's or the MLP's inner activations
+FAMILY_ORDER = {"base": 0, "quant": 1, "sparse": 2, "lowrank": 3, "sharing": 4, "structured": 5}
 SEQUENTIAL_METHODS = ("gptq", "sparsegpt", "wanda")  # calibrated: compared one-shot and in sequence
 SEQUENTIAL = " sequential"  # the setting's suffix for a plan calibrated in sequence
 
 
-def plans(layers) -> list[tuple[str, str, str, Plan]]:
+def shared_at_bytes(layers, names: list[str], per_layer: Plan, share_blocks: int, total: int) -> Plan:
+    """`per_layer` with the layers `names` sharing each projection's whitened basis over runs of `share_blocks`
+    blocks, at the largest rank (a multiple of 8) whose bytes do not exceed `per_layer`'s."""
+    budget = plan_nbytes(layers, per_layer, total)
+    width = min(min(layer.out_features, layer.in_features) for layer in layers if layer.name in names)
+    best = None
+    for rank in range(8, width, 8):
+        shared = Plan({**per_layer.layers, **Plan.uniform(names, LayerPlan(
+            rank_fraction=rank / width, lowrank_method="whiten", share_blocks=share_blocks)).layers})
+        try:
+            if plan_nbytes(layers, shared, total) > budget:
+                break
+        except ValueError:  # stores more than the dense matrices
+            break
+        best = shared
+    return best
+
+
+def sharing(layers, total: int) -> list[tuple[str, str, str, Plan]]:
+    """Per-layer low-rank (plain, whitened) against Basis Sharing over 2 and 4 blocks at the same bytes: every
+    projection sharing, or only those that read the block's normalized residual stream (q/k/v, gate/up;
+    o and down keep their own whitened factors)."""
+    configs = []
+    for part, kinds, fractions in (("MLP", MLP_KINDS, (0.625, 0.5)), ("attention", ATTENTION_KINDS, (0.375,))):
+        names = [layer.name for layer in layers if layer.kind in kinds]
+        readers = [layer.name for layer in layers if layer.kind in kinds and layer.kind not in RESIDUAL_WRITERS]
+        for fraction in fractions:
+            setting = f"{part} bytes of rank {fraction}"
+            per_layer = {method: Plan.uniform(names, LayerPlan(rank_fraction=fraction, lowrank_method=method))
+                         for method in ("svd", "whiten")}
+            configs += [("sharing", method, setting, plan) for method, plan in per_layer.items()]
+            for blocks in (2, 4):
+                configs += [("sharing", f"whiten shared x{blocks}", setting,
+                             shared_at_bytes(layers, names, per_layer["whiten"], blocks, total)),
+                            ("sharing", f"whiten shared x{blocks} (inputs)", setting,
+                             shared_at_bytes(layers, readers, per_layer["whiten"], blocks, total))]
+    return configs
+
+
+def plans(layers, total: int) -> list[tuple[str, str, str, Plan]]:
     """(family, method, setting, plan) for every compared configuration, the most telling first; a
     setting that ends in `SEQUENTIAL` is calibrated in sequence."""
     names = [layer.name for layer in layers]
@@ -81,7 +125,8 @@ def plans(layers) -> list[tuple[str, str, str, Plan]]:
                 if method in SEQUENTIAL_METHODS]
 
     return [("base", "fp16", "-", Plan())] + quant(3) + sparse("unstructured") + lowrank + structured \
-        + quant(2) + sparse("2:4") + quant(4) + sequential(quant(3) + quant(4) + sparse("unstructured") + sparse("2:4"))
+        + quant(2) + sparse("2:4") + quant(4) + sequential(quant(3) + quant(4) + sparse("unstructured") + sparse("2:4")) \
+        + sharing(layers, total)
 
 
 def forward_ms(models: list, windows: torch.Tensor, repeats: int = 7) -> list[float]:
@@ -134,7 +179,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the others")
-    parser.add_argument("--only", help="run only this family (quant, sparse, lowrank, structured), e.g. to re-time")
+    parser.add_argument("--only", help="run only this family (quant, sparse, lowrank, sharing, structured), e.g. to re-time")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.csv")
     args = parser.parse_args()
 
@@ -147,7 +192,7 @@ def main() -> None:
     norms = {name: (torch.diagonal(h) * windows.calib_ids.numel()).sqrt() for name, h in hessians.items()}
     print(f"calibration statistics: {time.perf_counter() - started:.1f} s on {windows.calib_ids.numel()} tokens")
     cache: dict = {}
-    configs = plans(layers) + [("sparse", "wanda+owl", "50% (OWL profile)", owl_plan(model, layers, norms, 0.5))]
+    configs = plans(layers, total) + [("sparse", "wanda+owl", "50% (OWL profile)", owl_plan(model, layers, norms, 0.5))]
     table = pd.read_csv(args.out) if args.resume and args.out.exists() else pd.DataFrame()
     done = set(zip(table["family"], table["method"], table["setting"])) if len(table) else set()
     for family, method, setting, plan in configs:

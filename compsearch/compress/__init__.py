@@ -8,6 +8,7 @@ from compsearch.compress.apply import (
     layer_nbytes,
     plan_bits_per_weight,
     plan_nbytes,
+    stored_layouts,
 )
 from compsearch.compress.calibration import input_hessians, input_norms
 from compsearch.compress.checkpoint import load_compressed, save_compressed
@@ -20,5 +21,5 @@ COMPRESS_VERSION = 4
 
 __all__ = [
     "COMPRESS_VERSION", "AppliedPlan", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",
-    "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed",
+    "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed", "stored_layouts",
 ]

@@ -17,29 +17,33 @@ from compsearch.compress.structured import regroup_heads_, remove_structure_
 from compsearch.compress.techniques import FACTORIZATIONS, HESSIAN, NORMS, quantizer_format
 from compsearch.compress.variants import VariantCache
 from compsearch.spaces.layers import LayerInfo, layer_info
-from compsearch.spaces.plan import STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, structured_shape
+from compsearch.spaces.plan import (STRUCTURES, LayerPlan, Plan, PlanError, rank_for, saves_params, share_owner,
+                                    structured_shape)
 
 __all__ = ["AppliedPlan", "MatrixLayout", "StoredMatrix", "apply_plan_", "compress_matrix", "layer_layout", "layer_nbytes",
-           "plan_bits_per_weight", "plan_nbytes", "shape_like_plan_"]
+           "plan_bits_per_weight", "plan_nbytes", "shape_like_plan_", "stored_layouts"]
 
 log = logging.getLogger(__name__)
 _COLUMN_KINDS = {kind for _, cols in STRUCTURES.values() for kind in cols}  # lose input columns to structure
 
 
 def layer_layout(layer: LayerInfo, plan: LayerPlan) -> list[MatrixLayout]:
-    """The matrices a layer is stored as under its plan: its weight, or two low-rank factors.
+    """The matrices a layer computes with under its plan: its weight, or two low-rank factors (the `down`
+    one under its owner's name where the layer shares it, `share_owner`).
 
     `layer` has the base model's shape; structured pruning shrinks it first.
     """
     out_features, in_features = structured_shape(layer, plan)
     if plan.rank_fraction < 1.0:
-        if not saves_params(out_features, in_features, plan.rank_fraction):
+        if not saves_params(out_features, in_features, plan.rank_fraction, plan.share_blocks):
             raise PlanError(
-                f"rank_fraction={plan.rank_fraction} on {layer.name} ({out_features}x{in_features}) "
+                f"rank_fraction={plan.rank_fraction} on {layer.name} ({out_features}x{in_features}"
+                f"{f', basis shared by {plan.share_blocks} blocks' if plan.share_blocks > 1 else ''}) "
                 "stores more weights than the dense matrix; use a smaller rank_fraction or 1.0"
             )
         rank = rank_for(out_features, in_features, plan.rank_fraction)
-        shapes = [(f"{layer.name}.down.weight", rank, in_features),
+        down = share_owner(layer.name, plan.share_blocks) if plan.share_blocks > 1 else layer.name
+        shapes = [(f"{down}.down.weight", rank, in_features),
                   (f"{layer.name}.up.weight", out_features, rank)]
     else:
         shapes = [(f"{layer.name}.weight", out_features, in_features)]
@@ -50,11 +54,18 @@ def layer_layout(layer: LayerInfo, plan: LayerPlan) -> list[MatrixLayout]:
     ]
 
 
+def stored_layouts(layer: LayerInfo, plan: LayerPlan) -> list[MatrixLayout]:
+    """The matrices a layer stores: those of `layer_layout` under its own name (a shared basis is stored
+    once, by its owner)."""
+    return [layout for layout in layer_layout(layer, plan) if layout.key.startswith(f"{layer.name}.")]
+
+
 def layer_nbytes(layer: LayerInfo, plan: LayerPlan) -> int:
-    """Bytes of one layer under its plan, bias (kept at 16 bits) included."""
+    """Bytes of one layer under its plan, bias (kept at 16 bits) included; a shared basis counts once, with
+    its owner (`plan_nbytes` of a plan whose runs are whole is exact)."""
     out_features, _ = structured_shape(layer, plan)
     bias_bytes = out_features * FLOAT_BITS // 8 if layer.has_bias else 0
-    return sum(m.nbytes for m in layer_layout(layer, plan)) + bias_bytes
+    return sum(m.nbytes for m in stored_layouts(layer, plan)) + bias_bytes
 
 
 def plan_nbytes(layers: list[LayerInfo], plan: Plan, total_params: int) -> int:
@@ -118,22 +129,31 @@ def _apply_(model: nn.Module, plan: Plan, input_norms: dict, hessians: dict, kee
     _check_statistics(plan, input_norms, hessians, model)
     infos = {name: _planned_layer(model, name) for name, lp in plan.layers.items() if not lp.is_identity}
     kept_index = remove_structure_(model, plan, hessians, applied.edits)
+    stats = {name: _matrix_stats(name, plan[name], input_norms, hessians, kept_index.get(name), svd_cache)
+             for name in infos}
+    bases = {owner: _shared_basis(model, owner, members, plan[owner], stats, svd_cache)
+             for owner, members in plan.shared_bases().items()}
     for name, info in infos.items():
         layer_plan = plan[name]
         applied.edits.before_change(model, name)
         module = model.get_submodule(name)
         layouts = layer_layout(info, layer_plan)
-        stats = _matrix_stats(name, layer_plan, input_norms, hessians, kept_index.get(name), svd_cache)
-        if len(layouts) == 2:
-            targets, all_stats = _factorize_(model, module, info, layer_plan, layouts, stats, svd_cache)
+        if layer_plan.share_blocks > 1:
+            owner = share_owner(name, layer_plan.share_blocks)
+            targets, all_stats = _use_shared_basis_(model, module, info, bases[owner])
+            if name != owner:
+                layouts, targets, all_stats = layouts[1:], targets[1:], all_stats[1:]  # the owner compresses the basis
+        elif len(layouts) == 2:
+            targets, all_stats = _factorize_(model, module, info, layer_plan, layouts, stats[name], svd_cache)
         else:
-            targets, all_stats = [module], [stats]
+            targets, all_stats = [module], [stats[name]]
+        cache = variants if layer_plan.share_blocks == 1 else None  # a shared basis depends on the run's layers
         for layout, linear, matrix_stats in zip(layouts, targets, all_stats):
-            matrix = variants.get(layout.key, layer_plan) if variants is not None else None
+            matrix = cache.get(layout.key, layer_plan) if cache is not None else None
             if matrix is None:
                 matrix = compress_matrix(linear.weight.data, layout, layer_plan, matrix_stats)
-                if variants is not None:
-                    variants.put(layout.key, layer_plan, matrix)
+                if cache is not None:
+                    cache.put(layout.key, layer_plan, matrix)
             linear.weight.data.copy_(matrix.weight)
             if keep_stored:
                 applied.stored[layout.key] = matrix
@@ -214,6 +234,60 @@ def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: Lay
     return [low_rank.down, low_rank.up], [stats, MatrixStats(None, up_hessian)]
 
 
+@dataclass
+class SharedBasis:
+    """The `down` factor the layers of a run of blocks share (one module, in every member's LowRankLinear),
+    the statistics of its inputs (the members' mean), and each member's own `up` factor and its Hessian."""
+
+    down: nn.Linear
+    stats: MatrixStats
+    ups: dict[str, torch.Tensor]
+    up_hessians: dict[str, torch.Tensor | None]
+
+
+def _shared_basis(model: nn.Module, owner: str, members: list[str], layer_plan: LayerPlan,
+                  stats: dict[str, MatrixStats], svd_cache: dict | None) -> SharedBasis:
+    """Basis Sharing (Wang et al., ICLR 2025): the members' weights stacked by rows, [W_1; ...; W_k] = U S V^T
+    (whitened by the members' summed input Hessians with `whiten`), give one basis V_r^T for all and each
+    member its rows of U_r S_r: W_i ~ up_i @ down, the best rank-r fit of the stack."""
+    weights = [model.get_submodule(name).weight.data.float() for name in members]
+    member_stats = [stats[name] for name in members]
+    hessian = (sum(s.hessian for s in member_stats) / len(members)
+               if all(s.hessian is not None for s in member_stats) else None)
+    norms = (torch.stack([s.norms.square() for s in member_stats]).mean(0).sqrt()
+             if all(s.norms is not None for s in member_stats) else None)
+    structure = f"{layer_plan.structure_key},shared-by={len(members)}"
+    basis_stats = MatrixStats(norms, hessian, svd_cache, f"{owner}#shared-hinv@{structure}")
+    key = f"{owner}#shared-{layer_plan.lowrank_method}@{structure}"
+    svd = svd_cache.get(key) if svd_cache is not None else None
+    if svd is None:
+        svd = FACTORIZATIONS.get(layer_plan.lowrank_method).svd(torch.cat(weights), basis_stats, owner)
+        if svd_cache is not None:
+            svd_cache[key] = svd
+    out_features, in_features = weights[0].shape
+    rank = rank_for(out_features, in_features, layer_plan.rank_fraction)
+    down, ups = factorize(torch.cat(weights), rank, svd)
+    owner_weight = model.get_submodule(owner).weight
+    module = nn.Linear(in_features, rank, bias=False, dtype=owner_weight.dtype, device=owner_weight.device)
+    module.weight.data.copy_(down)
+    up_hessians = {name: down @ s.hessian @ down.T if s.hessian is not None else None
+                   for name, s in zip(members, member_stats)}
+    return SharedBasis(module, basis_stats, dict(zip(members, ups.split(out_features))), up_hessians)
+
+
+def _use_shared_basis_(model: nn.Module, module: nn.Linear, layer: LayerInfo,
+                       basis: SharedBasis) -> tuple[list[nn.Linear], list[MatrixStats]]:
+    up = basis.ups[layer.name]
+    low_rank = LowRankLinear(module.in_features, module.out_features, up.shape[1], module.bias is not None,
+                             dtype=module.weight.dtype, device=module.weight.device)
+    low_rank.down = basis.down
+    low_rank.up.weight.data.copy_(up)
+    if module.bias is not None:
+        low_rank.up.bias.data.copy_(module.bias.data)
+    model.set_submodule(layer.name, low_rank)
+    return [low_rank.down, low_rank.up], [basis.stats, MatrixStats(None, basis.up_hessians[layer.name])]
+
+
 def shape_like_plan_(model: nn.Module, layers: list[LayerInfo], plan: Plan) -> None:
     """Give `model` the module structure of a compressed one (thinned MLPs and attentions, low-rank
     layers), weights left as they are: the shell a checkpoint loads into."""
@@ -227,6 +301,9 @@ def shape_like_plan_(model: nn.Module, layers: list[LayerInfo], plan: Plan) -> N
                 layouts[0].cols, layouts[1].rows, layouts[0].rows, layer.has_bias, **kwargs))
         elif layer_plan.is_structured:
             model.set_submodule(layer.name, nn.Linear(layouts[0].cols, layouts[0].rows, bias=layer.has_bias, **kwargs))
+    for owner, members in plan.shared_bases().items():  # one basis module, shared
+        for name in members[1:]:
+            model.get_submodule(name).down = model.get_submodule(owner).down
     by_name = {layer.name: layer for layer in layers}
     for attention, fraction in plan.structured_fractions("head_fraction").items():
         q_proj = by_name[f"{attention}.q_proj"]

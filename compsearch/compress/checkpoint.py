@@ -93,7 +93,7 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
     if unexpected:
         raise ValueError(f"checkpoint holds tensors the model has no place for: {unexpected[:5]}")
     model.tie_weights()
-    untied = [name for name in missing if not _is_tied(model, name)]
+    untied = _not_loaded(model, missing, state)
     if untied:
         raise ValueError(f"checkpoint lacks tensors the model needs: {untied[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
@@ -122,7 +122,9 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor | None, layout: MatrixLayo
     return full
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and name.endswith("weight") and model.get_submodule(name.rsplit(".", 1)[0]) is head \
-        and head.weight is model.get_input_embeddings().weight
+def _not_loaded(model: nn.Module, missing: list[str], state: dict[str, torch.Tensor]) -> list[str]:
+    """The `missing` names the checkpoint did not fill under another name either (as it fills a tied output
+    head with the token embedding, and every block of a run with the basis they share, stored once)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(param) for key, param in params.items() if key in state}
+    return [name for name in missing if id(params.get(name)) not in loaded]

@@ -18,7 +18,7 @@ from torch import nn
 from compsearch.compress.apply import StoredMatrix, apply_plan_
 from compsearch.compress.blocks import block_output, decoder_blocks
 from compsearch.compress.calibration import InputHessians, forward_with_hooks
-from compsearch.spaces.plan import Plan
+from compsearch.spaces.plan import Plan, PlanError
 
 
 @torch.no_grad()
@@ -29,6 +29,10 @@ def apply_plan_sequentially_(model: nn.Module, plan: Plan, windows: torch.Tensor
     already compressed; layers before the blocks (the token embedding) first, and layers after them (an
     untied output head) last, on the compressed blocks' outputs.
     Returns the stored matrices by state-dict key when `keep_stored` (to write a checkpoint)."""
+    if plan.shared_bases():
+        raise PlanError("a basis shared across blocks (share_blocks > 1) is fitted to all its blocks at once; "
+                        "sequential calibration compresses one block at a time: compress it with one-shot "
+                        "statistics (compress.apply_plan_ with input_hessians)")
     blocks = decoder_blocks(model)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no plain list of decoder blocks to calibrate in sequence; "

@@ -11,7 +11,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from compsearch.compress import layer_layout, layer_nbytes
+from compsearch.compress import layer_nbytes, stored_layouts
 from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.spec import OBJECTIVES, JobSpec, objective_sign
 from compsearch.search.study import BASE_METRICS_ATTR, ERROR_ATTR, INTERRUPTED_ATTR, SPEC_ATTR
@@ -147,7 +147,7 @@ def layers_frame(study: optuna.Study, trials: pd.DataFrame) -> pd.DataFrame:
             layer_plan = plan[layer.name]
             rows.append({"study": study.study_name, "trial": trial, "layer": layer.name, "kind": layer.kind,
                          "block": layer.block, "out_features": layer.out_features, "in_features": layer.in_features,
-                         **layer_plan.to_dict(), "stored_matrices": len(layer_layout(layer, layer_plan)),
+                         **layer_plan.to_dict(), "stored_matrices": len(stored_layouts(layer, layer_plan)),
                          "params": layer.num_params, "bytes": layer_nbytes(layer, layer_plan)})
     return pd.DataFrame(rows)
 

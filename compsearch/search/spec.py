@@ -75,6 +75,7 @@ class JobSpec:
     lowrank_methods: tuple[str, ...] | None = None
     channel_fractions: tuple[float, ...] | None = None
     head_fractions: tuple[float, ...] | None = None
+    share_blocks: tuple[int, ...] | None = None
     objectives: tuple[str, ...] = ("ppl", "memory")
     memory_budget: str | None = None
     latency_budget_ms: float | None = None
@@ -148,7 +149,8 @@ class JobSpec:
         from compsearch.compress.gguf_formats import GGUF_TYPES
 
         bad = [m for m in space.choices["quant_method"] if m not in (FLOAT_METHOD, *GGUF_TYPES)]
-        others = [k for k in ("sparsity", "rank_fraction", "channel_fraction", "head_fraction") if k in space.knobs()]
+        others = [k for k in ("sparsity", "rank_fraction", "channel_fraction", "head_fraction", "share_blocks")
+                  if k in space.knobs()]
         if bad or others:
             raise UserError(f"--runtime llamacpp times plans as GGUF files, which hold GGUF types only: drop "
                             f"{', '.join(bad + others)} from the space or use --runtime torch")

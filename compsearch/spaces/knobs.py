@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)  # 16 means "keep at 16-bit float"
 GROUP_SIZES = (32, 64, 128)
+SHARE_BLOCKS = (1, 2, 3, 4)  # 1: each layer keeps its own low-rank factors
 FLOAT_METHOD = "f16"  # a `quant_method` choice of a space: keep the layer at 16 bits (GGUF's F16)
 
 
@@ -66,6 +67,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("head_fraction", "head_fractions", "attention head fraction", float, (1.0,), "head_fraction",
          "--attention-heads", "kept fractions of attention heads (structured pruning; block granularity; rounded "
          "to whole heads per key/value group), e.g. 1,0.75", off=1.0),
+    Knob("share_blocks", "share_blocks", "blocks sharing a basis", int, (1,), "lowrank", "--share-blocks",
+         "adjacent decoder blocks whose low-rank layers of one kind share one basis (Basis Sharing; decisions "
+         "then span that many blocks), e.g. 1,2", off=1, allowed=lambda: SHARE_BLOCKS),
 )
 KNOB_NAMES = tuple(knob.name for knob in KNOBS)
 CHOICE_FIELDS = tuple(knob.choices for knob in KNOBS)

@@ -1,16 +1,14 @@
 """The compressible layers of a model and how they group into search decisions."""
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from compsearch.spaces.plan import ATTENTION_KINDS
+from compsearch.spaces.plan import ATTENTION_KINDS, BLOCK_INDEX
 
 GRANULARITIES = ("layer", "block", "type", "model")
 # Projections that read the same input and are usually fused in inference kernels.
 TIED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
-_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 if TYPE_CHECKING:  # torch is imported where a model is read, so the command line parses without it
     from torch import nn
@@ -44,7 +42,7 @@ class LayerInfo:
     @property
     def block(self) -> str:
         """The decoder block holding the layer, e.g. `model.layers.3`, or the name itself outside blocks."""
-        match = _BLOCK_INDEX.search(self.name)
+        match = BLOCK_INDEX.search(self.name)
         return self.name[: match.end() - 1] if match else self.name
 
     def to_dict(self) -> dict:
@@ -117,28 +115,38 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-def group_layers(layers: list[LayerInfo], granularity: str, tie_fused: bool = True) -> dict[str, list[str]]:
+def group_layers(layers: list[LayerInfo], granularity: str, tie_fused: bool = True,
+                 block_span: int = 1) -> dict[str, list[str]]:
     """Map each decision group's name to the layer names that share its choices.
 
     `layer`: one group per layer (fused projections share one when `tie_fused`);
     `block`: one group per decoder block; `type`: one group per role (all `v_proj`, ...);
     `model`: one group for everything (uniform plans only: the baseline users start from).
+    With `block_span` > 1, a `layer` or `block` group takes in that many adjacent blocks (blocks 0-1, 2-3, ...
+    for 2: `model.layers.2-3`), so that layers sharing a basis across them choose together.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is unknown; use one of {GRANULARITIES}")
     groups: dict[str, list[str]] = {}
     for layer in layers:
-        groups.setdefault(_group_key(layer, granularity, tie_fused), []).append(layer.name)
+        groups.setdefault(_group_key(layer, granularity, tie_fused, block_span), []).append(layer.name)
     return groups
 
 
-def _group_key(layer: LayerInfo, granularity: str, tie_fused: bool) -> str:
+def _group_key(layer: LayerInfo, granularity: str, tie_fused: bool, block_span: int) -> str:
     if granularity == "model":
         return "model"
-    if granularity == "block":
-        return layer.block
     if granularity == "type":
         return layer.kind
+    key = layer.block if granularity == "block" else _layer_key(layer, tie_fused)
+    match = BLOCK_INDEX.search(layer.name)
+    if block_span == 1 or match is None:
+        return key
+    first = int(match.group(1)) // block_span * block_span  # the key begins with the name up to the block index
+    return f"{key[:match.start(1)]}{first}-{first + block_span - 1}{key[match.end(1):]}"
+
+
+def _layer_key(layer: LayerInfo, tie_fused: bool) -> str:
     if tie_fused:
         for tied in TIED_PROJECTIONS:
             if layer.kind in tied:

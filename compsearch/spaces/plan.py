@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -26,6 +27,7 @@ ATTENTION_KINDS = ATTENTION_ROWS + ATTENTION_COLS
 STRUCTURES = {"channel_fraction": (MLP_CHANNEL_ROWS, MLP_CHANNEL_COLS),
               "head_fraction": (ATTENTION_ROWS, ATTENTION_COLS)}
 PLAN_VERSION = 1  # new LayerPlan fields have defaults, so version-1 JSON written before them still loads
+BLOCK_INDEX = re.compile(r"\.(\d+)\.")  # a decoder block's index in a layer name: model.layers.3.mlp.up_proj
 RANK_MULTIPLE = 8  # ranks are rounded to a multiple of 8: friendlier to kernels and N:M patterns
 CHANNEL_MULTIPLE = 8  # kept MLP channels likewise
 
@@ -83,10 +85,28 @@ def structured_shape(layer: "LayerInfo", plan: "LayerPlan") -> tuple[int, int]:
     return out_features, in_features
 
 
-def saves_params(out_features: int, in_features: int, rank_fraction: float) -> bool:
-    """Whether the two factors hold fewer weights than the full matrix."""
+def saves_params(out_features: int, in_features: int, rank_fraction: float, share_blocks: int = 1) -> bool:
+    """Whether the two factors hold fewer weights than the full matrix; a `down` factor shared by
+    `share_blocks` layers counts a `share_blocks`-th of it for each."""
     rank = rank_for(out_features, in_features, rank_fraction)
-    return rank * (out_features + in_features) < out_features * in_features
+    return rank * (share_blocks * out_features + in_features) < share_blocks * out_features * in_features
+
+
+def block_index(name: str) -> int | None:
+    """The decoder block a layer belongs to (3 for `model.layers.3.mlp.up_proj`); None outside blocks."""
+    match = BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def share_owner(name: str, share_blocks: int) -> str:
+    """The layer that stores the basis `name` shares: the same projection in the first block of its run of
+    `share_blocks` blocks (blocks 0-1, 2-3, ... for 2): `model.layers.3.mlp.up_proj` -> `model.layers.2.mlp.up_proj`."""
+    match = BLOCK_INDEX.search(name)
+    if match is None:
+        raise PlanError(f"share_blocks={share_blocks} on {name}: only layers of numbered decoder blocks share a "
+                        "basis with their neighbours; leave share_blocks 1")
+    first = int(match.group(1)) // share_blocks * share_blocks
+    return f"{name[:match.start(1)]}{first}{name[match.end(1):]}"
 
 
 class PlanError(ValueError):
@@ -113,7 +133,10 @@ class LayerPlan:
     sparsegpt) in `pattern`;
     `bits` is the stored width of every kept weight (16 = half-precision float, no quantization),
     quantized by `quant_method`: `rtn`, `gptq`, `hqq` (groups of `group_size` inputs) or `kmeans`
-    (one codebook of 2**bits fp16 values per output row; `group_size` is not used).
+    (one codebook of 2**bits fp16 values per output row; `group_size` is not used);
+    `share_blocks` > 1 makes the low-rank layers of one kind in a run of that many adjacent blocks share
+    one `down` factor (the basis, stored once by the run's first layer, `share_owner`) and keep their own
+    `up` factors (Basis Sharing, Wang et al., ICLR 2025); every layer of the run has the same plan.
     """
 
     bits: int = 16
@@ -126,6 +149,7 @@ class LayerPlan:
     lowrank_method: str = "svd"
     channel_fraction: float = 1.0
     head_fraction: float = 1.0
+    share_blocks: int = 1
 
     def __post_init__(self) -> None:
         for knob in KNOBS:
@@ -145,6 +169,9 @@ class LayerPlan:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
                 raise PlanError(f"{name}={value!r} must be in (0, 1]")
+        if self.share_blocks > 1 and self.rank_fraction == 1.0:
+            raise PlanError(f"share_blocks={self.share_blocks} shares a low-rank basis: give a rank_fraction "
+                            "below 1.0, or share_blocks 1")
         if self.bits < 16:
             from compsearch.compress.techniques import QUANTIZERS
 
@@ -213,6 +240,21 @@ class Plan:
         object.__setattr__(self, "layers", _FrozenDict(sorted(self.layers.items())))
         for fraction_field in STRUCTURES:
             self._check_structure(fraction_field)
+        for owner, members in self.shared_bases().items():
+            planned = [name for name in members if self.layers[name] != self.layers.get(owner)]
+            if planned:
+                raise PlanError(f"{planned[0]} shares the basis {owner} stores (share_blocks="
+                                f"{self.layers[planned[0]].share_blocks}), but {owner} is planned "
+                                f"{'differently' if owner in self.layers else 'not at all'}: the layers of a run "
+                                "of blocks that shares a basis have one plan; give them the same one")
+
+    def shared_bases(self) -> dict[str, list[str]]:
+        """The owner of each shared basis -> the layers that use it (the owner first), in block order."""
+        shared: dict[str, list[str]] = {}
+        for name, layer_plan in self.layers.items():
+            if layer_plan.share_blocks > 1:
+                shared.setdefault(share_owner(name, layer_plan.share_blocks), []).append(name)
+        return {owner: sorted(names, key=block_index) for owner, names in shared.items()}
 
     def _check_structure(self, fraction_field: str) -> None:
         """The projections of one MLP (one attention) must remove the same channels (heads)."""

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Any, Iterator, Protocol
 
 from compsearch.spaces.layers import LayerInfo, group_layers
 from compsearch.spaces.knobs import CHOICE_FIELDS, FLOAT_METHOD, KNOBS
 from compsearch.spaces.plan import (ATTENTION_KINDS, MLP_CHANNEL_COLS, MLP_CHANNEL_ROWS, PATTERNS, LayerPlan, Plan,
-                                    kept_heads, nm_sparsity, rank_for, saves_params, structured_shape)
+                                    block_index, kept_heads, nm_sparsity, rank_for, saves_params, structured_shape)
 
 
 MLP_KINDS = MLP_CHANNEL_ROWS + MLP_CHANNEL_COLS
@@ -35,7 +36,8 @@ class Space:
     the algorithm behind each technique; `channel_fractions` are the kept fractions of each MLP's
     intermediate channels and `head_fractions` of each attention's query heads (structured pruning),
     which the module's projections must share, so they are searched only at `block` or `model`
-    granularity.
+    granularity. `share_blocks` above 1 lets the low-rank layers of one kind in that many adjacent blocks
+    share their basis; `layer` and `block` decision groups then span that many blocks.
     """
 
     def __init__(self, name: str, granularity: str = "block", tie_fused: bool = True, embeddings: bool = False,
@@ -83,7 +85,8 @@ class Space:
 
     def groups(self, layers: list[LayerInfo]) -> dict[str, list[LayerInfo]]:
         by_name = {layer.name: layer for layer in layers}
-        grouped = group_layers(layers, self.granularity, self.tie_fused)
+        block_span = math.lcm(*(int(value) for value in self.choices["share_blocks"]))
+        grouped = group_layers(layers, self.granularity, self.tie_fused, block_span)
         return {group: [by_name[name] for name in names] for group, names in grouped.items()}
 
     def suggest_plan(self, trial: SuggestsCategorical, layers: list[LayerInfo]) -> Plan:
@@ -110,8 +113,9 @@ class Space:
         format that needs whole groups (compressed-tensors) takes the largest offered group size, no
         larger than the one chosen, that divides the layer's inputs. Rows that structured pruning left
         too short for any of these keep 16 bits (llama-quantize's last fallback, F16); a rank whose
-        factor rows the format cannot hold leaves the layer full rank. (`check_layers` refuses choices
-        the unpruned layers cannot take at all.)
+        factor rows the format cannot hold leaves the layer full rank, and so does one that saves no
+        weights even with its basis shared; a full-rank layer or one outside the numbered blocks shares
+        nothing. (`check_layers` refuses choices the unpruned layers cannot take at all.)
         """
         values = {**{knob: choices[0] for knob, choices in self.choices.items()}, **choice}
         channel_fraction = float(values["channel_fraction"]) if layer.kind in MLP_KINDS else 1.0
@@ -126,7 +130,8 @@ class Space:
         if group_size is None:
             bits, quant_method, group_size = 16, "rtn", int(values["group_size"])
         rank_fraction = float(values["rank_fraction"])
-        if rank_fraction < 1.0 and not (saves_params(out_features, in_features, rank_fraction) and
+        share_blocks = int(values["share_blocks"]) if block_index(layer.name) is not None else 1
+        if rank_fraction < 1.0 and not (saves_params(out_features, in_features, rank_fraction, share_blocks) and
                                         _holds_rows(rank_for(out_features, in_features, rank_fraction),
                                                     bits, quant_method, group_size)):
             rank_fraction = 1.0
@@ -134,7 +139,8 @@ class Space:
                          pattern=pattern, prune_method=values["prune_method"] if sparsity else "magnitude",
                          quant_method=quant_method, rank_fraction=rank_fraction,
                          lowrank_method=values["lowrank_method"] if rank_fraction < 1.0 else "svd",
-                         channel_fraction=channel_fraction, head_fraction=head_fraction)
+                         channel_fraction=channel_fraction, head_fraction=head_fraction,
+                         share_blocks=share_blocks if rank_fraction < 1.0 else 1)
 
     def params_for(self, choices: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Optuna parameters for per-group choices: the names `suggest_plan` asks for (to enqueue a plan)."""

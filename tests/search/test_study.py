@@ -280,3 +280,26 @@ def test_the_best_plans_are_distilled_once_and_their_rows_show_before_and_after(
     again = resume("e2e", done, options)  # the study's spec now says --distill-top 2: nothing left to distill
     assert again.set_index("trial")["distill_s"].dropna().to_dict() == table.set_index("trial")["distill_s"].dropna().to_dict()
     assert pd.read_parquet(results / "e2e" / "trials.parquet")["distilled_ppl"].notna().sum() == 2
+
+
+def test_a_study_offered_shared_bases_measures_and_exports_them(tiny_model_dir, ray_session, tmp_path):
+    """`--share-blocks 1,2`: the uniform seeds include plans whose blocks share their bases; such a trial's
+    bytes count each basis once, and its exported checkpoint reproduces the trial's perplexity."""
+    from compsearch.compress import plan_nbytes
+    from compsearch.search.models import load_model
+    from compsearch.spaces.layers import count_params, linear_layers
+
+    options = RunOptions(results_dir=tmp_path / "results", workers=2, cache_dir=tmp_path / "cache")
+    spec = tiny_spec(tiny_model_dir, "shared", space="lowrank-methods", rank_fractions=(1.0, 0.5),
+                     lowrank_methods=("whiten",), share_blocks=(1, 2), max_ppl_ratio=None)
+    trials = submit(spec, 4, options)
+    plans = trials["plan_json"].map(Plan.from_json)
+    shared = trials[plans.map(lambda plan: bool(plan.shared_bases()))]
+    assert len(shared) >= 1 and (shared["state"] == "COMPLETE").all()
+    model = load_model(str(tiny_model_dir))
+    layers, total = linear_layers(model), count_params(model)
+    for _, row in trials.iterrows():
+        assert row["memory_bytes"] == plan_nbytes(layers, Plan.from_json(row["plan_json"]), total)
+    summary = export("shared", int(shared["rank"].min()), tmp_path / "export", options, checkpoint=True, verify=True)
+    assert Plan.from_json((tmp_path / "export" / "plan.json").read_text()).shared_bases()
+    assert math.isclose(summary["checkpoint_ppl"], summary["metrics"]["ppl"], rel_tol=1e-5) and summary["verified"]
