@@ -16,7 +16,7 @@ from compsearch.evaluators.metrics import METRICS, is_task_metric
 from compsearch.search.cluster import check_reachable, is_jobs_address, use_token_auth
 from compsearch.search.errors import UserError
 from compsearch.search.spec import (DEFAULT_MAX_PPL_RATIO, DEFAULT_MODEL, EXPORT_FORMATS, OBJECTIVES, RUNTIMES, SAMPLERS,
-                                    JobSpec)
+                                    STUDENT_STEPS, JobSpec)
 from compsearch.spaces.knobs import KNOBS
 from compsearch.spaces.layers import GRANULARITIES
 from compsearch.spaces.space import DEFAULT_SPACE, SPACE_KEYWORDS
@@ -234,6 +234,11 @@ def _distill_top_options(parser, resuming: bool = False) -> None:
     steps = parser.add_argument("--distill-steps", type=int, help="steps of each of those distillations" + own)
     if not resuming:
         _help_suffix(steps, lambda: _distill_default("steps"))
+    parser.add_argument("--students", type=int, default=None if resuming else 0, metavar="S",
+                        help="the student path: also distill the S best feasible plans that remove MLP channels or "
+                             "attention heads (smaller dense models), for --student-steps each" + (own or " (default: 0)"))
+    parser.add_argument("--student-steps", type=int,
+                        help="steps of each student's distillation" + (own or f" (default: {STUDENT_STEPS})"))
 
 
 def _evaluator_options(parser: argparse.ArgumentParser) -> None:
@@ -353,7 +358,7 @@ def _resume(args: argparse.Namespace) -> int:
     if args.address:
         check_reachable(args.address)
     trials = resume(args.study, args.trials, _options(args), distill_top=args.distill_top,
-                    distill_steps=args.distill_steps)
+                    distill_steps=args.distill_steps, students=args.students, student_steps=args.student_steps)
     _print_summary(args, trials)
     return 0
 

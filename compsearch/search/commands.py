@@ -90,17 +90,19 @@ def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False)
 
 
 def resume(study_name: str, trials: int, options: RunOptions, distill_top: int | None = None,
-           distill_steps: int | None = None) -> pd.DataFrame:
-    """Continue a study until it has `trials` trials done; interrupted trials run again first. `distill_top`
-    and `distill_steps`, when given, replace the study's own (`--trials` equal to the trials done then
-    only distills)."""
+           distill_steps: int | None = None, students: int | None = None,
+           student_steps: int | None = None) -> pd.DataFrame:
+    """Continue a study until it has `trials` trials done; interrupted trials run again first. `distill_top`,
+    `distill_steps`, `students` and `student_steps`, when given, replace the study's own (`--trials` equal
+    to the trials done then only distills)."""
     _check_counts(trials, options)
     check_writable(options.results_dir)
     study, spec = _open_existing(study_name, options)
     driver = live_driver(study)
     if driver:
         raise UserError(f"study {study_name!r} is already running ({driver}); wait for it or stop that driver")
-    changed = {key: value for key, value in (("distill_top", distill_top), ("distill_steps", distill_steps))
+    changed = {key: value for key, value in (("distill_top", distill_top), ("distill_steps", distill_steps),
+                                             ("students", students), ("student_steps", student_steps))
                if value is not None}
     if changed:
         spec = dataclasses.replace(spec, **changed)  # validated again

@@ -25,7 +25,7 @@ from compsearch.search.results import (
     CONSTRAINTS, DISTILLED_ATTR, DISTILLED_COLUMNS, SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, violations,
     write_results,
 )
-from compsearch.search.spec import OBJECTIVES, JobSpec, objective_sign
+from compsearch.search.spec import OBJECTIVES, STUDENT_STEPS, JobSpec, objective_sign
 from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_profile, seed_uniform
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
@@ -355,27 +355,40 @@ def _score_front_tasks(ctx: JobContext, study: optuna.Study, pool: list) -> None
         study.set_user_attr(f"{TASK_SCORES_ATTR}:{number}", storable(scores))
 
 
-def plans_to_distill(study: optuna.Study, spec: JobSpec) -> list[tuple[int, str]]:
-    """(trial number, plan) of the `spec.distill_top` best feasible trials not distilled yet."""
-    if not spec.distill_top:
+def plans_to_distill(study: optuna.Study, spec: JobSpec) -> list[tuple[int, str, int | None]]:
+    """(trial number, plan, steps) of the plans to distill that are not distilled yet: the `spec.distill_top`
+    best feasible trials (`spec.distill_steps` each; None: the default) and the `spec.students` best feasible
+    trials that remove MLP channels or attention heads (`spec.student_steps` each, which a plan that is
+    both gets)."""
+    if not (spec.distill_top or spec.students):
         return []
     trials = trials_frame(study)
-    best = trials[(trials["source"] == SEARCH_SOURCE) & (trials["feasible"] == True)]  # noqa: E712
-    return [(int(row.trial), row.plan_json) for row in best.sort_values("rank").head(spec.distill_top).itertuples()
-            if f"{DISTILLED_ATTR}:{int(row.trial)}" not in study.user_attrs]
+    best = trials[(trials["source"] == SEARCH_SOURCE) & (trials["feasible"] == True)].sort_values("rank")  # noqa: E712
+    plans = dict(zip(best["trial"].astype(int), best["plan_json"]))
+    steps = {number: spec.distill_steps for number in list(plans)[:spec.distill_top]}
+    students = [number for number, plan_json in plans.items() if _is_student(plan_json)][:spec.students]
+    steps.update({number: spec.student_steps or STUDENT_STEPS for number in students})
+    return [(number, plans[number], count) for number, count in steps.items()
+            if f"{DISTILLED_ATTR}:{number}" not in study.user_attrs]
+
+
+def _is_student(plan_json: str) -> bool:
+    """Whether a plan makes a smaller dense model (removes MLP channels or attention heads)."""
+    return any(layer_plan.is_structured for layer_plan in Plan.from_json(plan_json).layers.values())
 
 
 def _distill_best(ctx: JobContext, study: optuna.Study, pool: list, say: Callable[[str], None]) -> None:
-    """With `--distill-top K`: once the search is done, the K best feasible trials (ranks 1..K) are
-    distilled on the workers, one plan per worker at a time; what each measured after distillation joins
-    its row (`distilled:<trial>` study attributes, as `tasks-on pareto` scores do). A resumed study
-    distills only those not distilled yet; a worker lost on the way leaves its plan to the next resume."""
+    """With `--distill-top K` (and `--students S`): once the search is done, the K best feasible trials
+    (ranks 1..K) and the S best that remove channels or heads are distilled on the workers, one plan per
+    worker at a time (`plans_to_distill`); what each measured after distillation joins its row
+    (`distilled:<trial>` study attributes, as `tasks-on pareto` scores do). A resumed study distills only
+    those not distilled yet; a worker lost on the way leaves its plan to the next resume."""
     todo = plans_to_distill(study, ctx.spec)
     if not todo:
         return
-    say(f"distilling the {len(todo)} best feasible plans on {min(len(pool), len(todo))} workers")
-    refs = {pool[i % len(pool)].distilled.remote(plan_json, ctx.spec.distill_steps): number
-            for i, (number, plan_json) in enumerate(todo)}
+    say(f"distilling {len(todo)} of the best feasible plans on {min(len(pool), len(todo))} workers")
+    refs = {pool[i % len(pool)].distilled.remote(plan_json, steps): number
+            for i, (number, plan_json, steps) in enumerate(todo)}
     for ref, number in refs.items():
         try:
             result = ray.get(ref)

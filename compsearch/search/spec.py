@@ -49,6 +49,9 @@ SEED_LIMIT = 2**32  # the samplers' random generators take seeds below it
 # Three times the base perplexity (about 1.1 nats/token of KL): past it the text is visibly broken, and
 # such plans, kept as parents, breed collapsed children (perplexity in the thousands and more).
 DEFAULT_MAX_PPL_RATIO = 3.0
+# Steps of a student's distillation (`--students`): three times a plan's default (`DistillSettings.steps`); a
+# model made smaller by removing channels and heads has more to recover, and recovers more per step.
+STUDENT_STEPS = 300
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -101,6 +104,10 @@ class JobSpec:
     task_limit: int | None = None  # first N examples of every task
     distill_top: int = 0  # after the search, distill the best N feasible plans (their rows gain distilled_*)
     distill_steps: int | None = None  # steps of each of those distillations; None: `DistillSettings`' default
+    # The student path: the best N feasible plans that remove MLP channels or attention heads (smaller dense
+    # models) are distilled too, for longer (`student_steps`; None: `STUDENT_STEPS`).
+    students: int = 0
+    student_steps: int | None = None
     measure_latency: bool = False  # measure latency on every trial even without a latency objective/budget
     decode_tokens: int = 16
     decode_batch: int = 4
@@ -140,6 +147,11 @@ class JobSpec:
         self._check_evaluators()
         space = self.search_space()  # validates the choices
         self._check_runtime(space)
+        if self.students and not any(value < 1.0 for knob in ("channel_fraction", "head_fraction")
+                                     for value in space.choices[knob]):
+            raise UserError(f"--students {self.students} distills plans that remove MLP channels or attention heads; "
+                            f"space {self.space!r} removes neither: offer some (--mlp-channels 1,0.75 or "
+                            "--attention-heads 1,0.67), or use --space structured")
 
     def _check_runtime(self, space: Space) -> None:
         if self.runtime not in (None, *RUNTIMES):
@@ -179,6 +191,9 @@ class JobSpec:
         if self.distill_top < 0 or (self.distill_steps is not None and self.distill_steps < 1):
             raise UserError(f"--distill-top {self.distill_top} --distill-steps {self.distill_steps}: give the number of "
                             "best plans to distill (0: none) and at least 1 step, e.g. --distill-top 3 --distill-steps 20")
+        if self.students < 0 or (self.student_steps is not None and self.student_steps < 1):
+            raise UserError(f"--students {self.students} --student-steps {self.student_steps}: give the number of "
+                            "structured plans to distill (0: none) and at least 1 step, e.g. --students 2 --student-steps 300")
         if self.tasks_on not in TASKS_ON:
             raise UserError(f"tasks-on {self.tasks_on!r} is unknown; choose one of {TASKS_ON}")
         task_objectives = [o for o in self.objectives if o.startswith(TASK_PREFIX)]

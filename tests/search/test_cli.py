@@ -37,6 +37,9 @@ def _error(capsys, argv) -> str:
     (["--trials", "0"], "--trials 0"),
     (["--workers", "100"], "needs 100 CPUs; this machine has"),
     (["--distill-top", "3", "--distill-steps", "0"], "--distill-top 3 --distill-steps 0"),
+    (["--students", "2"], "space 'quant-sparse' removes neither: offer some (--mlp-channels 1,0.75"),
+    (["--students", "1", "--student-steps", "0", "--space", "structured"], "--students 1 --student-steps 0"),
+    (["--share-blocks", "1,5"], "blocks sharing a basis 5 is not supported"),
 ])
 def test_bad_submit_inputs(tiny_model_dir, tmp_path, capsys, extra, fragment):
     argv = cli_args(tiny_model_dir, tmp_path, "bad", 2) + extra  # a later --model overrides the first

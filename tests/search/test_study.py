@@ -282,6 +282,23 @@ def test_the_best_plans_are_distilled_once_and_their_rows_show_before_and_after(
     assert pd.read_parquet(results / "e2e" / "trials.parquet")["distilled_ppl"].notna().sum() == 2
 
 
+def test_the_student_path_distills_the_best_structured_plan_for_longer(tiny_model_dir, ray_session, tmp_path):
+    """`--students 1 --student-steps 3` beside `--distill-top 1 --distill-steps 2`: the best feasible plan
+    that removes MLP channels is distilled for 3 steps, the best plan for 2 (3 if it is that plan)."""
+    options = RunOptions(results_dir=tmp_path / "results", workers=2, cache_dir=tmp_path / "cache")
+    spec = tiny_spec(tiny_model_dir, "students", space="quant", granularity="model", bits=(4, 16), group_sizes=(32,),
+                     channel_fractions=(1.0, 0.5), distill_top=1, distill_steps=2, students=1, student_steps=3,
+                     max_ppl_ratio=None)
+    table = submit(spec, 6, options)
+    ranked = table[(table["source"] == "search") & (table["feasible"] == True)].sort_values("rank")  # noqa: E712
+    is_student = ranked["plan_json"].map(lambda text: any(lp.is_structured for lp in Plan.from_json(text).layers.values()))
+    assert is_student.any() and not is_student.all()
+    student, best = ranked[is_student].iloc[0], ranked.iloc[0]
+    assert student["distill_steps"] == 3 and student["distilled_ppl"] > 1 and pd.isna(student["distill_error"])
+    assert best["distill_steps"] == (3 if best["trial"] == student["trial"] else 2)
+    assert ranked["distilled_ppl"].notna().sum() == (1 if best["trial"] == student["trial"] else 2)
+
+
 def test_a_study_offered_shared_bases_measures_and_exports_them(tiny_model_dir, ray_session, tmp_path):
     """`--share-blocks 1,2`: the uniform seeds include plans whose blocks share their bases; such a trial's
     bytes count each basis once, and its exported checkpoint reproduces the trial's perplexity."""
