@@ -21,6 +21,10 @@ layers with the same bytes, so within a group only the method differs:
 Prints a table and writes benchmarks/results/methods.csv.
 
     python benchmarks/methods.py [--eval-windows 8] [--calib-windows 16] [--seq-len 256]
+    python benchmarks/methods.py --resume --calib-windows 128 --methods gptq,sparsegpt,wanda --one-shot
+
+Rows are keyed by family, method, setting and `calib_windows`: `--resume` with another calibration size adds
+rows beside those of the first.
 """
 from __future__ import annotations
 
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the others")
     parser.add_argument("--only", help="run only this family (quant, sparse, lowrank, sharing, structured), e.g. to re-time")
+    parser.add_argument("--methods", help="run only these methods, e.g. gptq,sparsegpt,wanda")
+    parser.add_argument("--one-shot", action="store_true", help="leave out the rows calibrated in sequence")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.csv")
     args = parser.parse_args()
 
@@ -194,17 +200,21 @@ def main() -> None:
     cache: dict = {}
     configs = plans(layers, total) + [("sparse", "wanda+owl", "50% (OWL profile)", owl_plan(model, layers, norms, 0.5))]
     table = pd.read_csv(args.out) if args.resume and args.out.exists() else pd.DataFrame()
-    done = set(zip(table["family"], table["method"], table["setting"])) if len(table) else set()
+    if len(table):
+        table["calib_windows"] = table.get("calib_windows", pd.Series(16, index=table.index)).fillna(16).astype(int)
+    done = set(zip(table["family"], table["method"], table["setting"], table["calib_windows"])) if len(table) else set()
+    methods = args.methods.split(",") if args.methods else None
     for family, method, setting, plan in configs:
-        if (args.only and family not in (args.only, "base")) or (family, method, setting) in done:
+        if ((args.only and family not in (args.only, "base")) or (methods and family != "base" and method not in methods)
+                or (args.one_shot and setting.endswith(SEQUENTIAL)) or (family, method, setting, args.calib_windows) in done):
             continue
         row = run(model, plan, layers, total, windows, norms, hessians, cache, args.batch_size,
                   sequential=setting.endswith(SEQUENTIAL))
         if row is None:
             print(f"skip {family} {method} {setting}: a rank that stores more than the dense matrix")
             continue
-        table = pd.concat([table, pd.DataFrame([{"family": family, "method": method, "setting": setting, **row}])],
-                          ignore_index=True)
+        table = pd.concat([table, pd.DataFrame([{"family": family, "method": method, "setting": setting,
+                                                 "calib_windows": args.calib_windows, **row}])], ignore_index=True)
         table = table.sort_values("family", key=lambda f: f.map(FAMILY_ORDER), kind="stable")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)  # after every row: a stopped run keeps what it measured

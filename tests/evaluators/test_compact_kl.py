@@ -62,8 +62,10 @@ def test_a_reference_measured_in_shares_gives_the_same_kl(setup, top_k):
     whole, whole_quality = base_reference(model, ids, 4, top_k)
     merged, merged_quality = merged_references([base_reference(model, ids[:1], 1, top_k),
                                                 base_reference(model, ids[1:], 3, top_k)])
-    assert merged_quality["ppl"] == pytest.approx(whole_quality["ppl"], rel=1e-6)
-    assert merged_quality["nll"] == pytest.approx(whole_quality["nll"], rel=1e-6)
+    # float32 forward passes over other batch shapes take other kernel paths: log-probabilities agree to
+    # about 1e-6 nats (1.2e-6 seen on an AMD EPYC with AVX2), not to the last bit
+    assert merged_quality["ppl"] == pytest.approx(whole_quality["ppl"], rel=1e-5)
+    assert merged_quality["nll"] == pytest.approx(whole_quality["nll"], rel=1e-5)
     for batch in (1, 2, 4):
         assert perplexity_and_kl(damaged, ids, batch, merged)["kl"] == pytest.approx(
             perplexity_and_kl(damaged, ids, 4, whole)["kl"], rel=1e-5)
