@@ -15,7 +15,8 @@ layers with the same bytes, so within a group only the method differs:
 - parameter sharing across layers (family `sharing`): Basis Sharing (runs of 2 or 4 blocks share each
   projection's whitened basis, `LayerPlan.share_blocks`) at the bytes of per-layer whitened and plain
   low-rank, on the MLP projections and on the attention projections (the largest shared rank whose
-  bytes do not exceed the per-layer plan's);
+  bytes do not exceed the per-layer plan's), every projection sharing or only those that read the
+  residual stream (methods "... (inputs)": q/k/v, gate/up);
 - structured removal of 25% and 50% of every MLP's channels, of a third of the attention heads (one
   of each key/value group's three), and both, with the measured forward time vs the base.
 Prints a table and writes benchmarks/results/methods.csv.
