@@ -215,23 +215,40 @@ def _matrix_stats(name: str, plan: LayerPlan, input_norms: dict, hessians: dict,
 def _factorize_(model: nn.Module, module: nn.Linear, layer: LayerInfo, plan: LayerPlan,
                 layouts: list[MatrixLayout], stats: MatrixStats,
                 svd_cache: dict | None) -> tuple[list[nn.Linear], list[MatrixStats]]:
-    rank, out_features, in_features = layouts[0].rows, layouts[1].rows, layouts[0].cols
-    key = f"{layer.name}#{plan.lowrank_method}@{plan.structure_key}"
+    svd = _cached_svd(svd_cache, f"{layer.name}#{plan.lowrank_method}@{plan.structure_key}", plan.lowrank_method,
+                      module.weight.data.float(), stats, layer.name)
+    down, up = factorize(module.weight.data, layouts[0].rows, svd)
+    low_rank = _low_rank_(model, layer.name, module, down, up)
+    up_hessian = down @ stats.hessian @ down.T if stats.hessian is not None else None
+    return [low_rank.down, low_rank.up], [stats, MatrixStats(None, up_hessian)]
+
+
+def _cached_svd(svd_cache: dict | None, key: str, lowrank_method: str, weight: torch.Tensor, stats: MatrixStats,
+                name: str) -> tuple[torch.Tensor, ...]:
+    """The SVD `lowrank_method` makes of `weight`, from the worker's `svd_cache` when it holds `key`."""
     svd = svd_cache.get(key) if svd_cache is not None else None
     if svd is None:
-        svd = FACTORIZATIONS.get(plan.lowrank_method).svd(module.weight.data.float(), stats, layer.name)
+        svd = FACTORIZATIONS.get(lowrank_method).svd(weight, stats, name)
         if svd_cache is not None:
             svd_cache[key] = svd
-    down, up = factorize(module.weight.data, rank, svd)
-    low_rank = LowRankLinear(in_features, out_features, rank, module.bias is not None,
+    return svd
+
+
+def _low_rank_(model: nn.Module, name: str, module: nn.Linear, down: torch.Tensor | nn.Linear,
+               up: torch.Tensor) -> LowRankLinear:
+    """Put a LowRankLinear in place of `module` at `name`: `up` and the module's bias, and `down` as a weight,
+    or as the basis module it shares with other layers."""
+    low_rank = LowRankLinear(module.in_features, module.out_features, up.shape[1], module.bias is not None,
                              dtype=module.weight.dtype, device=module.weight.device)
-    low_rank.down.weight.data.copy_(down)
+    if isinstance(down, nn.Linear):
+        low_rank.down = down
+    else:
+        low_rank.down.weight.data.copy_(down)
     low_rank.up.weight.data.copy_(up)
     if module.bias is not None:
         low_rank.up.bias.data.copy_(module.bias.data)
-    model.set_submodule(layer.name, low_rank)
-    up_hessian = down @ stats.hessian @ down.T if stats.hessian is not None else None
-    return [low_rank.down, low_rank.up], [stats, MatrixStats(None, up_hessian)]
+    model.set_submodule(name, low_rank)
+    return low_rank
 
 
 @dataclass
@@ -258,15 +275,12 @@ def _shared_basis(model: nn.Module, owner: str, members: list[str], layer_plan: 
              if all(s.norms is not None for s in member_stats) else None)
     structure = f"{layer_plan.structure_key},shared-by={len(members)}"
     basis_stats = MatrixStats(norms, hessian, svd_cache, f"{owner}#shared-hinv@{structure}")
-    key = f"{owner}#shared-{layer_plan.lowrank_method}@{structure}"
-    svd = svd_cache.get(key) if svd_cache is not None else None
-    if svd is None:
-        svd = FACTORIZATIONS.get(layer_plan.lowrank_method).svd(torch.cat(weights), basis_stats, owner)
-        if svd_cache is not None:
-            svd_cache[key] = svd
+    stacked = torch.cat(weights)
+    svd = _cached_svd(svd_cache, f"{owner}#shared-{layer_plan.lowrank_method}@{structure}", layer_plan.lowrank_method,
+                      stacked, basis_stats, owner)
     out_features, in_features = weights[0].shape
     rank = rank_for(out_features, in_features, layer_plan.rank_fraction)
-    down, ups = factorize(torch.cat(weights), rank, svd)
+    down, ups = factorize(stacked, rank, svd)
     owner_weight = model.get_submodule(owner).weight
     module = nn.Linear(in_features, rank, bias=False, dtype=owner_weight.dtype, device=owner_weight.device)
     module.weight.data.copy_(down)
@@ -277,14 +291,7 @@ def _shared_basis(model: nn.Module, owner: str, members: list[str], layer_plan: 
 
 def _use_shared_basis_(model: nn.Module, module: nn.Linear, layer: LayerInfo,
                        basis: SharedBasis) -> tuple[list[nn.Linear], list[MatrixStats]]:
-    up = basis.ups[layer.name]
-    low_rank = LowRankLinear(module.in_features, module.out_features, up.shape[1], module.bias is not None,
-                             dtype=module.weight.dtype, device=module.weight.device)
-    low_rank.down = basis.down
-    low_rank.up.weight.data.copy_(up)
-    if module.bias is not None:
-        low_rank.up.bias.data.copy_(module.bias.data)
-    model.set_submodule(layer.name, low_rank)
+    low_rank = _low_rank_(model, layer.name, module, basis.down, basis.ups[layer.name])
     return [low_rank.down, low_rank.up], [basis.stats, MatrixStats(None, basis.up_hessians[layer.name])]
 
 

@@ -366,8 +366,8 @@ def plans_to_distill(study: optuna.Study, spec: JobSpec) -> list[tuple[int, str,
     best = trials[(trials["source"] == SEARCH_SOURCE) & (trials["feasible"] == True)].sort_values("rank")  # noqa: E712
     plans = dict(zip(best["trial"].astype(int), best["plan_json"]))
     steps = {number: spec.distill_steps for number in list(plans)[:spec.distill_top]}
-    students = [number for number, plan_json in plans.items() if _is_student(plan_json)][:spec.students]
-    steps.update({number: spec.student_steps or STUDENT_STEPS for number in students})
+    students = [number for number, plan_json in plans.items() if _is_student(plan_json)] if spec.students else []
+    steps.update({number: spec.student_steps or STUDENT_STEPS for number in students[:spec.students]})
     return [(number, plans[number], count) for number, count in steps.items()
             if f"{DISTILLED_ATTR}:{number}" not in study.user_attrs]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from compsearch.spaces.plan import ATTENTION_KINDS, BLOCK_INDEX
+from compsearch.spaces.plan import ATTENTION_KINDS, BLOCK_INDEX, block_index, share_owner
 
 GRANULARITIES = ("layer", "block", "type", "model")
 # Projections that read the same input and are usually fused in inference kernels.
@@ -142,7 +142,8 @@ def _group_key(layer: LayerInfo, granularity: str, tie_fused: bool, block_span: 
     match = BLOCK_INDEX.search(layer.name)
     if block_span == 1 or match is None:
         return key
-    first = int(match.group(1)) // block_span * block_span  # the key begins with the name up to the block index
+    first = block_index(share_owner(layer.name, block_span))  # the run's first block, whose layers own its bases
+    # the key begins with the layer's name up to the block index
     return f"{key[:match.start(1)]}{first}-{first + block_span - 1}{key[match.end(1):]}"
 
 
