@@ -641,9 +641,23 @@ def _quiet_libraries(verbose: bool) -> None:
     # torch.utils._pytree: torchao's import warns that registering its enums is deprecated, twice a run
     for name in ("torchao", "optuna", "ray", "transformers", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(not_caused_by_interrupt)
     import optuna  # after the arguments are read: a typo or --help needs none of the heavy libraries
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def not_caused_by_interrupt(record: logging.LogRecord) -> bool:
+    """False for a record whose exception follows a Ctrl-C: SQLAlchemy invalidates the connection a
+    KeyboardInterrupt cut short and then logs, with two tracebacks, that the cursor could not close. The
+    interrupt is handled (`main` re-queues and says how to resume); the record would only bury that line."""
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return False
+        error = error.__context__
+    return True
 
 
 if __name__ == "__main__":

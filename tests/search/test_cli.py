@@ -1,10 +1,13 @@
 """The CLI: every bad input is one clear line on stderr and exit code 2, and no existing study is damaged."""
 import json
+import logging
+import sqlite3
+import sys
 
 import pandas as pd
 import pytest
 
-from compsearch.search.cli import main
+from compsearch.search.cli import main, not_caused_by_interrupt
 from compsearch.search.study import default_storage_url, open_storage, study_exists
 from tests.search.helpers import cli_args
 
@@ -96,3 +99,26 @@ def test_read_commands(existing, capsys, tmp_path):
         capsys, ["leaderboard", "--study", "kept", "--results-dir", str(existing), "--top", "0"])
     assert "trials done already; --trials is the total to reach" in _error(
         capsys, ["resume", "--study", "kept", "--results-dir", str(existing), "--trials", "1"])
+
+
+def test_only_errors_that_follow_a_ctrl_c_are_kept_out_of_the_log():
+    def close_after_interrupt():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+
+    def record(error_call) -> logging.LogRecord:
+        try:
+            error_call()
+        except Exception:
+            exc_info = sys.exc_info()
+        return logging.LogRecord("sqlalchemy.pool.impl.QueuePool", logging.ERROR, __file__, 1, "Error closing cursor",
+                                 None, exc_info)
+
+    def closed_database():
+        raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+
+    assert not not_caused_by_interrupt(record(close_after_interrupt))
+    assert not_caused_by_interrupt(record(closed_database))
+    assert not_caused_by_interrupt(logging.LogRecord("compsearch", logging.WARNING, __file__, 1, "note", None, None))
