@@ -10,9 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compsearch.compress.apply import MatrixLayout, StoredMatrix, shape_like_plan_
-from compsearch.compress.matrix import quantized_values
-from compsearch.compress.storage import FLOAT_BITS, pack_bits, uses_mask_format, unpack_bits
-from compsearch.compress.techniques import quantizer_format
+from compsearch.compress.matrix import pack_matrix, unpack_matrix
 from compsearch.spaces.layers import linear_layers
 from compsearch.spaces.plan import Plan
 
@@ -34,7 +32,7 @@ def save_compressed(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for key, matrix in stored.items():
-        tensors.update(_packed_tensors(key, matrix))
+        tensors.update({f"{key}.{part}": tensor for part, tensor in pack_matrix(matrix).items()})
     seen: set[int] = set()
     for name, param in model.named_parameters():  # shared (tied) parameters come once
         if name in stored or id(param) in seen:
@@ -50,23 +48,6 @@ def save_compressed(model: nn.Module, plan: Plan, stored: dict[str, StoredMatrix
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return path
-
-
-def _packed_tensors(key: str, matrix: StoredMatrix) -> dict[str, torch.Tensor]:
-    layout = matrix.layout
-    keep = matrix.mask if _masked(layout) else None
-    tensors = {f"{key}.mask": pack_bits(keep, 1)} if keep is not None else {}
-    if layout.bits >= FLOAT_BITS:
-        values = matrix.weight[keep] if keep is not None else matrix.weight
-        tensors[f"{key}.values"] = values.to(torch.float16).reshape(-1).contiguous()
-        return tensors
-    parts = quantizer_format(layout.quant_method).pack(matrix.quantized, keep)
-    tensors.update({f"{key}.{part}": tensor for part, tensor in parts.items()})
-    return tensors
-
-
-def _masked(layout: MatrixLayout) -> bool:
-    return uses_mask_format(layout.rows, layout.cols, layout.kept, layout.bits, layout.group_size, layout.quant_method)
 
 
 def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, object | None]:
@@ -85,7 +66,9 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
         layouts = {key: MatrixLayout(**value) for key, value in json.loads(metadata["matrices"]).items()}
         shape_like_plan_(model, linear_layers(model, include_lm_head=True), plan)
         names = set(archive.keys())
-        state = {key: _unpack_matrix(archive, names, key, layout) for key, layout in layouts.items()}
+        state = {key: unpack_matrix({name[len(key) + 1:]: archive.get_tensor(name) for name in names
+                                     if name.startswith(f"{key}.")}, layout).weight
+                 for key, layout in layouts.items()}
         packed = {name for key in layouts for name in names if name.startswith(f"{key}.")}
         for name in names - packed:
             state[name] = archive.get_tensor(name).float()
@@ -98,28 +81,6 @@ def load_compressed(path: Path, trust_remote_code: bool = False) -> tuple[nn.Mod
         raise ValueError(f"checkpoint lacks tensors the model needs: {untied[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model.eval(), tokenizer
-
-
-def _unpack_matrix(archive, names: set[str], key: str, layout: MatrixLayout) -> torch.Tensor:
-    count = layout.rows * layout.cols
-    keep = None
-    if _masked(layout):
-        keep = unpack_bits(archive.get_tensor(f"{key}.mask"), 1, count).bool().reshape(layout.rows, layout.cols)
-    if layout.bits >= FLOAT_BITS:
-        return _scatter(archive.get_tensor(f"{key}.values").float(), keep, layout)
-    parts = {name[len(key) + 1:]: archive.get_tensor(name) for name in names
-             if name.startswith(f"{key}.") and name != f"{key}.mask"}
-    storage = quantizer_format(layout.quant_method)
-    quantized = storage.unpack(parts, (layout.rows, layout.cols), layout.bits, layout.group_size, keep)
-    return quantized_values(quantized, keep, layout.quant_method)
-
-
-def _scatter(values: torch.Tensor, mask: torch.Tensor | None, layout: MatrixLayout) -> torch.Tensor:
-    if mask is None:
-        return values.reshape(layout.rows, layout.cols)
-    full = torch.zeros(layout.rows, layout.cols)
-    full[mask] = values
-    return full
 
 
 def _not_loaded(model: nn.Module, missing: list[str], state: dict[str, torch.Tensor]) -> list[str]:

@@ -1,12 +1,14 @@
 """Compressing one weight matrix: prune (magnitude, Wanda, SparseGPT), then quantize (RTN, GPTQ, HQQ, k-means)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 import torch
 
 from compsearch.compress.formats import Quantized
 from compsearch.compress.gptq import inverse_hessian_factor
-from compsearch.compress.storage import FLOAT_BITS, matrix_nbytes
+from compsearch.compress.storage import FLOAT_BITS, matrix_nbytes, pack_bits, unpack_bits, uses_mask_format
 from compsearch.compress.techniques import HESSIAN, NORMS, QUANTIZERS, pruner_for, quantizer_format
 from compsearch.spaces.plan import LayerPlan, PlanError
 
@@ -26,6 +28,11 @@ class MatrixLayout:
     @property
     def nbytes(self) -> int:
         return matrix_nbytes(self.rows, self.cols, self.kept, self.bits, self.group_size, self.quant_method)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the matrix is stored as a keep mask plus the kept values (else densely)."""
+        return uses_mask_format(self.rows, self.cols, self.kept, self.bits, self.group_size, self.quant_method)
 
 
 @dataclass
@@ -104,6 +111,39 @@ def compress_matrix(weight: torch.Tensor, layout: MatrixLayout, plan: LayerPlan,
     else:
         values = values.half().float()
     return StoredMatrix(layout, values, mask, quantized)
+
+
+def pack_matrix(matrix: StoredMatrix) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for `matrix`, by part name: `mask` (packed keep bits) in the mask
+    form, then `values` (16 bits) or the parts of its quantizer's storage format."""
+    layout = matrix.layout
+    keep = matrix.mask if layout.masked else None
+    parts = {"mask": pack_bits(keep, 1)} if keep is not None else {}
+    if layout.bits >= FLOAT_BITS:
+        values = matrix.weight[keep] if keep is not None else matrix.weight
+        parts["values"] = values.to(torch.float16).reshape(-1).contiguous()
+    else:
+        parts.update(quantizer_format(layout.quant_method).pack(matrix.quantized, keep))
+    return parts
+
+
+def unpack_matrix(parts: Mapping[str, torch.Tensor], layout: MatrixLayout) -> StoredMatrix:
+    """Inverse of `pack_matrix`: the matrix with the values it computes with (its keep mask only in
+    the mask form: a densely stored pruned matrix holds its zeros as values)."""
+    keep = None
+    if layout.masked:
+        keep = unpack_bits(parts["mask"], 1, layout.rows * layout.cols).bool().reshape(layout.rows, layout.cols)
+    if layout.bits >= FLOAT_BITS:
+        values = parts["values"].float()
+        if keep is None:
+            return StoredMatrix(layout, values.reshape(layout.rows, layout.cols), None, None)
+        weight = torch.zeros(layout.rows, layout.cols)
+        weight[keep] = values
+        return StoredMatrix(layout, weight, keep, None)
+    storage = quantizer_format(layout.quant_method)
+    quantized = storage.unpack({part: tensor for part, tensor in parts.items() if part != "mask"},
+                               (layout.rows, layout.cols), layout.bits, layout.group_size, keep)
+    return StoredMatrix(layout, quantized_values(quantized, keep, layout.quant_method), keep, quantized)
 
 
 def quantized_values(quantized: Quantized, mask: torch.Tensor | None, quant_method: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from compsearch.compress import plan_bits_per_weight
 from compsearch.evaluators.quality import merged_references
+from compsearch.paths import variant_store_bytes
 from compsearch.search.capacity import memory_warning
 from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
@@ -118,11 +119,18 @@ def check_resources(asked: WorkerResources, local: bool) -> None:
 
 
 def start_workers(ctx: JobContext, count: int, cpus_per_worker: int, gpus_per_worker: float = 0.0,
-                  resources: dict[str, float] | None = None, evaluator: type = _RayTrialEvaluator) -> list:
-    """`count` actors, each holding the base model on its device; `evaluator` is the class they run."""
+                  resources: dict[str, float] | None = None, evaluator: type = _RayTrialEvaluator,
+                  cache_dir: Path | None = None) -> list:
+    """`count` actors, each holding the base model on its device; `evaluator` is the class they run;
+    `cache_dir` where they keep compressed-layer variants (None: the default cache)."""
     eval_ref, calib_ref = ray.put(ctx.windows.eval_ids), ray.put(ctx.windows.calib_ids)
     actor = ray.remote(**WorkerResources(cpus_per_worker, gpus_per_worker, resources or {}).actor_options())(evaluator)
-    settings = WorkerSettings.for_job(ctx.spec, threads=max(1, int(cpus_per_worker)))
+    try:
+        store_bytes = variant_store_bytes()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    settings = WorkerSettings.for_job(ctx.spec, threads=max(1, int(cpus_per_worker)),
+                                      cache_dir=str(cache_dir) if cache_dir else None, variant_store_bytes=store_bytes)
     return [actor.remote(ctx.model_ref, eval_ref, calib_ref, settings) for _ in range(count)]
 
 
@@ -175,7 +183,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         shared_reference: list = []  # the base model's distributions, once the workers have measured them
 
         def spawn(count: int) -> list:
-            started = start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator)
+            started = start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator, cache_dir)
             for worker in started if shared_reference else ():
                 worker.set_base_reference.remote(shared_reference[0])
             return started

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import socket
@@ -16,14 +17,16 @@ import torch
 
 from compsearch.compress import apply_plan_, input_hessians, input_norms
 from compsearch.compress.distill import DistillSettings, distill_
-from compsearch.compress.variants import VariantCache, variant_cache_bytes
+from compsearch.compress import COMPRESS_VERSION
+from compsearch.compress.variants import VariantCache, VariantStore, variant_cache_bytes
 from compsearch.evaluators.quality import base_log_probs, base_reference, perplexity_and_kl
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.evaluators.measure import GGUFTarget, Measurements
 from compsearch.evaluators.metrics import check_declared
 from compsearch.evaluators.memory import PeakMemory, auto_batch_size
 from compsearch.evaluators.tasks import TaskSuite
-from compsearch.search.models import load_model, load_tokenizer, study_gguf_template
+from compsearch.paths import default_cache_dir, variant_store_bytes
+from compsearch.search.models import load_model, load_tokenizer, model_fingerprint, study_gguf_template
 from compsearch.search.profiling import BlockReplay
 from compsearch.search.spec import JobSpec
 from compsearch.spaces.layers import count_params
@@ -53,7 +56,8 @@ class WorkerSettings:
     threads: int | None = None
     trust_remote_code: bool = False
     device: str = "cpu"
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # None: `default_cache_dir()`
+    variant_store_bytes: int | None = None  # None: `variant_store_bytes()`; 0 keeps no variants on disk
     latency_runtime: str = "torch"  # or "llamacpp": each plan is timed as a GGUF file in llama.cpp
     gguf_template: str | None = None  # the GGUF whose metadata those files copy
 
@@ -69,6 +73,18 @@ class WorkerSettings:
             template = study_gguf_template(spec)
             settings = dataclasses.replace(settings, gguf_template=str(template) if template else None)
         return dataclasses.replace(settings, **overrides)
+
+
+def variant_store(model_ref: str, calib_ids: torch.Tensor, settings: WorkerSettings) -> VariantStore | None:
+    """The on-disk variants of this model compressed with these calibration windows on this kind of device
+    (statistics measured elsewhere differ by float round-off), or None when the store is off."""
+    max_bytes = settings.variant_store_bytes if settings.variant_store_bytes is not None else variant_store_bytes()
+    if max_bytes <= 0:
+        return None
+    data_key = hashlib.sha256(calib_ids.cpu().numpy().tobytes()).hexdigest()[:16]
+    device_type = torch.device(settings.device).type
+    name = f"{model_fingerprint(model_ref)}-{data_key}-{device_type}-v{COMPRESS_VERSION}"
+    return VariantStore(Path(settings.cache_dir or default_cache_dir()) / "variants" / name, max_bytes)
 
 
 class TrialEvaluator:
@@ -102,7 +118,8 @@ class TrialEvaluator:
         self._input_norms: dict[str, torch.Tensor] | None = None
         self._input_hessians: dict[str, torch.Tensor] | None = None
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
-        self.variants = VariantCache(variant_cache_bytes(count_params(self.model)))
+        self.variants = VariantCache(variant_cache_bytes(count_params(self.model)),
+                                     variant_store(model_ref, self.calib_ids, settings))
         self._profile: tuple | None = None  # profiling windows, their base log-probs, the block replay
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -166,8 +183,13 @@ class TrialEvaluator:
         wanted = list(plan.layers.values())
         norms = self.input_norms(self._linear_names()) if any(lp.needs_norms for lp in wanted) else None
         hessians = self.input_hessians(self._linear_names()) if any(lp.needs_hessian for lp in wanted) else None
-        return apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
-                           hessians=hessians, undoable=undoable, variants=self.variants)
+        store = self.variants.store
+        writes = store.writes if store is not None else 0
+        applied = apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
+                              hessians=hessians, undoable=undoable, variants=self.variants)
+        if store is not None and store.writes > writes:
+            store.trim()
+        return applied
 
     def evaluate(self, plan_json: str) -> dict:
         """Metrics of one plan: `ppl` (and `kl`, task metrics, measured and predicted latency when asked),

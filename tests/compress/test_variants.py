@@ -1,10 +1,12 @@
 """A worker's cache of compressed layer variants: what it returns is what compressing again gives."""
 import copy
+import os
 
 import torch
 
 from compsearch.compress import apply_plan_
-from compsearch.compress.variants import VariantCache
+from compsearch.compress.matrix import pack_matrix
+from compsearch.compress.variants import VariantCache, VariantStore
 from compsearch.spaces.layers import linear_layers
 from compsearch.spaces.plan import LayerPlan, Plan
 
@@ -44,3 +46,63 @@ def test_the_least_recently_used_variants_go_beyond_the_budget(calibrated_wide):
     assert small.nbytes <= 2 * each
     assert small.get(f"{one_layer}.weight", LayerPlan(bits=2, group_size=32)) is None
     assert small.get(f"{one_layer}.weight", LayerPlan(bits=4, group_size=32)) is not None
+
+
+STORED_PLANS = {"gptq": LayerPlan(bits=3, group_size=32, quant_method="gptq"),
+                "sparsegpt+gptq": LayerPlan(bits=4, group_size=32, quant_method="gptq", sparsity=0.5,
+                                            prune_method="sparsegpt"),
+                "wanda 2:4": LayerPlan(sparsity=0.5, pattern="2:4", prune_method="wanda"),
+                "kmeans": LayerPlan(bits=3, quant_method="kmeans"), "q4_k": LayerPlan(bits=4, quant_method="q4_k"),
+                "hqq 25%": LayerPlan(bits=4, group_size=32, quant_method="hqq", sparsity=0.25, prune_method="wanda")}
+
+
+def test_a_variant_read_from_disk_is_the_one_computed(calibrated_wide, tmp_path):
+    model, _, _, layers, (norms, hessians) = calibrated_wide
+    for name, layer_plan in STORED_PLANS.items():
+        plan = Plan({layer.name: layer_plan for layer in layers})
+        written = VariantCache(max_bytes=2**30, store=VariantStore(tmp_path / "store", 2**30))
+        expected = apply_plan_(copy.deepcopy(model), plan, norms, keep_stored=True, hessians=hessians,
+                               variants=written).stored
+        assert written.store.writes == len(expected), name
+        fresh_worker = VariantCache(max_bytes=2**30, store=VariantStore(tmp_path / "store", 2**30))
+        again = copy.deepcopy(model)
+        stored = apply_plan_(again, plan, norms, keep_stored=True, hessians=hessians, variants=fresh_worker).stored
+        assert fresh_worker.misses == 0 and fresh_worker.store.reads == len(expected), name
+        for key, matrix in expected.items():
+            assert torch.equal(stored[key].weight, matrix.weight), (name, key)
+            assert torch.equal(again.get_parameter(key), matrix.weight), (name, key)
+            assert (stored[key].mask is None) == (matrix.mask is None), (name, key)
+            assert matrix.mask is None or torch.equal(stored[key].mask, matrix.mask), (name, key)
+            packed, repacked = pack_matrix(matrix), pack_matrix(stored[key])  # what an export writes
+            assert packed.keys() == repacked.keys() and all(torch.equal(packed[p], repacked[p]) for p in packed)
+
+
+def test_a_damaged_variant_file_is_computed_again(calibrated_wide, tmp_path, caplog):
+    model, _, _, layers, (norms, hessians) = calibrated_wide
+    layer, layer_plan = layers[0], STORED_PLANS["gptq"]
+    plan = Plan({layer.name: layer_plan})
+    store = VariantStore(tmp_path, 2**30)
+    expected = apply_plan_(copy.deepcopy(model), plan, norms, hessians=hessians, keep_stored=True,
+                           variants=VariantCache(2**30, store)).stored
+    path = store.path(f"{layer.name}.weight", layer_plan)
+    path.write_bytes(path.read_bytes()[:100])
+    again = VariantCache(2**30, VariantStore(tmp_path, 2**30))
+    stored = apply_plan_(copy.deepcopy(model), plan, norms, hessians=hessians, keep_stored=True, variants=again).stored
+    assert "is damaged" in caplog.text and again.misses == 1
+    assert torch.equal(stored[f"{layer.name}.weight"].weight, expected[f"{layer.name}.weight"].weight)
+    assert again.store.writes == 1 and path.stat().st_size > 100
+
+
+def test_the_store_keeps_the_most_recently_read_files_within_its_bound(calibrated_wide, tmp_path):
+    model, _, _, layers, (norms, hessians) = calibrated_wide
+    store = VariantStore(tmp_path, 2**30)
+    cache = VariantCache(2**30, store)
+    plans = [LayerPlan(bits=bits, group_size=32, quant_method="gptq") for bits in (2, 3, 4)]
+    for age, layer_plan in enumerate(plans):
+        apply_plan_(copy.deepcopy(model), Plan({layers[0].name: layer_plan}), norms, hessians=hessians, variants=cache)
+        os.utime(store.path(f"{layers[0].name}.weight", layer_plan), (1000 + age, 1000 + age))
+    VariantStore(tmp_path, 2**30).get(f"{layers[0].name}.weight", plans[0])  # read: now the most recent
+    sizes = {plan: store.path(f"{layers[0].name}.weight", plan).stat().st_size for plan in plans}
+    store.max_bytes = sizes[plans[0]] + sizes[plans[2]]
+    assert store.trim() == store.max_bytes
+    assert [store.path(f"{layers[0].name}.weight", plan).exists() for plan in plans] == [True, False, True]
