@@ -19,20 +19,30 @@ layers with the same bytes, so within a group only the method differs:
   residual stream (methods "... (inputs)": q/k/v, gate/up);
 - structured removal of 25% and 50% of every MLP's channels, of a third of the attention heads (one
   of each key/value group's three), and both, with the measured forward time vs the base.
+- with `--library llm-compressor`: GPTQ (3 and 4 bits, g128), SparseGPT and Wanda (50%, 2:4) run by
+  llm-compressor itself with its defaults (`llmcompressor_run.py`, in the library's own environment, on
+  the same calibration windows), scored here by the same protocol (column `library`).
 Prints a table and writes benchmarks/results/methods.csv.
 
     python benchmarks/methods.py [--eval-windows 8] [--calib-windows 16] [--seq-len 256]
     python benchmarks/methods.py --resume --calib-windows 128 --methods gptq,sparsegpt,wanda --one-shot
+    python benchmarks/methods.py --resume --library llm-compressor --library-python /tmp/llmc-venv/bin/python
 
-Rows are keyed by family, method, setting and `calib_windows`: `--resume` with another calibration size adds
-rows beside those of the first.
+Rows are keyed by library, family, method, setting and `calib_windows`: `--resume` with another calibration
+size or library adds rows beside the others. compress_s of a one-shot row leaves out the statistics pass
+that all one-shot rows share (printed first); rows in sequence and the library's rows include theirs.
+The library's environment: `python -m venv /tmp/llmc-venv && /tmp/llmc-venv/bin/pip install torch==2.13.0
+"llmcompressor==0.14.*"`.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +52,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from compsearch.compress import apply_plan_, input_hessians, plan_bits_per_weight, plan_nbytes  # noqa: E402
 from compsearch.compress.owl import owl_plan  # noqa: E402
@@ -49,6 +60,7 @@ from compsearch.compress.sequential import apply_plan_sequentially_  # noqa: E40
 from common import default_model_and_windows, write_table  # noqa: E402
 from compsearch.evaluators.quality import perplexity_and_kl  # noqa: E402
 from compsearch.spaces.layers import count_params, linear_layers  # noqa: E402
+from compsearch.search.models import resolve_model  # noqa: E402
 from compsearch.spaces.plan import ATTENTION_KINDS, LayerPlan, Plan  # noqa: E402
 
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
@@ -56,6 +68,10 @@ RESIDUAL_WRITERS = ("o_proj", "down_proj")  # read the attention's or the MLP's 
 FAMILY_ORDER = {"base": 0, "quant": 1, "sparse": 2, "lowrank": 3, "sharing": 4, "structured": 5}
 SEQUENTIAL_METHODS = ("gptq", "sparsegpt", "wanda")  # calibrated: compared one-shot and in sequence
 SEQUENTIAL = " sequential"  # the setting's suffix for a plan calibrated in sequence
+LIBRARY = "compsearch"
+PEER = "llm-compressor"
+PEER_METHODS = ("gptq", "sparsegpt", "wanda")  # what `llmcompressor_run.py` runs
+PEER_BITS = (3, 4)
 
 
 def shared_at_bytes(layers, names: list[str], per_layer: Plan, share_blocks: int, total: int) -> Plan:
@@ -177,6 +193,42 @@ def run(model, plan: Plan, layers, total: int, windows, norms, hessians, cache: 
     return row
 
 
+def run_peer(python: str, model, plan: Plan, method: str, layers, total: int, windows, batch_size: int) -> dict:
+    """`plan`'s method and setting run by llm-compressor (`llmcompressor_run.py` under `python`), its weights
+    measured here like `run`'s rows."""
+    layer_plan = next(iter(plan.layers.values()))
+    with tempfile.TemporaryDirectory() as folder:
+        calib, out = Path(folder) / "calib.safetensors", Path(folder) / "weights.safetensors"
+        save_file({"input_ids": windows.calib_ids.contiguous()}, str(calib))
+        command = [python, str(ROOT / "benchmarks" / "llmcompressor_run.py"), "--model", resolve_model("smollm2-135m"),
+                   "--calib", str(calib), "--method", method, "--out", str(out)]
+        if method == "gptq":
+            command += ["--bits", str(layer_plan.bits), "--group-size", str(layer_plan.group_size)]
+        else:
+            command += ["--sparsity", str(layer_plan.sparsity), "--mask", layer_plan.pattern]
+        environment = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+        done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=folder)
+        if done.returncode:
+            raise RuntimeError(f"llm-compressor failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        compress_s = json.loads(done.stdout.strip().splitlines()[-1])["compress_s"]
+        weights = load_file(str(out))
+    compressed = copy.deepcopy(model)
+    missing, unexpected = compressed.load_state_dict(weights, strict=False)
+    planned = {f"{name}.weight" for name in plan.layers}
+    if unexpected or planned - set(weights):
+        raise RuntimeError(f"llm-compressor's weights do not match the plan: {unexpected[:3]} {sorted(planned - set(weights))[:3]}")
+    ppl = perplexity_and_kl(compressed, windows.eval_ids, batch_size)["ppl"]
+    return {"ppl": round(ppl, 3), "plan_bytes": plan_nbytes(layers, plan, total),
+            "bits_per_weight": round(plan_bits_per_weight(layers, plan), 3), "compress_s": compress_s}
+
+
+def peer_configs(configs: list) -> list:
+    """The configurations llm-compressor runs: its methods, one-shot settings (it calibrates in sequence)."""
+    return [(family, method, setting, plan) for family, method, setting, plan in configs
+            if method in PEER_METHODS and not setting.endswith(SEQUENTIAL) and (
+                family == "sparse" or next(iter(plan.layers.values())).bits in PEER_BITS)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval-windows", type=int, default=8)
@@ -187,39 +239,55 @@ def main() -> None:
     parser.add_argument("--only", help="run only this family (quant, sparse, lowrank, sharing, structured), e.g. to re-time")
     parser.add_argument("--methods", help="run only these methods, e.g. gptq,sparsegpt,wanda")
     parser.add_argument("--one-shot", action="store_true", help="leave out the rows calibrated in sequence")
+    parser.add_argument("--library", choices=(LIBRARY, PEER), default=LIBRARY, help="whose compression to measure")
+    parser.add_argument("--library-python", default="/tmp/llmc-venv/bin/python",
+                        help="the Python of llm-compressor's environment (--library llm-compressor)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.csv")
     args = parser.parse_args()
 
     model, _, windows = default_model_and_windows(args.seq_len, args.eval_windows, args.calib_windows)
     layers = linear_layers(model)
     names, total = [layer.name for layer in layers], count_params(model)
-    started = time.perf_counter()
-    hessians = input_hessians(model, windows.calib_ids, names, args.batch_size)
-    # ||X_j|| is sqrt(tokens * H_jj): one calibration pass instead of two (input_norms agrees to float round-off)
-    norms = {name: (torch.diagonal(h) * windows.calib_ids.numel()).sqrt() for name, h in hessians.items()}
-    print(f"calibration statistics: {time.perf_counter() - started:.1f} s on {windows.calib_ids.numel()} tokens")
+    peer = args.library == PEER
+    if peer:
+        hessians = norms = {}  # the library measures its own
+        configs = peer_configs(plans(layers, total))
+    else:
+        started = time.perf_counter()
+        hessians = input_hessians(model, windows.calib_ids, names, args.batch_size)
+        # ||X_j|| is sqrt(tokens * H_jj): one calibration pass instead of two (input_norms agrees to float round-off)
+        norms = {name: (torch.diagonal(h) * windows.calib_ids.numel()).sqrt() for name, h in hessians.items()}
+        print(f"calibration statistics: {time.perf_counter() - started:.1f} s on {windows.calib_ids.numel()} tokens")
+        configs = plans(layers, total) + [("sparse", "wanda+owl", "50% (OWL profile)", owl_plan(model, layers, norms, 0.5))]
     cache: dict = {}
-    configs = plans(layers, total) + [("sparse", "wanda+owl", "50% (OWL profile)", owl_plan(model, layers, norms, 0.5))]
     table = pd.read_csv(args.out) if args.resume and args.out.exists() else pd.DataFrame()
     if len(table):
         table["calib_windows"] = table.get("calib_windows", pd.Series(16, index=table.index)).fillna(16).astype(int)
-    done = set(zip(table["family"], table["method"], table["setting"], table["calib_windows"])) if len(table) else set()
+        table["library"] = table.get("library", pd.Series(LIBRARY, index=table.index)).fillna(LIBRARY)
+    done = set(zip(table["library"], table["family"], table["method"], table["setting"], table["calib_windows"])) \
+        if len(table) else set()
     methods = args.methods.split(",") if args.methods else None
     for family, method, setting, plan in configs:
         if ((args.only and family not in (args.only, "base")) or (methods and family != "base" and method not in methods)
-                or (args.one_shot and setting.endswith(SEQUENTIAL)) or (family, method, setting, args.calib_windows) in done):
+                or (args.one_shot and setting.endswith(SEQUENTIAL))
+                or (args.library, family, method, setting, args.calib_windows) in done):
             continue
-        row = run(model, plan, layers, total, windows, norms, hessians, cache, args.batch_size,
-                  sequential=setting.endswith(SEQUENTIAL))
+        if peer:
+            row = run_peer(args.library_python, model, plan, method, layers, total, windows, args.batch_size)
+        else:
+            row = run(model, plan, layers, total, windows, norms, hessians, cache, args.batch_size,
+                      sequential=setting.endswith(SEQUENTIAL))
         if row is None:
             print(f"skip {family} {method} {setting}: a rank that stores more than the dense matrix")
             continue
-        table = pd.concat([table, pd.DataFrame([{"family": family, "method": method, "setting": setting,
-                                                 "calib_windows": args.calib_windows, **row}])], ignore_index=True)
+        table = pd.concat([table, pd.DataFrame([{"library": args.library, "family": family, "method": method,
+                                                 "setting": setting, "calib_windows": args.calib_windows, **row}])],
+                          ignore_index=True)
         table = table.sort_values("family", key=lambda f: f.map(FAMILY_ORDER), kind="stable")
+        table = table[["library", *(column for column in table.columns if column != "library")]]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)  # after every row: a stopped run keeps what it measured
-        print({"family": family, "method": method, "setting": setting, **row}, flush=True)
+        print({"library": args.library, "family": family, "method": method, "setting": setting, **row}, flush=True)
     print(f"\nSmolLM2-135M, {args.eval_windows} x {args.seq_len}-token eval windows, "
           f"{args.calib_windows} x {args.seq_len} calibration windows\n")
     write_table(table, args.out)
