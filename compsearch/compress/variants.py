@@ -170,6 +170,23 @@ class VariantStore:
             return
         self.writes += 1
 
+    def contents(self) -> dict[str, tuple[int, int]]:
+        """{layer plan, as its fields that differ from the defaults: (matrices, bytes)} of the folder."""
+        held: dict[str, list[int]] = {}
+        for path in self.folder.glob("*.safetensors"):
+            try:
+                with safe_open(str(path), framework="pt") as archive:
+                    plan = LayerPlan.from_dict(json.loads(archive.metadata()["variant"])["plan"])
+                size = path.stat().st_size
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+                continue  # damaged or removed meanwhile: `get` deals with it
+            name = " ".join(f"{field}={value}" for field, value in plan.to_dict().items()
+                            if value != getattr(LayerPlan(), field)) or "16-bit"
+            count_and_bytes = held.setdefault(name, [0, 0])
+            count_and_bytes[0] += 1
+            count_and_bytes[1] += size
+        return {name: (count, nbytes) for name, (count, nbytes) in held.items()}
+
     def trim(self) -> int:
         """Remove the least recently read files until the folder holds at most `max_bytes`; the bytes it
         holds after."""

@@ -156,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--port", type=int, default=8080)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     dashboard.set_defaults(handler=_dashboard)
+
+    cache = commands.add_parser("cache", help="what the cache folder holds: models, sensitivity profiles, layer variants")
+    _cache_dir_option(cache)
+    cache.add_argument("--clear-variants", action="store_true", help="remove every stored compressed-layer variant")
+    cache.add_argument("-v", "--verbose", action="store_true")
+    cache.set_defaults(handler=_cache)
     return parser
 
 
@@ -264,8 +270,13 @@ def _common(parser: argparse.ArgumentParser, study_required: bool = True, study_
     parser.add_argument("--study", required=study_required, help=study_help)
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in the study's results folder)")
-    parser.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
+    _cache_dir_option(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, help="where one-time work is kept: the converted default model, "
+                        "sensitivity profiles, compressed-layer variants (default: $COMPSEARCH_CACHE, else ~/.cache/compsearch)")
 
 
 def _run_options(parser, trials_required: bool = True) -> None:
@@ -485,6 +496,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.study:
         print(f"recorded beside the trials of study {args.study}: `compsearch leaderboard --study {args.study}` "
               "lists them, `compsearch report` draws them")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from compsearch.compress.variants import VariantStore
+    from compsearch.paths import default_cache_dir, variant_store_bytes
+
+    root = args.cache_dir or default_cache_dir()
+    try:
+        bound = variant_store_bytes()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if not root.is_dir():
+        print(f"{root}: nothing cached yet")
+        return 0
+    print(f"{root}:")
+    for folder in sorted(path for path in root.iterdir() if path.is_dir()):
+        sizes = [path.stat().st_size for path in folder.rglob("*") if path.is_file()]
+        print(f"  {folder.name}/: {len(sizes)} files, {_mb(sum(sizes))}")
+    stores = sorted(path for path in (root / "variants").glob("*") if path.is_dir())
+    for folder in stores:
+        held = VariantStore(folder, bound).contents()
+        print(f"variants/{folder.name} (model-calibration-device-version; at most {_mb(bound)}, "
+              "$COMPSEARCH_VARIANT_CACHE_GB):")
+        for plan, (count, nbytes) in sorted(held.items(), key=lambda item: -item[1][1]):
+            print(f"  {plan}: {count} matrices, {_mb(nbytes)}")
+    if args.clear_variants and stores:
+        shutil.rmtree(root / "variants")
+        print(f"removed {len(stores)} variant folder(s)")
     return 0
 
 

@@ -6,9 +6,13 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
+from compsearch.compress.matrix import MatrixLayout, MatrixStats, compress_matrix
+from compsearch.compress.variants import VariantStore
 from compsearch.search.cli import main, not_caused_by_interrupt
 from compsearch.search.study import default_storage_url, open_storage, study_exists
+from compsearch.spaces.plan import LayerPlan
 from tests.search.helpers import cli_args
 
 pytestmark = pytest.mark.slow
@@ -122,3 +126,20 @@ def test_only_errors_that_follow_a_ctrl_c_are_kept_out_of_the_log():
     assert not not_caused_by_interrupt(record(close_after_interrupt))
     assert not_caused_by_interrupt(record(closed_database))
     assert not_caused_by_interrupt(logging.LogRecord("compsearch", logging.WARNING, __file__, 1, "note", None, None))
+
+
+def test_cache_says_what_it_holds_and_clears_the_variants(tmp_path, capsys):
+    weight = torch.randn(16, 64)
+    plans = [LayerPlan(bits=3, group_size=32, quant_method="hqq"), LayerPlan(bits=4, group_size=32, quant_method="hqq")]
+    store = VariantStore(tmp_path / "variants" / "model-data-cpu-v5", 2**30)
+    for index, plan in enumerate(plans):
+        layout = MatrixLayout(f"layers.{index}.weight", 16, 64, 16 * 64, plan.bits, plan.group_size, plan.quant_method)
+        for key in ("a.weight", "b.weight"):
+            store.put(key, plan, compress_matrix(weight, layout, plan, MatrixStats()))
+    assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "variants/: 4 files" in out and "variants/model-data-cpu-v5" in out
+    assert "bits=3 group_size=32 quant_method=hqq: 2 matrices" in out
+    assert "bits=4 group_size=32 quant_method=hqq: 2 matrices" in out
+    assert main(["cache", "--cache-dir", str(tmp_path), "--clear-variants"]) == 0
+    assert "removed 1 variant folder(s)" in capsys.readouterr().out and not (tmp_path / "variants").exists()
