@@ -6,12 +6,20 @@ pool (so each worker's memory cache starts empty):
 - cold: an empty store, seed 0: what the first study of a model pays to fill it;
 - warm: seed 1 (other plans), reading the store the cold study filled;
 - off-1: no store, seed 1: the warm study's plans without it.
-A study's sensitivity profile is measured with its trials' variants too: `off` and `cold` measure it (each
-their own cache folder), `warm` and `off-1` read their folder's profile, so their compress seconds are the
-trials' alone. Prints compress seconds per trial (mean, median), profile and study seconds, the store's
-files and bytes, and writes benchmarks/results/variant_store.csv.
+`off` and `cold` measure the sensitivity profile (each in its own cache folder), which compresses every
+(layer, option) variant once and so fills each worker's memory cache and, in `cold`, the store; `warm`
+and `off-1` read their folder's profile and start with empty memory caches: they compare the trials of a
+resumed or later study with and without the store. Prints compress seconds per trial (mean, median),
+study seconds, the store's files and bytes (benchmarks/results/variant_store.csv).
 
-    python benchmarks/variant_store.py --space sota --trials 16 [--workers 2]
+Then the mixed-plan check, on the `warm` study's feasible trials that mix the most distinct layer plans:
+the perplexity the trial measured (its plan assembled from stored variants) against the same plan
+compressed from scratch with the same one-shot statistics and without any cache (equal: a variant does not
+depend on the other layers), and against the plan calibrated in sequence from scratch (each block's
+statistics from the compressed blocks before it: what one-shot, cacheable variants give up)
+(benchmarks/results/variant_store_mixed.csv).
+
+    python benchmarks/variant_store.py --space sota --trials 8 [--workers 2] [--eval-windows 4]
 """
 from __future__ import annotations
 
@@ -24,12 +32,21 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is imported: loopback only
 
+import copy
+
 import pandas as pd
 
+from compsearch.compress import apply_plan_, input_hessians
+from compsearch.compress.sequential import apply_plan_sequentially_
+from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.paths import default_cache_dir
 from compsearch.search.commands import RunOptions, submit
+from compsearch.search.job import prepare_job
+from compsearch.search.models import load_model
 from compsearch.search.runner import start_ray
 from compsearch.search.spec import JobSpec
+from compsearch.spaces.layers import linear_layers
+from compsearch.spaces.plan import Plan
 
 RESULTS = Path(__file__).parent / "results"
 STUDIES = (("off", 0, False), ("cold", 0, True), ("warm", 1, True), ("off-1", 1, False))
@@ -41,11 +58,36 @@ def store_contents(cache_dir: Path) -> tuple[int, int]:
     return len(files), sum(path.stat().st_size for path in files)
 
 
+def mixed_plans(spec: JobSpec, trials: pd.DataFrame, count: int, batch_size: int = 4) -> pd.DataFrame:
+    """The mixed-plan check (module docstring) on `count` of `trials`."""
+    feasible = trials[(trials["state"] == "COMPLETE") & trials["feasible"].fillna(False).astype(bool)].copy()
+    feasible["layer_plans"] = [len(set(Plan.from_json(text).layers.values())) for text in feasible["plan_json"]]
+    ctx = prepare_job(spec)
+    model = load_model(ctx.model_ref)
+    names = [layer.name for layer in linear_layers(model)]
+    hessians = input_hessians(model, ctx.windows.calib_ids, names, batch_size)
+    norms = {name: (h.diagonal() * ctx.windows.calib_ids.numel()).sqrt() for name, h in hessians.items()}
+    rows = []
+    for _, trial in feasible.sort_values("layer_plans", ascending=False).head(count).iterrows():
+        plan = Plan.from_json(trial["plan_json"])
+        scratch, in_sequence = copy.deepcopy(model), copy.deepcopy(model)
+        apply_plan_(scratch, plan, norms, hessians=hessians)
+        apply_plan_sequentially_(in_sequence, plan, ctx.windows.calib_ids, batch_size)
+        rows.append({"trial": int(trial["trial"]), "layer_plans": int(trial["layer_plans"]),
+                     "bits_per_weight": round(trial["bits_per_weight"], 3), "stored_ppl": round(trial["ppl"], 4),
+                     "scratch_ppl": round(perplexity_and_kl(scratch, ctx.windows.eval_ids, batch_size)["ppl"], 4),
+                     "in_sequence_ppl": round(perplexity_and_kl(in_sequence, ctx.windows.eval_ids, batch_size)["ppl"], 4)})
+        print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="sota")
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--eval-windows", type=int, default=4, help="evaluation windows per trial (compression is timed)")
+    parser.add_argument("--mixed", type=int, default=3, help="plans of the mixed-plan check")
     parser.add_argument("--out", type=Path, default=RESULTS / "variant_store.csv")
     args = parser.parse_args()
 
@@ -56,10 +98,10 @@ def main() -> None:
         for model in (default_cache_dir() / "models").iterdir():
             (cache / "models" / model.name).symlink_to(model)
     start_ray(None, args.workers)
-    rows = []
+    rows, warm_study = [], None
     for name, seed, stored in STUDIES:
         os.environ["COMPSEARCH_VARIANT_CACHE_GB"] = "8" if stored else "0"
-        spec = JobSpec(study=name, space=args.space, seed=seed)
+        spec = JobSpec(study=name, space=args.space, seed=seed, eval_windows=args.eval_windows)
         options = RunOptions(results_dir=workdir / "results", workers=args.workers, cache_dir=caches[stored])
         started = time.perf_counter()
         trials = submit(spec, args.trials, options, force=True)
@@ -73,10 +115,16 @@ def main() -> None:
                      "study_s": round(study_s, 1), "store_files": files if stored else 0,
                      "store_mb": round(nbytes / 1e6, 1) if stored else 0.0})
         print(rows[-1], flush=True)
+        if name == "warm":
+            warm_study = (spec, trials)
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(f"\n{table.to_string(index=False)}\n\nwrote {args.out} (load: {os.getloadavg()[0]:.1f})")
+    mixed = mixed_plans(*warm_study, args.mixed)
+    mixed_out = args.out.with_name(args.out.stem + "_mixed.csv")
+    mixed.to_csv(mixed_out, index=False)
+    print(f"\n{mixed.to_string(index=False)}\n\nwrote {mixed_out}")
     shutil.rmtree(workdir, ignore_errors=True)
 
 

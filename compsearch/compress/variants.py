@@ -15,11 +15,13 @@ then reads them instead of computing them again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from compsearch.spaces.plan import LayerPlan
 log = logging.getLogger(__name__)
 
 FLOAT32_BYTES = 4
+PARTIAL_FILE_S = 3600  # a temporary variant file this old belongs to a writer that was killed
 ROUNDING = ("rtn", "rtn-sym")  # quantizers that compute a matrix faster than the store reads it back
 MODEL_COPIES = 2  # the budget: as many bytes as two float32 copies of the model's weights
 
@@ -188,8 +191,12 @@ class VariantStore:
         return {name: (count, nbytes) for name, (count, nbytes) in held.items()}
 
     def trim(self) -> int:
-        """Remove the least recently read files until the folder holds at most `max_bytes`; the bytes it
-        holds after."""
+        """Remove the least recently read files until the folder holds at most `max_bytes`, and the partial
+        files of writers killed mid-write; the bytes it holds after."""
+        for partial in self.folder.glob(".variant-*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - partial.stat().st_mtime > PARTIAL_FILE_S:  # not one being written now
+                    partial.unlink()
         files = []
         for path in self.folder.glob("*.safetensors"):
             try:

@@ -1,6 +1,7 @@
 """A worker's cache of compressed layer variants: what it returns is what compressing again gives."""
 import copy
 import os
+import time
 
 import torch
 
@@ -106,3 +107,13 @@ def test_the_store_keeps_the_most_recently_read_files_within_its_bound(calibrate
     store.max_bytes = sizes[plans[0]] + sizes[plans[2]]
     assert store.trim() == store.max_bytes
     assert [store.path(f"{layers[0].name}.weight", plan).exists() for plan in plans] == [True, False, True]
+
+
+def test_trim_removes_what_killed_writers_left_half_written(tmp_path):
+    store = VariantStore(tmp_path, 2**30)
+    old, fresh = tmp_path / ".variant-old.tmp", tmp_path / ".variant-new.tmp"
+    old.write_bytes(b"x" * 10)
+    fresh.write_bytes(b"x" * 10)
+    os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    store.trim()
+    assert not old.exists() and fresh.exists()  # one being written now is left alone
