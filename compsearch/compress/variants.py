@@ -152,7 +152,8 @@ class VariantStore:
             return None
         if keep is not None:  # a densely stored pruned matrix: its mask kept beside the checkpoint's parts
             stored = StoredMatrix(layout, stored.weight, _unpacked_mask(keep, layout), stored.quantized)
-        os.utime(path)  # read now: the last to go when the folder is trimmed
+        with contextlib.suppress(OSError):  # trimmed meanwhile, or a read-only cache
+            os.utime(path)  # read now: the last to go when the folder is trimmed
         self.reads += 1
         return stored
 
@@ -160,16 +161,18 @@ class VariantStore:
         parts = pack_matrix(matrix)
         if matrix.mask is not None and "mask" not in parts:
             parts["keep"] = pack_bits(matrix.mask, 1)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=".variant-", suffix=".tmp")
-        os.close(handle)
+        tmp = None
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=".variant-", suffix=".tmp")
+            os.close(handle)
             save_file(parts, tmp, metadata={"variant": _identity(key, plan),
                                             "layout": json.dumps(vars(matrix.layout), sort_keys=True)})
             os.replace(tmp, self.path(key, plan))
         except OSError as err:  # a full or read-only disk costs the reuse, never the trial
             log.warning("variant not kept in %s (%s)", self.folder, err)
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             return
         self.writes += 1
 

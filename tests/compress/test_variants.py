@@ -117,3 +117,15 @@ def test_trim_removes_what_killed_writers_left_half_written(tmp_path):
     os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
     store.trim()
     assert not old.exists() and fresh.exists()  # one being written now is left alone
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_the_reuse_not_the_trial(calibrated_wide, tmp_path, caplog):
+    model, _, _, layers, (norms, hessians) = calibrated_wide
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the store's folder would be")
+    plan = Plan({layers[0].name: STORED_PLANS["gptq"]})
+    cache = VariantCache(2**30, VariantStore(blocked / "variants", 2**30))
+    expected = apply_plan_(copy.deepcopy(model), plan, norms, hessians=hessians, keep_stored=True).stored
+    stored = apply_plan_(copy.deepcopy(model), plan, norms, hessians=hessians, keep_stored=True, variants=cache).stored
+    assert "variant not kept" in caplog.text and cache.store.writes == 0
+    assert all(torch.equal(stored[key].weight, expected[key].weight) for key in expected)
