@@ -14,8 +14,8 @@ study seconds, the store's files and bytes (benchmarks/results/variant_store.csv
 
 Then the mixed-plan check, on the `warm` study's feasible trials that mix the most distinct layer plans:
 the perplexity the trial measured (its plan assembled from stored variants) against the same plan
-compressed from scratch with the same one-shot statistics and without any cache (equal: a variant does not
-depend on the other layers), and against the plan calibrated in sequence from scratch (each block's
+compressed from scratch with the same one-shot statistics, on the workers' thread count, without any cache
+(equal: a variant does not depend on the other layers), and against the plan calibrated in sequence from scratch (each block's
 statistics from the compressed blocks before it: what one-shot, cacheable variants give up)
 (benchmarks/results/variant_store_mixed.csv).
 
@@ -36,16 +36,15 @@ import copy
 
 import pandas as pd
 
-from compsearch.compress import apply_plan_, input_hessians
 from compsearch.compress.sequential import apply_plan_sequentially_
+from compsearch.compress.variants import VariantCache
 from compsearch.evaluators.quality import perplexity_and_kl
 from compsearch.paths import default_cache_dir
 from compsearch.search.commands import RunOptions, submit
 from compsearch.search.job import prepare_job
-from compsearch.search.models import load_model
 from compsearch.search.runner import start_ray
 from compsearch.search.spec import JobSpec
-from compsearch.spaces.layers import linear_layers
+from compsearch.search.trial import TrialEvaluator, WorkerSettings
 from compsearch.spaces.plan import Plan
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,25 +57,27 @@ def store_contents(cache_dir: Path) -> tuple[int, int]:
     return len(files), sum(path.stat().st_size for path in files)
 
 
-def mixed_plans(spec: JobSpec, trials: pd.DataFrame, count: int, batch_size: int = 4) -> pd.DataFrame:
-    """The mixed-plan check (module docstring) on `count` of `trials`."""
+def mixed_plans(spec: JobSpec, trials: pd.DataFrame, count: int) -> pd.DataFrame:
+    """The mixed-plan check (module docstring) on `count` of `trials`: the plans evaluated again by a fresh
+    worker (same thread count and batch size: float sums, hence rounding, depend on them) without a store."""
     feasible = trials[(trials["state"] == "COMPLETE") & trials["feasible"].fillna(False).astype(bool)].copy()
     feasible["layer_plans"] = [len(set(Plan.from_json(text).layers.values())) for text in feasible["plan_json"]]
+    threads = set(feasible["threads"])
+    if len(threads) != 1:
+        raise ValueError(f"the trials ran on {sorted(threads)} threads: the check compresses on one count")
     ctx = prepare_job(spec)
-    model = load_model(ctx.model_ref)
-    names = [layer.name for layer in linear_layers(model)]
-    hessians = input_hessians(model, ctx.windows.calib_ids, names, batch_size)
-    norms = {name: (h.diagonal() * ctx.windows.calib_ids.numel()).sqrt() for name, h in hessians.items()}
+    settings = WorkerSettings.for_job(spec, threads=int(threads.pop()), variant_store_bytes=0)
+    worker = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, settings)
     rows = []
     for _, trial in feasible.sort_values("layer_plans", ascending=False).head(count).iterrows():
-        plan = Plan.from_json(trial["plan_json"])
-        scratch, in_sequence = copy.deepcopy(model), copy.deepcopy(model)
-        apply_plan_(scratch, plan, norms, hessians=hessians)
-        apply_plan_sequentially_(in_sequence, plan, ctx.windows.calib_ids, batch_size)
+        worker.variants = VariantCache(worker.variants.max_bytes)  # from scratch: nothing kept from the last plan
+        scratch_ppl = worker.evaluate(trial["plan_json"])["ppl"]
+        in_sequence = copy.deepcopy(worker.model)
+        apply_plan_sequentially_(in_sequence, Plan.from_json(trial["plan_json"]), worker.calib_ids, worker.batch_size)
         rows.append({"trial": int(trial["trial"]), "layer_plans": int(trial["layer_plans"]),
                      "bits_per_weight": round(trial["bits_per_weight"], 3), "stored_ppl": round(trial["ppl"], 4),
-                     "scratch_ppl": round(perplexity_and_kl(scratch, ctx.windows.eval_ids, batch_size)["ppl"], 4),
-                     "in_sequence_ppl": round(perplexity_and_kl(in_sequence, ctx.windows.eval_ids, batch_size)["ppl"], 4)})
+                     "scratch_ppl": round(scratch_ppl, 4), "in_sequence_ppl": round(
+                         perplexity_and_kl(in_sequence, worker.eval_ids, worker.batch_size)["ppl"], 4)})
         print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
