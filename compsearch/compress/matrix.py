@@ -130,9 +130,7 @@ def pack_matrix(matrix: StoredMatrix) -> dict[str, torch.Tensor]:
 def unpack_matrix(parts: Mapping[str, torch.Tensor], layout: MatrixLayout) -> StoredMatrix:
     """Inverse of `pack_matrix`: the matrix with the values it computes with (its keep mask only in
     the mask form: a densely stored pruned matrix holds its zeros as values)."""
-    keep = None
-    if layout.masked:
-        keep = unpack_bits(parts["mask"], 1, layout.rows * layout.cols).bool().reshape(layout.rows, layout.cols)
+    keep = unpack_mask(parts["mask"], layout) if layout.masked else None
     if layout.bits >= FLOAT_BITS:
         values = parts["values"].float()
         if keep is None:
@@ -144,6 +142,11 @@ def unpack_matrix(parts: Mapping[str, torch.Tensor], layout: MatrixLayout) -> St
     quantized = storage.unpack({part: tensor for part, tensor in parts.items() if part != "mask"},
                                (layout.rows, layout.cols), layout.bits, layout.group_size, keep)
     return StoredMatrix(layout, quantized_values(quantized, keep, layout.quant_method), keep, quantized)
+
+
+def unpack_mask(packed: torch.Tensor, layout: MatrixLayout) -> torch.Tensor:
+    """The boolean keep mask of a matrix shaped like `layout`, from its packed bits (`pack_bits(mask, 1)`)."""
+    return unpack_bits(packed, 1, layout.rows * layout.cols).bool().reshape(layout.rows, layout.cols)
 
 
 def quantized_values(quantized: Quantized, mask: torch.Tensor | None, quant_method: str) -> torch.Tensor:

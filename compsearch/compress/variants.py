@@ -8,8 +8,8 @@ reuses it: GPTQ-style methods then cost once per variant instead of once per tri
 what the checkpoint stores (codes and scales, or the 16-bit values of a pruned matrix), not float32
 weights, and drops the least recently used variants beyond its byte budget.
 
-Variants whose methods need calibration statistics (GPTQ, SparseGPT, Wanda, HQQ, k-means ...: the
-costly ones) also go to a `VariantStore` on disk when the worker has one: every worker, resume and
+Variants of calibrated or iterative methods (GPTQ, SparseGPT, Wanda, HQQ, k-means ...: the costly
+ones, `VariantStore.keeps`) also go to a `VariantStore` on disk when the worker has one: every worker, resume and
 study that compresses the same model with the same calibration windows on the same kind of device
 then reads them instead of computing them again.
 """
@@ -30,8 +30,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from compsearch.compress.matrix import MatrixLayout, StoredMatrix, pack_matrix, quantized_values, unpack_matrix
-from compsearch.compress.storage import pack_bits, unpack_bits
+from compsearch.compress.matrix import (MatrixLayout, StoredMatrix, pack_matrix, quantized_values, unpack_mask,
+                                       unpack_matrix)
+from compsearch.compress.storage import pack_bits
 from compsearch.spaces.plan import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class VariantCache:
 
 class VariantStore:
     """Compressed matrices on disk, one safetensors file per (state-dict key, layer plan), in a folder
-    that names the model, the calibration windows and the compression version (`variant_folder`).
+    that names the model, the calibration windows, the device type and the compression version
+    (`search.trial.variant_store`).
 
     Files are written whole or not at all (a temporary file renamed), so workers on one machine share a
     folder; `trim` removes the least recently read files beyond `max_bytes`. A file that cannot be read
@@ -151,7 +153,7 @@ class VariantStore:
             path.unlink(missing_ok=True)
             return None
         if keep is not None:  # a densely stored pruned matrix: its mask kept beside the checkpoint's parts
-            stored = StoredMatrix(layout, stored.weight, _unpacked_mask(keep, layout), stored.quantized)
+            stored = StoredMatrix(layout, stored.weight, unpack_mask(keep, layout), stored.quantized)
         with contextlib.suppress(OSError):  # trimmed meanwhile, or a read-only cache
             os.utime(path)  # read now: the last to go when the folder is trimmed
         self.reads += 1
@@ -179,6 +181,7 @@ class VariantStore:
     def contents(self) -> dict[str, tuple[int, int]]:
         """{layer plan, as its fields that differ from the defaults: (matrices, bytes)} of the folder."""
         held: dict[str, list[int]] = {}
+        defaults = LayerPlan().to_dict()
         for path in self.folder.glob("*.safetensors"):
             try:
                 with safe_open(str(path), framework="pt") as archive:
@@ -187,7 +190,7 @@ class VariantStore:
             except (OSError, ValueError, KeyError, TypeError, SafetensorError):
                 continue  # damaged or removed meanwhile: `get` deals with it
             name = " ".join(f"{field}={value}" for field, value in plan.to_dict().items()
-                            if value != getattr(LayerPlan(), field)) or "16-bit"
+                            if value != defaults[field]) or "16-bit"
             count_and_bytes = held.setdefault(name, [0, 0])
             count_and_bytes[0] += 1
             count_and_bytes[1] += size
@@ -218,7 +221,3 @@ class VariantStore:
 
 def _identity(key: str, plan: LayerPlan) -> str:
     return json.dumps({"key": key, "plan": plan.to_dict()}, sort_keys=True)
-
-
-def _unpacked_mask(packed: torch.Tensor, layout: MatrixLayout) -> torch.Tensor:
-    return unpack_bits(packed, 1, layout.rows * layout.cols).bool().reshape(layout.rows, layout.cols)
