@@ -16,8 +16,9 @@ from compsearch.compress.checkpoint import load_compressed, save_compressed
 # Bumped whenever a method's numerics change (2: structured pruning ranks units by output energy and
 # corrects the kept columns; 3: GGUF types round with GPTQ's error compensation; 4: GGUF-typed matrices
 # multiply inputs rounded as llama.cpp rounds them; 5: SparseGPT chooses an unstructured mask over each
-# block of columns, not row by row): measurements made by another version are neither reused nor mixed.
-COMPRESS_VERSION = 5
+# block of columns, not row by row; 6: GPTQ fits its group scales to the inputs' activity, SparseGPT refits
+# the kept weights): measurements made by another version are neither reused nor mixed.
+COMPRESS_VERSION = 6
 
 __all__ = [
     "COMPRESS_VERSION", "AppliedPlan", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "layer_layout", "layer_nbytes",

@@ -8,7 +8,9 @@ Group g always covers inputs [g * group_size, (g + 1) * group_size), so the stor
 uses. Columns are taken in activation order (most active input first, GPTQ's `act_order`), with every
 group's scale and zero point set beforehand from the original weights ("static" groups, which keep
 the groups contiguous): on SmolLM2-135M at 3 bits g128 this took perplexity from 46.4 (natural order,
-scales set as each group is reached, the reference code's default) to 25.4.
+scales set as each group is reached, the reference code's default) to 25.4. The groups' ranges are
+clipped where that lowers their rounding error weighted by the inputs' activity
+(`quantize.fitted_group_scale`): 3 bits 25.6 -> 17.8, 4 bits 14.82 -> 14.09 (16 calibration windows).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable
 import torch
 
 from compsearch.compress.quantize import (
-    QuantizedMatrix, group_scale_symmetric, group_scale_zero, grouped_columns, round_to_grid,
+    QuantizedMatrix, fitted_group_scale, grouped_columns, round_to_grid,
 )
 
 BLOCK_COLUMNS = 128
@@ -78,17 +80,19 @@ def compensated_rounding(weight: torch.Tensor, hinv_factor: torch.Tensor, order:
 
 
 def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor: torch.Tensor,
-                  order: torch.Tensor, mask: torch.Tensor | None = None, symmetric: bool = False) -> QuantizedMatrix:
+                  order: torch.Tensor, importance: torch.Tensor, mask: torch.Tensor | None = None,
+                  symmetric: bool = False) -> QuantizedMatrix:
     """GPTQ-quantize a (rows, cols) matrix in RTN's format: every group's scale and integer zero point
-    (`symmetric`: the middle code) set from the weights first, then the columns rounded in `order`
-    (activation order, `MatrixStats.activation_order()`) by `compensated_rounding`; `hinv_factor` is
-    that of H in `order` (`MatrixStats.hinv_factor(..., activation_order=True)`).
+    (`symmetric`: the middle code) fitted to the weights first (`fitted_group_scale` with `importance`, the
+    Hessian's diagonal), then the columns rounded in `order` (activation order,
+    `MatrixStats.activation_order()`) by `compensated_rounding`; `hinv_factor` is that of H in `order`
+    (`MatrixStats.hinv_factor(..., activation_order=True)`).
 
     With a keep `mask` (a pruned matrix), pruned weights take the zero point (exactly 0) and their
     removal error is compensated like rounding error, so sparsity survives quantization.
     """
     x = weight.float() if mask is None else weight.float() * mask
-    scales, zeros = (group_scale_symmetric if symmetric else group_scale_zero)(grouped_columns(x, group_size), bits)
+    scales, zeros = fitted_group_scale(grouped_columns(x, group_size), bits, importance, symmetric)
     group = torch.arange(x.shape[1]) // group_size
     scale, zero = scales.float()[:, group].t().contiguous(), zeros[:, group].t().contiguous()  # per column
 

@@ -8,6 +8,10 @@ the reference (rows keep different counts), removing exactly the block's share o
 (`prune.kept_count`: rows x the columns' share of each row's count), so the stored accounting is exact.
 On SmolLM2-135M at 50% with 16 calibration windows this lowers one-shot perplexity from 19.46 (the same
 count from every row) to 18.66.
+
+SparseGPT's updates compensate each removed weight with the columns to its right only. Once the mask is
+chosen, `refit_kept` solves for all kept weights of a row jointly (least squares on the calibration
+outputs, by conjugate gradients from SparseGPT's weights): 50% 18.66 -> 17.7, 2:4 29.7 -> 25.1.
 """
 from __future__ import annotations
 
@@ -17,9 +21,14 @@ from compsearch.compress.gptq import BLOCK_COLUMNS
 from compsearch.compress.prune import pruned_per_row
 
 
-def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str,
-                    hinv_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(updated weights with zeros at pruned positions, boolean keep mask) of a (rows, cols) matrix."""
+REFIT_ITERATIONS = 10  # conjugate-gradient steps of `refit_kept`; more fit the calibration inputs closer, not better
+REFIT_DAMPING = 0.03  # of the mean Hessian diagonal, added to it for `refit_kept`
+
+
+def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str, hinv_factor: torch.Tensor,
+                    hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weights with zeros at pruned positions, boolean keep mask) of a (rows, cols) matrix: the mask
+    and first updates by SparseGPT (`hinv_factor` of the inputs' second moments `hessian`), then `refit_kept`."""
     rows, cols = weight.shape
     n, m = (int(part) for part in pattern.split(":")) if pattern != "unstructured" else (0, 0)
     if m and cols % m:
@@ -46,7 +55,28 @@ def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str,
             errors[:, i] = error
         work[:, start:end] = block
         work[:, end:] -= errors @ hinv_factor[start:end, end:]
-    return work * mask, mask
+    return refit_kept(weight.float(), mask, hessian, start=work), mask
+
+
+def refit_kept(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor,
+               iterations: int = REFIT_ITERATIONS, damping: float = REFIT_DAMPING) -> torch.Tensor:
+    """The weights W' (zero where `mask` is False) that best keep the layer's outputs on the calibration
+    inputs: the minimum of tr((W - W') H (W - W')^T), H being `hessian` plus `damping` times its mean
+    diagonal, approached by `iterations` conjugate-gradient steps on every row at once from `start`."""
+    h = hessian.float().clone()
+    h.diagonal().add_(damping * torch.diagonal(h).mean())
+    refit = start * mask
+    residual = (weight - refit) @ h * mask  # minus the gradient, within the kept weights
+    direction, norm = residual.clone(), residual.square().sum(1, keepdim=True)
+    for _ in range(iterations):
+        curvature = direction @ h * mask
+        step = norm / (direction * curvature).sum(1, keepdim=True).clamp_min(1e-30)
+        refit += step * direction
+        residual -= step * curvature
+        new_norm = residual.square().sum(1, keepdim=True)
+        direction = residual + new_norm / norm.clamp_min(1e-30) * direction
+        norm = new_norm
+    return refit * mask
 
 
 def _drop_lowest_in_block_(mask: torch.Tensor, scores: torch.Tensor, drop: int) -> None:

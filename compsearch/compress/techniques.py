@@ -113,7 +113,7 @@ def _rtn(values, bits, group_size, stats, keep, key):
 
 def _gptq(values, bits, group_size, stats, keep, key):
     return quantize_gptq(values, bits, group_size, stats.hinv_factor(key, activation_order=True),
-                         stats.activation_order(), keep)
+                         stats.activation_order(), torch.diagonal(stats.hessian), keep)
 
 
 def _hqq(values, bits, group_size, stats, keep, key):
@@ -126,7 +126,7 @@ def _rtn_symmetric(values, bits, group_size, stats, keep, key):
 
 def _gptq_symmetric(values, bits, group_size, stats, keep, key):
     return quantize_gptq(values, bits, group_size, stats.hinv_factor(key, activation_order=True),
-                         stats.activation_order(), keep, symmetric=True)
+                         stats.activation_order(), torch.diagonal(stats.hessian), keep, symmetric=True)
 
 
 QUANTIZERS.register(Quantizer("rtn", "affine", _rtn))
@@ -146,7 +146,7 @@ def _scored(method: str):
 
 
 def _sparsegpt(values, sparsity, pattern, stats, key):
-    updated, mask = prune_sparsegpt(values, sparsity, pattern, stats.hinv_factor(key))
+    updated, mask = prune_sparsegpt(values, sparsity, pattern, stats.hinv_factor(key), stats.hessian)
     return mask, updated
 
 

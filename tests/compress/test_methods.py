@@ -8,8 +8,10 @@ from compsearch.compress.hqq import quantize_hqq
 from compsearch.compress.kmeans import palettize
 from compsearch.compress.lowrank import factorize, whitened_svd
 from compsearch.compress.prune import keep_mask, kept_count
-from compsearch.compress.quantize import quantize_rtn
-from compsearch.compress.sparsegpt import prune_sparsegpt
+from compsearch.compress.quantize import (
+    fitted_group_scale, group_scale_symmetric, group_scale_zero, grouped_columns, quantize_rtn, round_to_grid,
+)
+from compsearch.compress.sparsegpt import prune_sparsegpt, refit_kept
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,31 @@ def test_gptq_output_error_well_below_rtn(problem, bits):
     weight, inputs, hessian = problem
     rtn = quantize_rtn(weight, bits, 64).dequantize()
     stats = MatrixStats(hessian=hessian)
-    gptq = quantize_gptq(weight, bits, 64, stats.hinv_factor("w", activation_order=True), stats.activation_order())
+    gptq = quantize_gptq(weight, bits, 64, stats.hinv_factor("w", activation_order=True), stats.activation_order(),
+                         torch.diagonal(hessian))
     assert gptq.codes.max() < 2 ** bits and gptq.scales.shape == (128, 4)
     assert _output_error(inputs, weight, gptq.dequantize()) < 0.7 * _output_error(inputs, weight, rtn)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fitted_group_scales_lower_the_weighted_rounding_error(problem, symmetric):
+    weight, _, hessian = problem
+    weight = weight.clone()
+    weight[:, 3] *= 8  # outliers that stretch their groups' ranges
+    grouped, importance = grouped_columns(weight, 64), torch.diagonal(hessian)
+    weights = grouped_columns(importance.reshape(1, -1), 64)
+    plain = (group_scale_symmetric if symmetric else group_scale_zero)(grouped, 3)
+    fitted = fitted_group_scale(grouped, 3, importance, symmetric)
+
+    def error(scales, zeros):
+        scale, zero = scales.float().unsqueeze(2), zeros.unsqueeze(2)
+        return ((round_to_grid(grouped, scale, zero, 3) - zero) * scale - grouped).square().mul(weights).sum(-1)
+    assert fitted[0].dtype == torch.float16 and torch.all(fitted[1] == fitted[1].round())
+    assert torch.all(error(*fitted) <= error(*plain))  # the full range is one of the tried fractions
+    assert error(*fitted).sum() < 0.8 * error(*plain).sum()
+    assert torch.all(fitted[0] <= plain[0])  # clipped, never widened
+    if symmetric:
+        assert torch.all(fitted[1] == 4)
 
 
 def test_gptq_keeps_a_sparsity_mask_exactly(problem):
@@ -47,7 +71,7 @@ def test_gptq_keeps_a_sparsity_mask_exactly(problem):
     mask = keep_mask(weight, 0.5, "2:4")
     stats = MatrixStats(hessian=hessian)
     values = quantize_gptq(weight * mask, 4, 64, stats.hinv_factor("w", activation_order=True), stats.activation_order(),
-                           mask).dequantize()
+                           torch.diagonal(hessian), mask).dequantize()
     assert torch.all(values[~mask] == 0)
 
 
@@ -96,7 +120,7 @@ def test_kmeans_importance_lowers_weighted_error(problem):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_sparsegpt_beats_magnitude_and_keeps_exact_counts(problem, pattern):
     weight, inputs, hessian = problem
-    values, mask = prune_sparsegpt(weight, 0.5, pattern, inverse_hessian_factor(hessian))
+    values, mask = prune_sparsegpt(weight, 0.5, pattern, inverse_hessian_factor(hessian), hessian)
     assert mask.sum().item() == kept_count(128, 256, 0.5, pattern)
     assert torch.all(values[~mask] == 0)
     if pattern == "unstructured":  # each block of 128 columns keeps its share of every row's count
@@ -112,9 +136,27 @@ def test_sparsegpt_beats_magnitude_and_keeps_exact_counts(problem, pattern):
 
 def test_sparsegpt_unstructured_ratio_exact_for_uneven_blocks():
     weight = torch.randn(8, 200)  # 200 columns: blocks of 128 and 72
-    _, mask = prune_sparsegpt(weight, 0.3, "unstructured", torch.eye(200))
+    _, mask = prune_sparsegpt(weight, 0.3, "unstructured", torch.eye(200), torch.eye(200))
     assert mask.sum().item() == kept_count(8, 200, 0.3, "unstructured") == 8 * (200 - round(0.3 * 200))
     assert mask[:, :128].sum().item() == 8 * (128 - round(0.3 * 128))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refit_kept_weights_approach_the_least_squares_optimum(problem, pattern):
+    weight = problem[0]
+    gen = torch.Generator().manual_seed(1)  # correlated inputs, conditioned well enough for float32
+    inputs = torch.randn(1024, 256, generator=gen) @ (torch.eye(256) + 0.05 * torch.randn(256, 256, generator=gen))
+    hessian = inputs.T @ inputs / inputs.shape[0]
+    mask = keep_mask(weight, 0.5, pattern, "wanda", inputs.norm(dim=0))
+    start = weight * mask
+    refit = refit_kept(weight, mask, hessian, start, iterations=128, damping=0.0)  # 128 kept: CG's exact answer
+    assert torch.all(refit[~mask] == 0)
+    for row in (0, 5, 77):  # the optimum of a row: its kept weights solve H_kk w_k = (H w)_k
+        kept = mask[row]
+        optimum = torch.linalg.solve(hessian[kept][:, kept].double(), (hessian.double() @ weight[row].double())[kept])
+        assert torch.allclose(refit[row, kept].double(), optimum, rtol=1e-3, atol=1e-3)
+    few = refit_kept(weight, mask, hessian, start, iterations=3)
+    assert _output_error(inputs, weight, refit) <= _output_error(inputs, weight, few) < _output_error(inputs, weight, start)
 
 
 @pytest.mark.parametrize("rank", [16, 48, 96])
