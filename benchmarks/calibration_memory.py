@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from common import write_table  # noqa: E402
+from common import GIB, reset_peak_rss, rss_gib, write_table  # noqa: E402
 from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa: E402
 from compsearch.evaluators.data import load_text, make_windows  # noqa: E402
 from compsearch.search.models import load_tokenizer, resolve_model  # noqa: E402
@@ -37,22 +37,6 @@ SHAPES = {
     "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                          num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
 }
-GIB = 2 ** 30
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-
-
-def rss_gib(field: str) -> float:
-    """`VmRSS` (now) or `VmHWM` (peak since the last reset) of this process, in GiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / GIB
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def phase(rows: list[dict], name: str, work) -> object:

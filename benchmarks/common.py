@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the default model with the default data's windows, and writing a table."""
+"""What the benchmark scripts share: the default model with the default data's windows, writing a table, and
+this process's resident memory."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,8 @@ import pandas as pd
 
 from compsearch.evaluators.data import Windows, load_text, make_windows
 from compsearch.search.models import load_model, load_tokenizer, resolve_model
+
+GIB = 2 ** 30
 
 
 def default_model_and_windows(seq_len: int, eval_windows: int, calib_windows: int):
@@ -24,3 +27,18 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
     table.to_csv(path, index=False)
     print(table.to_string(index=False))
     print(f"\nwrote {path}")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def rss_gib(field: str) -> float:
+    """`VmRSS` (now) or `VmHWM` (peak since the last reset) of this process, in GiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / GIB
+    raise RuntimeError(f"{field} not in /proc/self/status")

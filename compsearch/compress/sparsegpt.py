@@ -11,7 +11,7 @@ count from every row) to 18.66.
 
 SparseGPT's updates compensate each removed weight with the columns to its right only. Once the mask is
 chosen, `refit_kept` solves for all kept weights of a row jointly (least squares on the calibration
-outputs, by conjugate gradients from SparseGPT's weights): 50% 18.66 -> 17.7, 2:4 29.7 -> 25.1.
+outputs, by a few conjugate-gradient steps): 50% 18.66 -> 17.7, 2:4 29.7 -> 25.2.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ REFIT_DAMPING = 0.03  # of the mean Hessian diagonal, added to it for `refit_kep
 def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str, hinv_factor: torch.Tensor,
                     hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weights with zeros at pruned positions, boolean keep mask) of a (rows, cols) matrix: the mask
-    and first updates by SparseGPT (`hinv_factor` of the inputs' second moments `hessian`), then `refit_kept`."""
+    chosen by SparseGPT (its updates, through `hinv_factor` of the inputs' second moments `hessian`, steer the
+    choice), then the kept weights fitted by `refit_kept`."""
     rows, cols = weight.shape
     n, m = (int(part) for part in pattern.split(":")) if pattern != "unstructured" else (0, 0)
     if m and cols % m:
@@ -55,17 +56,20 @@ def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str, hinv_fa
             errors[:, i] = error
         work[:, start:end] = block
         work[:, end:] -= errors @ hinv_factor[start:end, end:]
-    return refit_kept(weight.float(), mask, hessian, start=work), mask
+    return refit_kept(weight.float(), mask, hessian), mask
 
 
-def refit_kept(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, start: torch.Tensor,
+def refit_kept(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
                iterations: int = REFIT_ITERATIONS, damping: float = REFIT_DAMPING) -> torch.Tensor:
     """The weights W' (zero where `mask` is False) that best keep the layer's outputs on the calibration
     inputs: the minimum of tr((W - W') H (W - W')^T), H being `hessian` plus `damping` times its mean
-    diagonal, approached by `iterations` conjugate-gradient steps on every row at once from `start`."""
+    diagonal, approached by `iterations` conjugate-gradient steps on every row at once from the kept
+    weights as they were. Stopping early keeps the answer near the original weights where the few
+    calibration tokens leave it undetermined: from SparseGPT's updated weights instead, the same steps gave
+    17.9 (50%) and 25.7 (2:4), against 17.7 and 25.2 from the original ones."""
     h = hessian.float().clone()
     h.diagonal().add_(damping * torch.diagonal(h).mean())
-    refit = start * mask
+    refit = weight * mask
     residual = (weight - refit) @ h * mask  # minus the gradient, within the kept weights
     direction, norm = residual.clone(), residual.square().sum(1, keepdim=True)
     for _ in range(iterations):
