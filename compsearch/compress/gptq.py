@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from compsearch.compress.quantize import (
-    QuantizedMatrix, fitted_group_scale, grouped_columns, round_to_grid,
+    QuantizedMatrix, fitted_group_scale, group_scale_symmetric, group_scale_zero, grouped_columns, round_to_grid,
 )
 
 BLOCK_COLUMNS = 128
@@ -80,11 +80,11 @@ def compensated_rounding(weight: torch.Tensor, hinv_factor: torch.Tensor, order:
 
 
 def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor: torch.Tensor,
-                  order: torch.Tensor, importance: torch.Tensor, mask: torch.Tensor | None = None,
+                  order: torch.Tensor, importance: torch.Tensor | None, mask: torch.Tensor | None = None,
                   symmetric: bool = False) -> QuantizedMatrix:
     """GPTQ-quantize a (rows, cols) matrix in RTN's format: every group's scale and integer zero point
     (`symmetric`: the middle code) fitted to the weights first (`fitted_group_scale` with `importance`, the
-    Hessian's diagonal), then the columns rounded in `order` (activation order,
+    Hessian's diagonal; None: the groups' full ranges, as GPTQ's reference code sets them), then the columns rounded in `order` (activation order,
     `MatrixStats.activation_order()`) by `compensated_rounding`; `hinv_factor` is that of H in `order`
     (`MatrixStats.hinv_factor(..., activation_order=True)`).
 
@@ -92,7 +92,9 @@ def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor:
     removal error is compensated like rounding error, so sparsity survives quantization.
     """
     x = weight.float() if mask is None else weight.float() * mask
-    scales, zeros = fitted_group_scale(grouped_columns(x, group_size), bits, importance, symmetric)
+    grouped = grouped_columns(x, group_size)
+    scales, zeros = ((group_scale_symmetric if symmetric else group_scale_zero)(grouped, bits) if importance is None
+                     else fitted_group_scale(grouped, bits, importance, symmetric))
     group = torch.arange(x.shape[1]) // group_size
     scale, zero = scales.float()[:, group].t().contiguous(), zeros[:, group].t().contiguous()  # per column
 

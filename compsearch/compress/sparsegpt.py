@@ -26,10 +26,10 @@ REFIT_DAMPING = 0.03  # of the mean Hessian diagonal, added to it for `refit_kep
 
 
 def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str, hinv_factor: torch.Tensor,
-                    hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    hessian: torch.Tensor, refit_iterations: int = REFIT_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weights with zeros at pruned positions, boolean keep mask) of a (rows, cols) matrix: the mask
     chosen by SparseGPT (its updates, through `hinv_factor` of the inputs' second moments `hessian`, steer the
-    choice), then the kept weights fitted by `refit_kept`."""
+    choice), then the kept weights fitted by `refit_kept` (`refit_iterations` 0: SparseGPT's own updates)."""
     rows, cols = weight.shape
     n, m = (int(part) for part in pattern.split(":")) if pattern != "unstructured" else (0, 0)
     if m and cols % m:
@@ -56,7 +56,9 @@ def prune_sparsegpt(weight: torch.Tensor, sparsity: float, pattern: str, hinv_fa
             errors[:, i] = error
         work[:, start:end] = block
         work[:, end:] -= errors @ hinv_factor[start:end, end:]
-    return refit_kept(weight.float(), mask, hessian), mask
+    if not refit_iterations:
+        return work * mask, mask
+    return refit_kept(weight.float(), mask, hessian, refit_iterations), mask
 
 
 def refit_kept(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
