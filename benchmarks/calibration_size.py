@@ -2,7 +2,7 @@
 
 For each calibration size (windows of 256 tokens from the calibration split, each size the first N of
 the same windows), on the default model: the one-shot statistics pass every worker runs once (input
-X^T X per distinct Linear input, hooks batch by batch: seconds and peak resident memory), then GPTQ
+X^T X per distinct Linear input, hooks batch by batch: seconds and the resident memory it adds), then GPTQ
 3-bit and 4-bit g128, SparseGPT 50% and 2:4 and Wanda 50% of every Linear with those statistics:
 perplexity on the evaluation windows (the project's protocol) and compress seconds. Prints a table and
 writes benchmarks/results/calibration_size.csv; the README's default (`JobSpec.calib_windows`) is chosen
@@ -61,7 +61,7 @@ def main() -> None:
         hessians = input_hessians(model, calib_ids, names, args.batch_size)
         statistics = {"calib_windows": size, "calib_tokens": calib_ids.numel(),
                       "statistics_s": round(time.perf_counter() - started, 1),
-                      "statistics_peak_gib": round(rss_gib("VmHWM") - before_gib, 2)}
+                      "statistics_added_gib": round(rss_gib("VmHWM") - before_gib, 2)}
         norms = {name: (torch.diagonal(h) * calib_ids.numel()).sqrt() for name, h in hessians.items()}
         for method, layer_plan in METHODS.items():
             compressed = copy.deepcopy(model)
@@ -74,8 +74,9 @@ def main() -> None:
             print(rows[-1], flush=True)
             pd.DataFrame(rows).to_csv(args.out, index=False)  # a stopped run keeps what it measured
         del hessians, norms
-    print(f"\nSmolLM2-135M, {args.eval_windows} x {args.seq_len}-token eval windows; statistics_peak_gib: resident "
-          "memory the statistics pass added at its peak\n")
+    print(f"\nSmolLM2-135M, {args.eval_windows} x {args.seq_len}-token eval windows; statistics_added_gib: resident "
+          "memory the statistics pass added, at its peak, to what the process held before it (the statistics of "
+          "the size before are freed first, so 0 means no more than that size needed)\n")
     write_table(pd.DataFrame(rows), args.out)
 
 

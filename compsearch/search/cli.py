@@ -182,9 +182,10 @@ def _submit_parser(submit: argparse.ArgumentParser) -> None:
     data.add_argument("--model", default=DEFAULT_MODEL,
                       help=f"Hugging Face model folder or id (default: the bundled {DEFAULT_MODEL})")
     data.add_argument("--data", help="text file or folder for calibration and evaluation (default: pydoc topics)")
-    data.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (BOS included)")
-    data.add_argument("--eval-windows", type=int, default=16)
-    data.add_argument("--calib-windows", type=int, default=16)
+    data.add_argument("--seq-len", type=int, default=JobSpec.seq_len, help="tokens per window (BOS included)")
+    data.add_argument("--eval-windows", type=int, default=JobSpec.eval_windows)
+    data.add_argument("--calib-windows", type=int, default=JobSpec.calib_windows,
+                      help=f"calibration windows of --seq-len tokens (default: {JobSpec.calib_windows})")
     data.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     space = submit.add_argument_group("space")
     space.add_argument("--space", default=DEFAULT_SPACE,
