@@ -84,9 +84,9 @@ def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor:
                   symmetric: bool = False) -> QuantizedMatrix:
     """GPTQ-quantize a (rows, cols) matrix in RTN's format: every group's scale and integer zero point
     (`symmetric`: the middle code) fitted to the weights first (`fitted_group_scale` with `importance`, the
-    Hessian's diagonal; None: the groups' full ranges, as GPTQ's reference code sets them), then the columns rounded in `order` (activation order,
-    `MatrixStats.activation_order()`) by `compensated_rounding`; `hinv_factor` is that of H in `order`
-    (`MatrixStats.hinv_factor(..., activation_order=True)`).
+    Hessian's diagonal; None: the groups' full ranges, as GPTQ's reference code sets them), then the columns
+    rounded in `order` (activation order, `MatrixStats.activation_order()`) by `compensated_rounding`;
+    `hinv_factor` is that of H in `order` (`MatrixStats.hinv_factor(..., activation_order=True)`).
 
     With a keep `mask` (a pruned matrix), pruned weights take the zero point (exactly 0) and their
     removal error is compensated like rounding error, so sparsity survives quantization.
