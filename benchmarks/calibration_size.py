@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from common import default_model_and_windows, reset_peak_rss, rss_gib, write_table  # noqa: E402
-from compsearch.compress import apply_plan_, input_hessians  # noqa: E402
+from compsearch.compress import apply_plan_, input_statistics  # noqa: E402
 from compsearch.evaluators.quality import perplexity_and_kl  # noqa: E402
 from compsearch.spaces.layers import linear_layers  # noqa: E402
 from compsearch.spaces.plan import LayerPlan, Plan  # noqa: E402
@@ -58,11 +58,10 @@ def main() -> None:
         reset_peak_rss()
         before_gib = rss_gib("VmRSS")
         started = time.perf_counter()
-        hessians = input_hessians(model, calib_ids, names, args.batch_size)
+        norms, hessians = input_statistics(model, calib_ids, names, args.batch_size)
         statistics = {"calib_windows": size, "calib_tokens": calib_ids.numel(),
                       "statistics_s": round(time.perf_counter() - started, 1),
                       "statistics_added_gib": round(rss_gib("VmHWM") - before_gib, 2)}
-        norms = {name: (torch.diagonal(h) * calib_ids.numel()).sqrt() for name, h in hessians.items()}
         for method, layer_plan in METHODS.items():
             compressed = copy.deepcopy(model)
             started = time.perf_counter()

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from common import default_model_and_windows, write_table  # noqa: E402
 from compsearch.compress import input_hessians  # noqa: E402
 from compsearch.compress.gptq import DAMPING, inverse_hessian_factor, quantize_gptq  # noqa: E402
+from compsearch.compress.matrix import MatrixStats  # noqa: E402
 from compsearch.compress.sparsegpt import REFIT_DAMPING, REFIT_ITERATIONS, prune_sparsegpt, refit_kept  # noqa: E402
 from compsearch.evaluators.quality import perplexity_and_kl  # noqa: E402
 from compsearch.spaces.layers import linear_layers  # noqa: E402
@@ -36,7 +37,7 @@ VALIDATION = slice(128, 160)  # calibration-split windows no calibration size up
 
 def gptq(bits: int, damping: float = DAMPING, fitted: bool = True):
     def compress(weight, hessian):
-        order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+        order = MatrixStats(hessian=hessian).activation_order()
         factor = inverse_hessian_factor(hessian[order][:, order], damping)
         return quantize_gptq(weight, bits, 128, factor, order, torch.diagonal(hessian) if fitted else None).dequantize()
     return compress

@@ -54,7 +54,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from compsearch.compress import apply_plan_, input_hessians, plan_bits_per_weight, plan_nbytes  # noqa: E402
+from compsearch.compress import apply_plan_, input_statistics, plan_bits_per_weight, plan_nbytes  # noqa: E402
 from compsearch.compress.owl import owl_plan  # noqa: E402
 from compsearch.compress.sequential import apply_plan_sequentially_  # noqa: E402
 from common import default_model_and_windows, write_table  # noqa: E402
@@ -254,9 +254,8 @@ def main() -> None:
         configs = peer_configs(plans(layers, total))
     else:
         started = time.perf_counter()
-        hessians = input_hessians(model, windows.calib_ids, names, args.batch_size)
         # ||X_j|| is sqrt(tokens * H_jj): one calibration pass instead of two (input_norms agrees to float round-off)
-        norms = {name: (torch.diagonal(h) * windows.calib_ids.numel()).sqrt() for name, h in hessians.items()}
+        norms, hessians = input_statistics(model, windows.calib_ids, names, args.batch_size)
         print(f"calibration statistics: {time.perf_counter() - started:.1f} s on {windows.calib_ids.numel()} tokens")
         configs = plans(layers, total) + [("sparse", "wanda+owl", "50% (OWL profile)", owl_plan(model, layers, norms, 0.5))]
     cache: dict = {}

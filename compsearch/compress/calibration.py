@@ -99,6 +99,14 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, layer_names: list[st
     (GPTQ, SparseGPT, whitened SVD) ignore -- the usual one-shot approximation, chosen so a worker
     measures them once and reuses them for every plan (`compress.sequential` measures them in sequence).
     """
+    return input_statistics(model, windows, layer_names, batch_size)[1]
+
+
+@torch.inference_mode()
+def input_statistics(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
+                     batch_size: int = 4) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(input norms, input Hessians) by layer name from one pass (`input_hessians`; the norms from the
+    Hessians' diagonals, `InputHessians.norms`)."""
     with InputHessians(model, layer_names) as statistics:
         forward_with_hooks(model, windows, batch_size)
-    return statistics.hessians()
+    return statistics.norms(), statistics.hessians()

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from compsearch.compress.quantize import (
-    QuantizedMatrix, fitted_group_scale, group_scale_symmetric, group_scale_zero, grouped_columns, round_to_grid,
+    QuantizedMatrix, fitted_group_scale, group_scale, grouped_columns, round_to_grid,
 )
 
 BLOCK_COLUMNS = 128
@@ -93,7 +93,7 @@ def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, hinv_factor:
     """
     x = weight.float() if mask is None else weight.float() * mask
     grouped = grouped_columns(x, group_size)
-    scales, zeros = ((group_scale_symmetric if symmetric else group_scale_zero)(grouped, bits) if importance is None
+    scales, zeros = (group_scale(grouped, bits, symmetric) if importance is None
                      else fitted_group_scale(grouped, bits, importance, symmetric))
     group = torch.arange(x.shape[1]) // group_size
     scale, zero = scales.float()[:, group].t().contiguous(), zeros[:, group].t().contiguous()  # per column

@@ -31,7 +31,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     """
     rows, cols = weight.shape
     grouped = grouped_columns(weight.float(), group_size)  # (rows, groups, group_size), zero-padded
-    scales, zeros = (group_scale_symmetric if symmetric else group_scale_zero)(grouped, bits)
+    scales, zeros = group_scale(grouped, bits, symmetric)
     codes = round_to_grid(grouped, scales.float().unsqueeze(2), zeros.unsqueeze(2), bits)
     codes = codes.reshape(rows, -1)[:, :cols]
     return QuantizedMatrix(codes.to(torch.uint8), scales, zeros.to(torch.uint8), bits, group_size)
@@ -60,28 +60,34 @@ def group_scale_symmetric(grouped: torch.Tensor, bits: int) -> tuple[torch.Tenso
     return scales, torch.full(scales.shape, float(1 << (bits - 1)))
 
 
+def group_scale(grouped: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's scale and zero point from its full range: `group_scale_zero`, or `group_scale_symmetric`."""
+    return (group_scale_symmetric if symmetric else group_scale_zero)(grouped, bits)
+
+
 CLIP_FRACTIONS = torch.linspace(1.0, 0.5, 41)  # of a group's range, tried by `fitted_group_scale`
 
 
 def fitted_group_scale(grouped: torch.Tensor, bits: int, importance: torch.Tensor,
                        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's scale and zero point (`group_scale_zero`, or `group_scale_symmetric`) from its range
-    shrunk by the fraction in `CLIP_FRACTIONS` whose rounding error sum_j importance_j (w_j - q_j)^2 is least:
-    clipping a few large weights buys a finer grid for the rest, where the inputs are active.
+    """Each group's scale and zero point (`group_scale`) from its range shrunk by the fraction in
+    `CLIP_FRACTIONS` whose rounding error sum_j importance_j (w_j - q_j)^2 is least: clipping a few large
+    weights buys a finer grid for the rest, where the inputs are active.
 
     `importance` (cols,): each input's mean square activation (the calibration Hessian's diagonal), the
     weighting of llama.cpp's importance-matrix scale search. Ties keep the full range.
     """
-    choose = group_scale_symmetric if symmetric else group_scale_zero
     weights = grouped_columns(importance.float().reshape(1, -1), grouped.shape[-1])  # padding weighs 0
-    best_error = best_scales = best_zeros = None
-    for fraction in CLIP_FRACTIONS:
-        scales, zeros = choose(grouped * fraction, bits)
+
+    def clipped(fraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scales, zeros = group_scale(grouped * fraction, bits, symmetric)
         scale, zero = scales.float().unsqueeze(2), zeros.unsqueeze(2)
         error = ((round_to_grid(grouped, scale, zero, bits) - zero) * scale - grouped).square().mul(weights).sum(-1)
-        if best_error is None:
-            best_error, best_scales, best_zeros = error, scales, zeros
-            continue
+        return error, scales, zeros
+
+    best_error, best_scales, best_zeros = clipped(CLIP_FRACTIONS[0])
+    for fraction in CLIP_FRACTIONS[1:]:
+        error, scales, zeros = clipped(fraction)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scales, best_zeros = torch.where(better, scales, best_scales), torch.where(better, zeros, best_zeros)

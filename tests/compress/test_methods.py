@@ -9,7 +9,7 @@ from compsearch.compress.kmeans import palettize
 from compsearch.compress.lowrank import factorize, whitened_svd
 from compsearch.compress.prune import keep_mask, kept_count
 from compsearch.compress.quantize import (
-    fitted_group_scale, group_scale_symmetric, group_scale_zero, grouped_columns, quantize_rtn, round_to_grid,
+    fitted_group_scale, group_scale, grouped_columns, quantize_rtn, round_to_grid,
 )
 from compsearch.compress.sparsegpt import prune_sparsegpt, refit_kept
 
@@ -52,7 +52,7 @@ def test_fitted_group_scales_lower_the_weighted_rounding_error(problem, symmetri
     weight[:, 3] *= 8  # outliers that stretch their groups' ranges
     grouped, importance = grouped_columns(weight, 64), torch.diagonal(hessian)
     weights = grouped_columns(importance.reshape(1, -1), 64)
-    plain = (group_scale_symmetric if symmetric else group_scale_zero)(grouped, 3)
+    plain = group_scale(grouped, 3, symmetric)
     fitted = fitted_group_scale(grouped, 3, importance, symmetric)
 
     def error(scales, zeros):
