@@ -10,7 +10,7 @@ from compsearch.compress.apply import (
     plan_nbytes,
     stored_layouts,
 )
-from compsearch.compress.calibration import input_hessians, input_norms, input_statistics
+from compsearch.compress.calibration import InputStatistics, input_hessians, input_norms, input_statistics
 from compsearch.compress.checkpoint import load_compressed, save_compressed
 
 # Bumped whenever a method's numerics change (2: structured pruning ranks units by output energy and
@@ -21,6 +21,6 @@ from compsearch.compress.checkpoint import load_compressed, save_compressed
 COMPRESS_VERSION = 6
 
 __all__ = [
-    "COMPRESS_VERSION", "AppliedPlan", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "input_statistics", "layer_layout", "layer_nbytes",
+    "COMPRESS_VERSION", "AppliedPlan", "InputStatistics", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "input_statistics", "layer_layout", "layer_nbytes",
     "load_compressed", "plan_bits_per_weight", "plan_nbytes", "save_compressed", "stored_layouts",
 ]

@@ -1,6 +1,8 @@
 """Statistics of the layers' inputs on calibration data, gathered in one pass."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -23,12 +25,38 @@ def input_norms(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
     return {name: total.sqrt() for name, total in squares.items()}
 
 
-def forward_with_hooks(model: nn.Module, windows: torch.Tensor, batch_size: int, hooks: dict | None = None) -> None:
-    """Run the calibration windows through the model batch by batch with a forward hook per named module."""
-    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in (hooks or {}).items()]
+class _AllRead(Exception):
+    """Raised inside a forward pass once every module a statistics pass reads has run."""
+
+
+def forward_with_hooks(model: nn.Module, windows: torch.Tensor, batch_size: int, hooks: dict | None = None,
+                       readers: list[str] | None = None) -> None:
+    """Run the calibration windows through the model batch by batch with a forward hook per named module.
+
+    Each batch's pass stops once every module of `readers` (default: the hooked ones) has run, so what
+    comes after them (the final norm, the output head and its logits: a fifth of a small model's
+    compute, vocabulary x tokens floats of memory) is not computed. Hooks registered before this call
+    on those modules run first."""
+    hooks = hooks or {}
+    readers = set(hooks if readers is None else readers)
+    ran: set[str] = set()
+
+    def stop_after(name: str):
+        def hook(_module, _args, _output):
+            ran.add(name)
+            if len(ran) == len(readers):
+                raise _AllRead
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
+    handles += [model.get_submodule(name).register_forward_hook(stop_after(name)) for name in readers]
     try:
         for start in range(0, len(windows), batch_size):
-            model(windows[start:start + batch_size])
+            ran.clear()
+            try:
+                model(windows[start:start + batch_size])
+            except _AllRead:
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -65,6 +93,7 @@ class InputHessians:
                 self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
             return hook
 
+        self.readers = list(first_reader.values())
         self._handles = [self.model.get_submodule(name).register_forward_hook(hook_for(key))
                          for key, name in first_reader.items()]
         return self
@@ -108,5 +137,50 @@ def input_statistics(model: nn.Module, windows: torch.Tensor, layer_names: list[
     """(input norms, input Hessians) by layer name from one pass (`input_hessians`; the norms from the
     Hessians' diagonals, `InputHessians.norms`)."""
     with InputHessians(model, layer_names) as statistics:
-        forward_with_hooks(model, windows, batch_size)
+        forward_with_hooks(model, windows, batch_size, readers=statistics.readers)
     return statistics.norms(), statistics.hessians()
+
+
+@dataclass
+class InputStatistics:
+    """Input norms, and Hessians where asked, of named Linears over `tokens` calibration tokens.
+
+    Statistics of disjoint shares of the windows (measured apart, one share per worker) merge (`merged_with`)
+    into those of all of them: squared norms add, Hessians (means of X^T X) average weighted by tokens;
+    equal to one pass over all windows up to float round-off."""
+
+    tokens: int
+    norms: dict[str, torch.Tensor]
+    hessians: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def measure(cls, model: nn.Module, windows: torch.Tensor, layer_names: list[str], batch_size: int,
+                with_hessians: bool) -> "InputStatistics":
+        """One pass over `windows`: norms only (cheap), or norms and Hessians."""
+        if with_hessians:
+            norms, hessians = input_statistics(model, windows, layer_names, batch_size)
+        else:
+            norms, hessians = input_norms(model, windows, layer_names, batch_size), None
+        return cls(windows.numel(), norms, hessians)
+
+    def merged_with(self, other: "InputStatistics") -> "InputStatistics":
+        """The statistics of these windows and `other`'s together (a Hessian layers share stays one)."""
+        total = self.tokens + other.tokens
+        norms = {name: torch.sqrt(norm.square() + other.norms[name].square()) for name, norm in self.norms.items()}
+        return InputStatistics(total, norms, _each_distinct(self.hessians, lambda name, hessian: (
+            hessian * (self.tokens / total) + other.hessians[name] * (other.tokens / total))))
+
+    def to(self, device: str | torch.device) -> "InputStatistics":
+        return InputStatistics(self.tokens, {name: norm.to(device) for name, norm in self.norms.items()},
+                               _each_distinct(self.hessians, lambda _name, hessian: hessian.to(device)))
+
+
+def _each_distinct(hessians: dict[str, torch.Tensor] | None, change) -> dict[str, torch.Tensor] | None:
+    """`change(name, hessian)` by layer name, computed once per distinct tensor (q/k/v share one)."""
+    if hessians is None:
+        return None
+    changed: dict[int, torch.Tensor] = {}
+    for name, hessian in hessians.items():
+        if id(hessian) not in changed:
+            changed[id(hessian)] = change(name, hessian)
+    return {name: changed[id(hessian)] for name, hessian in hessians.items()}

@@ -66,6 +66,6 @@ def apply_plan_sequentially_(model: nn.Module, plan: Plan, windows: torch.Tensor
         previous = [block_output(model, blocks, batch, index, index, inputs) for batch, inputs in zip(batches, previous)]
     if after:
         with InputHessians(model, after) as statistics:
-            forward_with_hooks(model, windows, batch_size)
+            forward_with_hooks(model, windows, batch_size, readers=statistics.readers)
         compress(after, statistics)
     return stored

@@ -23,9 +23,17 @@ GIB = 2**30
 
 def needs_hessians(ctx: JobContext) -> bool:
     """Whether any plan of the space uses calibration Hessians (one layer of each kind stands for all)."""
+    return any(layer_plan.needs_hessian for layer_plan in _layer_plans(ctx))
+
+
+def needs_statistics(ctx: JobContext) -> bool:
+    """Whether any plan of the space uses calibration statistics (norms or Hessians)."""
+    return any(layer_plan.needs_norms or layer_plan.needs_hessian for layer_plan in _layer_plans(ctx))
+
+
+def _layer_plans(ctx: JobContext):
     kinds = {layer.kind: layer for layer in ctx.layers}
-    return any(ctx.space.layer_plan(layer, choice).needs_hessian
-               for choice in ctx.space.uniform_choices() for layer in kinds.values())
+    return (ctx.space.layer_plan(layer, choice) for choice in ctx.space.uniform_choices() for layer in kinds.values())
 
 
 def worker_memory_bytes(ctx: JobContext) -> int:

@@ -18,7 +18,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from compsearch.compress import plan_bits_per_weight
 from compsearch.evaluators.quality import merged_references
 from compsearch.paths import variant_store_bytes
-from compsearch.search.capacity import memory_warning
+from compsearch.search.capacity import memory_warning, needs_hessians, needs_statistics
 from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext
@@ -155,6 +155,31 @@ def share_base_reference(ctx: JobContext, pool: list) -> list:
     return [reference]
 
 
+def share_calibration(ctx: JobContext, pool: list) -> list:
+    """The calibration statistics the space's plans use (input norms; Hessians too where a plan needs them),
+    each worker measuring a share of the windows, merged here and given to every worker: one pass over the
+    windows per study, not one per worker. Returns [its object ref], or [] when no plan uses statistics or
+    a worker died (then each worker measures its own on first use)."""
+    if not needs_statistics(ctx):
+        return []
+    windows = len(ctx.windows.calib_ids)
+    bounds = [round(index * windows / len(pool)) for index in range(len(pool) + 1)]
+    with_hessians = needs_hessians(ctx)
+    try:
+        shares = [worker.calibration_share.remote(start, end, with_hessians)
+                  for worker, start, end in zip(pool, bounds, bounds[1:]) if end > start]
+        statistics = ray.get(shares[0])
+        for share in shares[1:]:  # one share at a time: the merged statistics and one share in memory
+            statistics = statistics.merged_with(ray.get(share))
+    except (RayActorError, RayTaskError) as err:
+        log.warning("the calibration statistics could not be shared (%s); each worker measures its own", err)
+        return []
+    reference = ray.put(statistics)
+    for worker in pool:
+        worker.set_calibration.remote(reference)
+    return [reference]
+
+
 def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,
               cpus_per_worker: int = 1, address: str | None = None,
               on_trial: Callable[[TrialEvent], None] | None = None,
@@ -181,11 +206,15 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
             say(f"warning: {warning}")
 
         shared_reference: list = []  # the base model's distributions, once the workers have measured them
+        shared_statistics: list = []  # the calibration statistics, likewise
 
         def spawn(count: int) -> list:
             started = start_workers(ctx, count, cpus_per_worker, gpus_per_worker, worker_resources, evaluator, cache_dir)
-            for worker in started if shared_reference else ():
-                worker.set_base_reference.remote(shared_reference[0])
+            for worker in started:
+                for reference in shared_reference:
+                    worker.set_base_reference.remote(reference)
+                for statistics in shared_statistics:
+                    worker.set_calibration.remote(statistics)
             return started
 
         pool = spawn(workers)
@@ -199,6 +228,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         if uniform and ctx.spec.guided:  # the first answers, while nothing depends on the profile yet
             say(f"{uniform} uniform seed trials first; the sensitivity profile after them")
             _drive(ctx, study, target, pool, spawn, results_dir, on_trial, until=done_count(study) + uniform)
+        shared_statistics.extend(share_calibration(ctx, pool))
         _prepare_search(ctx, study, target, pool, spawn, workers, say, cache_dir, on_progress)
         _drive(ctx, study, target, pool, spawn, results_dir, on_trial)
         _score_front_tasks(ctx, study, pool)

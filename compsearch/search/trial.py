@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from compsearch.compress import apply_plan_, input_hessians, input_norms
+from compsearch.compress import InputStatistics, apply_plan_
 from compsearch.compress.distill import DistillSettings, distill_
 from compsearch.compress import COMPRESS_VERSION
 from compsearch.compress.variants import VariantCache, VariantStore, variant_cache_bytes
@@ -115,8 +115,7 @@ class TrialEvaluator:
                                          task_batch_size=self.batch_size, cache_dir=settings.cache_dir, gguf=gguf,
                                          threads=settings.threads)
         self.latency_budget_ms = settings.latency_budget_ms
-        self._input_norms: dict[str, torch.Tensor] | None = None
-        self._input_hessians: dict[str, torch.Tensor] | None = None
+        self._statistics: InputStatistics | None = None  # measured on first use, or given (`set_calibration`)
         self._svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # SVDs, inverse-Hessian factors, as plans need them
         self.variants = VariantCache(variant_cache_bytes(count_params(self.model)),
                                      variant_store(model_ref, self.calib_ids, settings))
@@ -151,18 +150,40 @@ class TrialEvaluator:
             self.set_base_reference(self.base_reference_share(0, len(self.eval_ids)))
         return self._base_reference
 
-    def input_norms(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
-        """Calibration input norms of every Linear, measured on first use and kept."""
-        if self._input_norms is None:
-            self._input_norms = input_norms(self.model, self.calib_ids, layer_names, self.batch_size)
-        return self._input_norms
+    def calibration_share(self, start: int, end: int, with_hessians: bool) -> InputStatistics:
+        """Input statistics of calibration windows [start, end) of every Linear but the output head, on the
+        CPU: this worker's share when the workers split the measurement (`set_calibration`)."""
+        return InputStatistics.measure(self.model, self.calib_ids[start:end], self._body_linears(), self.batch_size,
+                                       with_hessians).to("cpu")
 
-    def input_hessians(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
-        """Calibration input second moments X^T X / tokens of every Linear (GPTQ, SparseGPT, whitened SVD),
-        measured on first use and kept; inverse-Hessian factors and SVDs are kept in the SVD cache."""
-        if self._input_hessians is None:
-            self._input_hessians = input_hessians(self.model, self.calib_ids, layer_names, self.batch_size)
-        return self._input_hessians
+    def set_calibration(self, statistics: InputStatistics) -> None:
+        """Use `statistics` (the workers' shares merged) instead of measuring them here."""
+        self._statistics = statistics.to(self.device)
+
+    def statistics_for(self, plan: Plan) -> tuple[dict | None, dict | None]:
+        """(input norms, input Hessians) as `plan` needs them (None where it does not), measured on first
+        use and kept: norms alone where no plan so far needed Hessians (a cheaper pass); the output head's
+        only when a plan compresses it. Inverse-Hessian factors and SVDs are kept in the SVD cache."""
+        need_norms = [name for name, lp in plan.layers.items() if lp.needs_norms and self._is_linear(name)]
+        need_hessians = [name for name, lp in plan.layers.items() if lp.needs_hessian and self._is_linear(name)]
+        if not need_norms and not need_hessians:
+            return None, None
+        if self._statistics is None or (need_hessians and self._statistics.hessians is None):
+            measured = InputStatistics.measure(self.model, self.calib_ids, self._body_linears(), self.batch_size,
+                                               bool(need_hessians))
+            if self._statistics is not None:  # norms some trials used already stay as they were
+                measured.norms = self._statistics.norms
+            self._statistics = measured
+        statistics = self._statistics
+        missing = [name for name in need_norms if name not in statistics.norms]
+        missing += [name for name in need_hessians if name not in statistics.hessians]
+        if missing:  # the output head
+            extra = InputStatistics.measure(self.model, self.calib_ids, sorted(set(missing)), self.batch_size,
+                                            statistics.hessians is not None)
+            statistics.norms.update(extra.norms)
+            if extra.hessians is not None:
+                statistics.hessians.update(extra.hessians)
+        return (statistics.norms if need_norms else None), (statistics.hessians if need_hessians else None)
 
     def compressed_model(self, plan: Plan, keep_stored: bool = False):
         """A compressed copy of the base model (and its stored matrices when `keep_stored`)."""
@@ -180,9 +201,7 @@ class TrialEvaluator:
             applied.edits.undo_(self.model)
 
     def _compress_(self, model, plan: Plan, keep_stored: bool, undoable: bool = False):
-        wanted = list(plan.layers.values())
-        norms = self.input_norms(self._linear_names()) if any(lp.needs_norms for lp in wanted) else None
-        hessians = self.input_hessians(self._linear_names()) if any(lp.needs_hessian for lp in wanted) else None
+        norms, hessians = self.statistics_for(plan)
         store = self.variants.store
         writes = store.writes if store is not None else 0
         applied = apply_plan_(model, plan, norms, keep_stored=keep_stored, svd_cache=self._svd_cache,
@@ -294,5 +313,11 @@ class TrialEvaluator:
             self._profile = (ids, base_log_probs(self.model, ids, len(ids)), BlockReplay(self.model, ids))
         return self._profile
 
-    def _linear_names(self) -> list[str]:
-        return [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]
+    def _body_linears(self) -> list[str]:
+        """Every Linear but the output head (whose input statistics only a plan that compresses it needs)."""
+        head = self.model.get_output_embeddings()
+        return [name for name, module in self.model.named_modules()
+                if isinstance(module, torch.nn.Linear) and module is not head]
+
+    def _is_linear(self, name: str) -> bool:
+        return isinstance(self.model.get_submodule(name), torch.nn.Linear)

@@ -317,3 +317,6 @@ class _FrozenDict(dict):
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(self.items()))
+
+    def __reduce__(self):  # pickling builds it whole instead of filling it item by item
+        return _FrozenDict, (dict(self),)

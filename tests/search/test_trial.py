@@ -86,3 +86,43 @@ def test_the_base_model_is_scored_once_when_the_worker_starts(tiny_model_dir):
     metrics = evaluator.evaluate(Plan().to_json())
     assert metrics["ppl"] == full["ppl"] and metrics["nll"] == full["nll"] and metrics["kl"] == 0.0
     assert metrics["compress_s"] < 1e-3  # nothing compressed, nothing copied
+
+
+def test_statistics_are_measured_as_plans_need_them_and_kept(tiny_model_dir):
+    """Norms alone first (a cheaper pass), Hessians once a plan needs them (the norms trials used stay),
+    the output head's only for a plan that compresses it."""
+    evaluator, _ = _evaluator(tiny_model_dir)
+    wanda = Plan({"model.layers.0.mlp.up_proj": LayerPlan(sparsity=0.5, prune_method="wanda")})
+    norms, hessians = evaluator.statistics_for(wanda)
+    assert hessians is None and "model.layers.1.mlp.down_proj" in norms and "lm_head" not in norms
+    gptq = Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=3, group_size=32, quant_method="gptq")})
+    again, hessians = evaluator.statistics_for(gptq)
+    assert again is None and hessians["model.layers.1.mlp.down_proj"].shape == (128, 128)
+    assert evaluator.statistics_for(wanda)[0] is norms
+    head = Plan({"lm_head": LayerPlan(sparsity=0.5, prune_method="wanda")})
+    assert evaluator.statistics_for(head)[0]["lm_head"].shape == (64,)
+    assert evaluator.statistics_for(Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=4)})) == (None, None)
+
+
+def test_workers_share_the_calibration_statistics(ray_session, tiny_model_dir):
+    """Each worker measures a share of the calibration windows; every worker gets the merged statistics,
+    equal to one pass over all windows."""
+    import ray
+
+    from compsearch.search.job import prepare_job
+    from compsearch.search.runner import share_calibration, start_workers
+    from tests.search.helpers import tiny_spec
+
+    ctx = prepare_job(tiny_spec(tiny_model_dir, "shared-statistics", space="sota"))
+    pool = start_workers(ctx, 2, 1)
+    assert len(share_calibration(ctx, pool)) == 1
+    plan = Plan({"model.layers.0.mlp.up_proj": LayerPlan(bits=3, group_size=32, quant_method="gptq",
+                                                         sparsity=0.5, prune_method="wanda")})
+    alone = TrialEvaluator(ctx.model_ref, ctx.windows.eval_ids, ctx.windows.calib_ids, WorkerSettings(batch_size=2))
+    norms, hessians = alone.statistics_for(plan)
+    for shared_norms, shared_hessians in ray.get([worker.statistics_for.remote(plan) for worker in pool]):
+        for name in norms:
+            assert torch.allclose(shared_norms[name], norms[name], rtol=1e-4)
+            assert torch.allclose(shared_hessians[name], hessians[name], rtol=1e-4, atol=1e-7)
+    quant_only = prepare_job(tiny_spec(tiny_model_dir, "no-statistics", space="quant"))
+    assert share_calibration(quant_only, pool) == []  # round-to-nearest needs none
