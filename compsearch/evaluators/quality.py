@@ -59,11 +59,12 @@ class TopKLogProbs:
     def cat(cls, parts: list["TopKLogProbs"]) -> "TopKLogProbs":
         return cls(*(torch.cat([getattr(part, name) for part in parts]) for name in ("values", "indices", "rest")))
 
-    def kl_sum(self, log_probs: torch.Tensor) -> float:
-        """Sum over tokens of KL(base || model), the tail lumped into one outcome (a lower bound)."""
+    def kl_sum(self, log_probs: torch.Tensor, overwrite: bool = False) -> float:
+        """Sum over tokens of KL(base || model), the tail lumped into one outcome (a lower bound); with
+        `overwrite`, `log_probs` (float32) is used as scratch space instead of copied (a third faster)."""
         indices = self.indices.long()
         model_top = log_probs.gather(1, indices)
-        model_rest = _rest_log_mass(log_probs, indices)
+        model_rest = _rest_log_mass(log_probs, indices, overwrite)
         top = (self.values.exp() * (self.values - model_top)).sum()
         rest_p = self.rest.exp()
         # A tail the base model gives no mass contributes nothing (0 * log 0 = 0).
@@ -71,9 +72,14 @@ class TopKLogProbs:
         return (top + rest).item()
 
 
-def _rest_log_mass(log_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """log of the probability of every token outside `indices`, per row (logsumexp: no cancellation)."""
-    masked = log_probs.float().scatter(1, indices.long(), float("-inf"))
+def _rest_log_mass(log_probs: torch.Tensor, indices: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """log of the probability of every token outside `indices`, per row (logsumexp: no cancellation);
+    `overwrite`: masks `log_probs` itself (float32) instead of a copy."""
+    if overwrite and log_probs.dtype == torch.float32:
+        with torch.inference_mode():  # the log-probs are inference tensors (`next_token_log_probs`)
+            masked = log_probs.scatter_(1, indices.long(), float("-inf"))
+    else:
+        masked = log_probs.float().scatter(1, indices.long(), float("-inf"))
     return torch.logsumexp(masked, dim=-1)
 
 
@@ -157,10 +163,11 @@ class ReferenceRows:
         return TopKLogProbs.cat(parts) if isinstance(parts[0], TopKLogProbs) else torch.cat(parts)
 
 
-def base_kl_sum(reference: TopKLogProbs | torch.Tensor, log_probs: torch.Tensor) -> float:
-    """KL(base || model) summed over positions; `reference` is the base's compact top-k or its full log-probs."""
+def base_kl_sum(reference: TopKLogProbs | torch.Tensor, log_probs: torch.Tensor, overwrite: bool = False) -> float:
+    """KL(base || model) summed over positions; `reference` is the base's compact top-k or its full log-probs;
+    `overwrite`: `log_probs` may be used as scratch space."""
     if isinstance(reference, TopKLogProbs):
-        return reference.kl_sum(log_probs)
+        return reference.kl_sum(log_probs, overwrite)
     reference = reference.float()
     return (reference.exp() * (reference - log_probs)).sum().item()
 
@@ -174,8 +181,8 @@ def perplexity_and_kl(
     for log_probs, targets in next_token_log_probs(model, windows, batch_size):
         nll_sum -= log_probs.gather(1, targets.unsqueeze(1)).sum().item()
         tokens += targets.numel()
-        if reference is not None:
-            kl_sum += base_kl_sum(reference.next(len(log_probs)), log_probs)
+        if reference is not None:  # the last use of these log-probs: the KL may overwrite them
+            kl_sum += base_kl_sum(reference.next(len(log_probs)), log_probs, overwrite=True)
     return _quality(nll_sum, tokens, kl_sum if base is not None else None)
 
 

@@ -34,6 +34,8 @@ def test_peak_memory_sees_a_transient_allocation(monkeypatch, use_hwm):
 def test_auto_batch_size_follows_free_memory(tiny_model_dir):
     model = load_model(str(tiny_model_dir))
     assert auto_batch_size(model, 256, free_bytes=1) == 1
-    assert auto_batch_size(model, 256, free_bytes=10**12) == memory_module.MAX_AUTO_BATCH
-    sizes = [auto_batch_size(model, 256, free_bytes=n) for n in (2**24, 2**26, 2**28)]
+    assert auto_batch_size(model, 256, free_bytes=10**12) == memory_module.MAX_CPU_BATCH_TOKENS // 256
+    assert auto_batch_size(model, 16, free_bytes=10**12) == memory_module.MAX_AUTO_BATCH  # 64 would fit the tokens
+    assert auto_batch_size(model, 256, "meta", free_bytes=10**12) == memory_module.MAX_AUTO_BATCH  # not a CPU
+    sizes = [auto_batch_size(model, 16, free_bytes=n) for n in (2**20, 2**22, 2**24)]
     assert sizes == sorted(sizes) and auto_batch_size(model, 32) >= 1
