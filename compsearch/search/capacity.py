@@ -31,6 +31,12 @@ def needs_statistics(ctx: JobContext) -> bool:
     return any(layer_plan.needs_norms or layer_plan.needs_hessian for layer_plan in _layer_plans(ctx))
 
 
+def hessian_bytes(ctx: JobContext) -> int:
+    """Bytes of the calibration Hessians: X^T X in float32 for every distinct layer input."""
+    inputs = {shared_input_key(layer.name): layer.in_features for layer in ctx.layers}
+    return sum(size * size for size in inputs.values()) * FLOAT32_BYTES
+
+
 def _layer_plans(ctx: JobContext):
     kinds = {layer.kind: layer for layer in ctx.layers}
     return (ctx.space.layer_plan(layer, choice) for choice in ctx.space.uniform_choices() for layer in kinds.values())
@@ -39,10 +45,7 @@ def _layer_plans(ctx: JobContext):
 def worker_memory_bytes(ctx: JobContext) -> int:
     """Estimated peak resident memory of one worker."""
     models = 2 * ctx.total_params * FLOAT32_BYTES  # the base model and a trial's compressed copy
-    statistics = 0
-    if needs_hessians(ctx):
-        inputs = {shared_input_key(layer.name): layer.in_features for layer in ctx.layers}
-        statistics = 3 * sum(size * size for size in inputs.values()) * FLOAT32_BYTES  # X^T X and cached factors
+    statistics = 3 * hessian_bytes(ctx) if needs_hessians(ctx) else 0  # X^T X and cached factors
     return models + variant_cache_bytes(ctx.total_params) + statistics + RUNTIME_BYTES
 
 

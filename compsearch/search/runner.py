@@ -12,13 +12,14 @@ from typing import Callable
 
 import optuna
 import pandas as pd
+import psutil
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from compsearch.compress import plan_bits_per_weight
 from compsearch.evaluators.quality import merged_references
 from compsearch.paths import variant_store_bytes
-from compsearch.search.capacity import memory_warning, needs_hessians, needs_statistics
+from compsearch.search.capacity import hessian_bytes, memory_warning, needs_hessians, needs_statistics
 from compsearch.search.cluster import check_reachable, protect_token_file
 from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext
@@ -37,6 +38,9 @@ from compsearch.spaces.plan import Plan
 
 log = logging.getLogger(__name__)
 REWRITE_SHARE = 0.02  # the most of the driver's time that rebuilding the Parquet tables may take mid-study
+# Merging the workers' calibration Hessians holds two shares, the merged statistics and their copy in Ray's
+# object store on the driver's machine: where that much memory is not free, each worker measures its own.
+SHARED_HESSIAN_COPIES = 4
 _LAST_REWRITE: dict[str, tuple[float, float]] = {}  # results/<study> -> (end of the last rebuild, its seconds)
 _UNWRITABLE: set[str] = set()  # results/<study> folders whose last rebuild failed (said once)
 
@@ -162,9 +166,13 @@ def share_calibration(ctx: JobContext, pool: list) -> list:
     a worker died (then each worker measures its own on first use)."""
     if not needs_statistics(ctx):
         return []
+    with_hessians = needs_hessians(ctx)
+    if with_hessians and SHARED_HESSIAN_COPIES * hessian_bytes(ctx) > psutil.virtual_memory().available:
+        log.info("calibration Hessians (%.1f GB) too large to merge here: each worker measures its own",
+                 hessian_bytes(ctx) / 1e9)
+        return []
     windows = len(ctx.windows.calib_ids)
     bounds = [round(index * windows / len(pool)) for index in range(len(pool) + 1)]
-    with_hessians = needs_hessians(ctx)
     try:
         shares = [worker.calibration_share.remote(start, end, with_hessians)
                   for worker, start, end in zip(pool, bounds, bounds[1:]) if end > start]

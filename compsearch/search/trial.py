@@ -157,8 +157,10 @@ class TrialEvaluator:
                                        with_hessians).to("cpu")
 
     def set_calibration(self, statistics: InputStatistics) -> None:
-        """Use `statistics` (the workers' shares merged) instead of measuring them here."""
+        """Use `statistics` (the workers' shares merged) instead of measuring them here (factors derived from
+        statistics this worker measured before are dropped)."""
         self._statistics = statistics.to(self.device)
+        self._svd_cache.clear()
 
     def statistics_for(self, plan: Plan) -> tuple[dict | None, dict | None]:
         """(input norms, input Hessians) as `plan` needs them (None where it does not), measured on first
