@@ -34,9 +34,12 @@ from compsearch.search.sensitivity import Profile
 
 SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
 CROSSOVER_PROB = 0.3
-REDRAWS = 8  # children drawn at most before a repeat of a known plan is accepted
+REDRAWS = 8  # children that repeat a known plan or pass the floor, at most, before a repeat is accepted
 LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
-CANDIDATES = 4  # children that pass, of which the one of largest predicted hypervolume gain runs
+# Children that pass, of which the one of largest predicted hypervolume gain runs. 8, not 4: NSGA-II's
+# population keeps the front's extremes (near-lossless plans), whose children add nothing; with 4 candidates
+# a quant study spent 4 of its 32 trials there (benchmarks/search.py, seed 0).
+CANDIDATES = 8
 
 
 class GuidedChildren:
@@ -62,18 +65,20 @@ class GuidedChildren:
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
         passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and perplexity, child)
         base_ppl = base_ppl_of(study)
-        for attempt in range(REDRAWS):
-            levels = self._child(parents, extra_switches=max(0, attempt - LOCAL_REDRAWS + 1))
+        failures = 0
+        while len(passed) < wanted and failures < REDRAWS:
+            levels = self._child(parents, extra_switches=max(0, failures - LOCAL_REDRAWS + 1))
             child = self._params(levels, search_space)
             key = _plan_key(child, search_space)
             if key in known:
+                failures += 1
                 continue
             known.add(key)
             predicted_kl = corrected(self._estimate(levels))
             if max_kl is None or predicted_kl <= max_kl:
                 passed.append(((self.kept_bytes + self._size(levels), predicted_ppl(base_ppl, predicted_kl)), child))
-                if len(passed) == wanted:
-                    break
+            else:
+                failures += 1
             new = new or child
         if passed:
             limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01,
