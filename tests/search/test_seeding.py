@@ -139,6 +139,10 @@ def test_calibration_learns_how_the_estimate_errs():
     corrected = Calibration.from_trials([_trial_with_estimate(e, m) for e, m in truth])
     assert corrected(1.0) == pytest.approx(2.0) and corrected(3.0) == pytest.approx(2.0 * 3.0 ** 1.5)
     assert Calibration.from_trials([_trial_with_estimate(e, m) for e, m in truth[:3]])(1.7) == 1.7  # too few: as estimated
+    assert corrected.spread == pytest.approx(0.0, abs=1e-9)  # the fit is exact: no error left
+    noisy = [(e, m * np.exp(0.3 if index % 2 else -0.3)) for index, (e, m) in enumerate(truth + [(9.0, 54.0)])]
+    assert Calibration.from_trials([_trial_with_estimate(e, m) for e, m in noisy]).spread == pytest.approx(0.3, abs=0.05)
+    assert Calibration().spread == Calibration.DEFAULT_SPREAD  # nothing measured yet
 
 
 def test_guided_children_keep_within_the_quality_floor():
