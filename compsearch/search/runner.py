@@ -14,14 +14,14 @@ import optuna
 import pandas as pd
 import psutil
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import OutOfMemoryError, RayTaskError
 
 from compsearch.compress import plan_bits_per_weight
 from compsearch.evaluators.quality import merged_references
 from compsearch.paths import variant_store_bytes
 from compsearch.search.capacity import hessian_bytes, memory_warning, needs_hessians, needs_statistics
 from compsearch.search.cluster import check_reachable, protect_token_file
-from compsearch.search.errors import UserError
+from compsearch.search.errors import WORKER_LOST, UserError
 from compsearch.search.job import JobContext
 from compsearch.search.results import (
     CONSTRAINTS, DISTILLED_ATTR, DISTILLED_COLUMNS, SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, violations,
@@ -150,7 +150,7 @@ def share_base_reference(ctx: JobContext, pool: list) -> list:
     try:
         shares = ray.get([worker.base_reference_share.remote(start, end)
                           for worker, start, end in zip(pool, bounds, bounds[1:]) if end > start])
-    except (RayActorError, RayTaskError) as err:
+    except (*WORKER_LOST, RayTaskError) as err:
         log.warning("the base reference could not be shared (%s); each worker measures its own", err)
         return []
     reference = ray.put(merged_references(shares))
@@ -179,7 +179,7 @@ def share_calibration(ctx: JobContext, pool: list) -> list:
         statistics = ray.get(shares[0])
         for share in shares[1:]:  # one share at a time: the merged statistics and one share in memory
             statistics = statistics.merged_with(ray.get(share))
-    except (RayActorError, RayTaskError) as err:
+    except (*WORKER_LOST, RayTaskError) as err:
         log.warning("the calibration statistics could not be shared (%s); each worker measures its own", err)
         return []
     reference = ray.put(statistics)
@@ -347,13 +347,19 @@ def _propose(ctx: JobContext, trial: optuna.Trial) -> str:
 def _finish(ctx: JobContext, study: optuna.Study, trial: optuna.Trial, ref, worker, spawn: Callable[[int], list]):
     """Tell Optuna how a trial ended; returns the worker to reuse (a fresh one if it died).
 
-    A dead worker (process killed, node lost) is not the trial's fault: the trial is failed as
-    interrupted, its parameters are enqueued again (asked first), and a new worker takes its place.
+    A dead worker (process killed, node lost, stopped by Ray's memory monitor) is not the trial's fault:
+    the trial is failed as interrupted, its parameters are enqueued again (asked first), and a new worker
+    takes its place. A retried trial whose worker the memory monitor stops again is failed for good (it
+    may be what fills the memory).
     """
     try:
         metrics = ray.get(ref)
-    except RayActorError as err:
-        requeue(study, trial, f"worker died: {str(err).splitlines()[0]}")
+    except WORKER_LOST as err:
+        reason = str(err).splitlines()[0]
+        if isinstance(err, OutOfMemoryError) and "retry_of" in trial.user_attrs:
+            _fail(study, trial, f"out of memory twice (lower --workers, or use a machine with more memory): {reason}")
+        else:
+            requeue(study, trial, f"worker died: {reason}")
         return spawn(1)[0]
     except RayTaskError as err:
         _fail(study, trial, f"{type(err.cause).__name__}: {err.cause}")
@@ -438,7 +444,7 @@ def _distill_best(ctx: JobContext, study: optuna.Study, pool: list, say: Callabl
     for ref, number in refs.items():
         try:
             result = ray.get(ref)
-        except RayActorError as err:
+        except WORKER_LOST as err:
             log.warning("the worker distilling trial %d was lost (%s); resume the study to distill it", number, err)
             continue
         except RayTaskError as err:

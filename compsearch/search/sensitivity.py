@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError
 
 from compsearch.compress import COMPRESS_VERSION
+from compsearch.search.errors import WORKER_LOST
 from compsearch.search.job import JobContext
 from compsearch.paths import default_cache_dir
 from compsearch.search.models import model_fingerprint
@@ -242,7 +242,7 @@ def _measure_(cache: SensitivityCache, plans: list[str], what: str, pool: list, 
         worker, batch = pending.pop(ready[0])
         try:
             measured = ray.get(ready[0])
-        except RayActorError:  # the worker died (killed, node lost): a new one measures its batch again
+        except WORKER_LOST:  # the worker died (killed, node lost, out of memory): a new one measures its batch again
             if spawn is None:
                 raise
             pool[pool.index(worker)] = replacement = spawn(1)[0]
