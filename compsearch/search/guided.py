@@ -41,9 +41,9 @@ SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile 
 CROSSOVER_PROB = 0.3
 REDRAWS = 8  # children that repeat a known plan or pass the floor, at most, before a repeat is accepted
 LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
-# Children that pass, of which the one of largest predicted hypervolume gain runs. 8, not 4: NSGA-II's
-# population keeps the front's extremes (near-lossless plans), whose children add nothing; with 4 candidates
-# a quant study spent 4 of its 32 trials there (benchmarks/search.py, seed 0).
+# Children that pass, of which the one of largest (optimistic) predicted hypervolume gain runs. 8, not 4:
+# NSGA-II's population keeps the front's extremes (near-lossless plans), whose children add nothing, so
+# the ranking needs children of other parents to choose from (benchmarks/search.py; README).
 CANDIDATES = 8
 
 
