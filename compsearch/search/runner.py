@@ -21,7 +21,7 @@ from compsearch.evaluators.quality import merged_references
 from compsearch.paths import variant_store_bytes
 from compsearch.search.capacity import hessian_bytes, memory_warning, needs_hessians, needs_statistics
 from compsearch.search.cluster import check_reachable, protect_token_file
-from compsearch.search.errors import WORKER_LOST, UserError
+from compsearch.search.errors import UserError
 from compsearch.search.job import JobContext
 from compsearch.search.results import (
     CONSTRAINTS, DISTILLED_ATTR, DISTILLED_COLUMNS, SEARCH_SOURCE, TASK_SCORES_ATTR, storable, trials_frame, violations,
@@ -31,6 +31,7 @@ from compsearch.search.spec import OBJECTIVES, STUDENT_STEPS, JobSpec, objective
 from compsearch.search.guided import GuidedChildren
 from compsearch.search.seeding import seed_profile, seed_uniform
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
+from compsearch.search.worker_lost import WORKER_LOST
 from compsearch.search.study import (BASE_METRICS_ATTR, ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler,
                                      requeue, requeue_interrupted, run_seed)
 from compsearch.search.trial import PRUNE_FACTOR, TrialEvaluator, WorkerSettings

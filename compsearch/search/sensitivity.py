@@ -37,7 +37,7 @@ from typing import Any, Callable
 import ray
 
 from compsearch.compress import COMPRESS_VERSION
-from compsearch.search.errors import WORKER_LOST
+from compsearch.search.worker_lost import WORKER_LOST
 from compsearch.search.job import JobContext
 from compsearch.paths import default_cache_dir
 from compsearch.search.models import model_fingerprint
