@@ -132,10 +132,13 @@ def test_local_ray_listens_on_loopback_only(tiny_model_dir, tmp_path):
 
 def test_ctrl_c_stops_a_study_with_one_message_and_no_traceback(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
-    driver = _start_driver(tiny_model_dir, results, "stopped", TARGET, workers=2, stderr=subprocess.PIPE)
+    # far more trials than run in the second below (the tiny model's trials take a fraction of a second each,
+    # so a study of TARGET could end before the interrupt)
+    driver = _start_driver(tiny_model_dir, results, "stopped", 20 * TARGET, workers=2, stderr=subprocess.PIPE)
     try:
         _wait_for_first_trial(driver, results, "stopped")
         time.sleep(1.0)  # mid-trial: the driver waits on its workers and beats the storage
+        assert driver.poll() is None, "the study ended before it could be interrupted"
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:
