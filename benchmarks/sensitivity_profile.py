@@ -11,7 +11,7 @@ the noise floor, how many KLs each measured, and the wall time.
 
     python benchmarks/sensitivity_profile.py [--space joint] [--workers 2]
 
-Writes benchmarks/results/sensitivity_profile.csv, one row per way of making the profile (space,way,groups,
+Writes benchmarks/results/sensitivity_profile.csv (the rows of other spaces kept), one row per way of making the profile (space,way,groups,
 options,kl_measured,seconds,load; the predicted row also spearman,median_log_error,p90_log_error).
 """
 from __future__ import annotations
@@ -73,7 +73,11 @@ def main() -> None:
     rows[1].update(spearman=round(float(spearmanr(full, guess).statistic), 4),
                    median_log_error=round(float(np.median(log_error)), 3),
                    p90_log_error=round(float(np.quantile(log_error, 0.9)), 3))
-    write_table(pd.DataFrame(rows), args.out)
+    table = pd.DataFrame(rows)
+    if args.out.exists():  # the other spaces' rows stay
+        old = pd.read_csv(args.out)
+        table = pd.concat([old[old["space"] != args.space], table], ignore_index=True)
+    write_table(table, args.out)
 
 
 if __name__ == "__main__":
