@@ -139,6 +139,12 @@ def start_workers(ctx: JobContext, count: int, cpus_per_worker: int, gpus_per_wo
     return [actor.remote(ctx.model_ref, eval_ref, calib_ref, settings) for _ in range(count)]
 
 
+def _window_shares(pool: list, windows: int) -> list[tuple]:
+    """(worker, first window, end) for each worker given a share of `windows` consecutive windows."""
+    bounds = [round(index * windows / len(pool)) for index in range(len(pool) + 1)]
+    return [(worker, start, end) for worker, start, end in zip(pool, bounds, bounds[1:]) if end > start]
+
+
 def share_base_reference(ctx: JobContext, pool: list) -> list:
     """The base model's distributions on the evaluation windows (for KL), each worker measuring a share of
     the windows, given to every worker: one forward pass over the windows per study, not one per worker.
@@ -146,11 +152,9 @@ def share_base_reference(ctx: JobContext, pool: list) -> list:
     measures its own on first use)."""
     if not ctx.spec.needs_kl:
         return []
-    windows = len(ctx.windows.eval_ids)
-    bounds = [round(index * windows / len(pool)) for index in range(len(pool) + 1)]
     try:
         shares = ray.get([worker.base_reference_share.remote(start, end)
-                          for worker, start, end in zip(pool, bounds, bounds[1:]) if end > start])
+                          for worker, start, end in _window_shares(pool, len(ctx.windows.eval_ids))])
     except (*WORKER_LOST, RayTaskError) as err:
         log.warning("the base reference could not be shared (%s); each worker measures its own", err)
         return []
@@ -172,11 +176,9 @@ def share_calibration(ctx: JobContext, pool: list) -> list:
         log.info("calibration Hessians (%.1f GB) too large to merge here: each worker measures its own",
                  hessian_bytes(ctx) / 1e9)
         return []
-    windows = len(ctx.windows.calib_ids)
-    bounds = [round(index * windows / len(pool)) for index in range(len(pool) + 1)]
     try:
         shares = [worker.calibration_share.remote(start, end, with_hessians)
-                  for worker, start, end in zip(pool, bounds, bounds[1:]) if end > start]
+                  for worker, start, end in _window_shares(pool, len(ctx.windows.calib_ids))]
         statistics = ray.get(shares[0])
         for share in shares[1:]:  # one share at a time: the merged statistics and one share in memory
             statistics = statistics.merged_with(ray.get(share))
