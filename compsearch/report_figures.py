@@ -113,7 +113,7 @@ def _front_panel(ax: Axes, view: StudyView, column: str, scale: float, budget: f
              s=16, color="0.6", label="feasible trial")
     _scatter(ax, prefix + "infeasible-points", points(done[done["feasible"] == False]),  # noqa: E712
              s=22, marker="x", color="tab:red", linewidths=1, label="infeasible trial")
-    for kind, seeds in done[done["seed"].notna()].groupby("seed"):
+    for kind, seeds in done[done["seed"].notna()].groupby(done["seed"].str.split(":").str[0]):  # preset:Q4_K_M
         _scatter(ax, f"{prefix}seed-{kind}-points", points(seeds), s=70, marker=SEED_MARKERS.get(kind, "P"),
                  facecolors="none", edgecolors="tab:green" if kind == "uniform" else "tab:purple",
                  linewidths=1.2, label=f"{kind} seed")

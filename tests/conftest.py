@@ -22,7 +22,7 @@ if "COMPSEARCH_CACHE" not in os.environ:
 TINY_VOCAB = 384
 
 
-def build_tiny_model(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0, kv_heads: int = 2) -> Path:
     """A Llama model with a byte-level BPE tokenizer trained on pydoc text, saved to `folder`."""
     from pydoc_data import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -37,7 +37,7 @@ def build_tiny_model(folder: Path, hidden: int = 64, layers: int = 2, seed: int 
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                          max_position_embeddings=512, bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)

@@ -19,10 +19,14 @@ from compsearch.compress.formats import FORMATS, StorageFormat
 from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized, BlockType, pack, unpack
 from compsearch.compress.ggml_inputs import round_inputs
 from compsearch.compress.ggml_quantize import quantize_blocks, quantize_blocks_gptq
-from compsearch.compress.techniques import HESSIAN, NORMS, QUANTIZERS, Quantizer
+from compsearch.compress.techniques import HESSIAN, NORMS, QUANTIZERS, Quantizer, quantizer_for
+from compsearch.spaces.knobs import FLOAT_METHOD
+from compsearch.spaces.layers import LayerInfo
+from compsearch.spaces.plan import LayerPlan
 
-# What llama-quantize uses where a row length does not suit a K-type (llama-quant.cpp).
-FALLBACKS = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# What llama-quantize uses where a row length does not suit a K-type (llama-quant.cpp's
+# `tensor_type_fallback`, in the llama.cpp llama-cpp-python 0.3.36 vendors).
+FALLBACKS = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 class GGMLFormat(StorageFormat):
@@ -73,3 +77,9 @@ for _type in BLOCK_TYPES.values():
     QUANTIZERS.register(Quantizer(_type.name, _type.name, _quantizer(_type), needs=frozenset({NORMS, HESSIAN}),
                                   bits=(_type.bits,), fallback=FALLBACKS.get(_type.name)))
 GGUF_TYPES = tuple(BLOCK_TYPES)
+
+
+def gguf_type(layer: LayerInfo, plan: LayerPlan) -> str:
+    """The GGUF type a layer is stored in under its plan (`f16`, or the type with llama.cpp's fallbacks)."""
+    quantizer = quantizer_for(plan.quant_method, layer.in_features) if plan.bits < 16 else None
+    return quantizer.name if quantizer else FLOAT_METHOD

@@ -23,21 +23,16 @@ from torch import nn
 
 from compsearch.compress.apply import layer_layout
 from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized
+from compsearch.compress.gguf_formats import gguf_type
 from compsearch.compress.matrix import StoredMatrix
 from compsearch.compress.techniques import quantizer_for
 from compsearch.evaluators.costmodel import CostTable, shapes_digest
 from compsearch.evaluators.latency import LatencySettings, device_name
 from compsearch.spaces.knobs import FLOAT_METHOD
-from compsearch.spaces.layers import LayerInfo, embedding_layers, layer_info, linear_layers
+from compsearch.spaces.layers import embedding_layers, layer_info, linear_layers
 from compsearch.spaces.plan import LayerPlan, Plan
 
 SCENARIOS = ("decode_ms", "latency_ms")
-
-
-def gguf_type(layer: LayerInfo, plan: LayerPlan) -> str:
-    """The GGUF type a layer is stored in under its plan (`f16`, or the type with llama.cpp's fallbacks)."""
-    quantizer = quantizer_for(plan.quant_method, layer.in_features) if plan.bits < 16 else None
-    return quantizer.name if quantizer else FLOAT_METHOD
 
 
 class LlamaCppCostModel:

@@ -39,6 +39,7 @@ class JobContext:
     largest_plan_bytes: int
     profile: Any = None  # the sensitivity profile, once measured (guided search)
     gguf_layout: Any = None  # with latency in llama.cpp, a plan's memory is its GGUF file's bytes
+    tied_embeddings: bool = False  # the output head is the token embedding
 
     @property
     def base_bytes(self) -> int:
@@ -99,7 +100,7 @@ def prepare_job(spec: JobSpec, cache_dir: Path | None = None) -> JobContext:
             f"{spec.space!r}: {smallest / 1e6:.1f} MB ({smallest / (total_params * 2):.3f} of the 16-bit model); "
             "raise the budget or allow fewer bits, more sparsity or lower ranks")
     return JobContext(spec, model_ref, space, layers, total_params, windows, budget, smallest, largest,
-                      gguf_layout=layout)
+                      gguf_layout=layout, tied_embeddings=head_is_tied(skeleton))
 
 
 def check_task_objectives(spec: JobSpec, cache_dir: Path | None) -> None:

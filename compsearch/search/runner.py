@@ -235,10 +235,12 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
             study.set_user_attr(BASE_METRICS_ATTR, storable(ray.get(pool[0].evaluate.remote(Plan().to_json()))))
         _check_latency_budget(ctx, pool[0])
         on_trial = on_trial or (lambda event: None)
-        uniform = seed_uniform(ctx, study, target)
-        if uniform and ctx.spec.guided:  # the first answers, while nothing depends on the profile yet
-            say(f"{uniform} uniform seed trials first; the sensitivity profile after them")
-            _drive(ctx, study, target, pool, spawn, results_dir, on_trial, until=done_count(study) + uniform)
+        seeds = seed_uniform(ctx, study, target)
+        if seeds and ctx.spec.guided:  # the first answers, while nothing depends on the profile yet
+            presets = [kind.split(":", 1)[1] for kind in seeds if kind.startswith("preset:")]
+            say((f"llama.cpp's {', '.join(presets)} mixes" if presets else f"{len(seeds)} uniform seed")
+                + " trials first; the sensitivity profile after them")
+            _drive(ctx, study, target, pool, spawn, results_dir, on_trial, until=done_count(study) + len(seeds))
         shared_statistics.extend(share_calibration(ctx, pool))
         _prepare_search(ctx, study, target, pool, spawn, workers, say, cache_dir, on_progress)
         _drive(ctx, study, target, pool, spawn, results_dir, on_trial)

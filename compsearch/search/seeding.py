@@ -13,7 +13,7 @@ from compsearch.compress import layer_nbytes
 from compsearch.search.front import base_ppl_of, hypervolume_gain, measured_front, pareto, ppl_limit, predicted_ppl
 from compsearch.search.job import JobContext
 from compsearch.search.sensitivity import Profile
-from compsearch.spaces.knobs import KNOBS
+from compsearch.spaces.knobs import FLOAT_METHOD, KNOBS
 from compsearch.spaces.layers import LayerInfo
 from compsearch.spaces.plan import LayerPlan, Plan
 
@@ -107,17 +107,51 @@ class Knapsack:
         return choices, size
 
 
-def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> int:
+def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> list[str]:
     """Enqueue the uniform seed plans once per study; they need no profile, so they are a study's first
-    trials and its first answers. Returns how many were enqueued."""
+    trials and its first answers. Returns the kinds of those enqueued (see `_enqueue`).
+
+    A study of GGUF types starts from llama.cpp's presets instead (`preset_seed_choices`): the mixes
+    users already run, each measured with the study's rounding at the preset's own size."""
     if not ctx.spec.uniform_seeds or any(study.user_attrs.get(a) for a in (UNIFORM_SEEDED_ATTR, SEEDED_ATTR)):
-        return 0
-    groups = list(ctx.space.groups(ctx.layers))
-    wanted = min(max(1, trials // 8), trials, GUIDED_UNIFORM_SEEDS if ctx.spec.guided else trials)
-    count = _enqueue(study, ctx, [{group: choice for group in groups} for choice in
-                                  uniform_seed_choices(ctx, wanted, ctx.spec.guided)], "uniform")
+        return []
+    seeds = [(f"preset:{name}", choices) for name, choices in
+             preset_seed_choices(ctx, max(GUIDED_UNIFORM_SEEDS, trials // 4))]
+    if not seeds:
+        groups = list(ctx.space.groups(ctx.layers))
+        wanted = min(max(1, trials // 8), trials, GUIDED_UNIFORM_SEEDS if ctx.spec.guided else trials)
+        seeds = [("uniform", {group: choice for group in groups})
+                 for choice in uniform_seed_choices(ctx, wanted, ctx.spec.guided)]
+    enqueued = _enqueue(study, ctx, seeds)
     study.set_user_attr(UNIFORM_SEEDED_ATTR, True)
-    return count
+    return enqueued
+
+
+def preset_seed_choices(ctx: JobContext, count: int) -> list[tuple[str, dict[str, dict]]]:
+    """(preset, per-group choices) for up to `count` of llama.cpp's presets (`gguf_presets`), the largest
+    within the memory budget, smallest first; empty unless the space searches GGUF types alone. A preset is left
+    out where the space cannot hold its mix (a type not offered; a group whose tensors it types apart,
+    e.g. one type per block) or where it repeats a larger preset's mix."""
+    from compsearch.compress.gguf_formats import GGUF_TYPES, gguf_type
+    from compsearch.compress.gguf_presets import PRESETS, preset_types
+
+    offered = ctx.space.knobs()
+    if list(offered) != ["quant_method"] or not set(offered["quant_method"]) <= {*GGUF_TYPES, FLOAT_METHOD}:
+        return []
+    groups = ctx.space.groups(ctx.layers)
+    sized: dict[str, tuple[int, str, dict]] = {}
+    for preset in PRESETS:
+        types = preset_types(preset, ctx.layers, ctx.tied_embeddings)
+        choices = {group: {"quant_method": types[members[0].name]} for group, members in groups.items()}
+        plan = Plan({layer.name: ctx.space.layer_plan(layer, choices[group]) for group, members in groups.items()
+                     for layer in members})
+        expressible = all(choice["quant_method"] in offered["quant_method"] for choice in choices.values()) and all(
+            gguf_type(layer, plan[layer.name]) == types[layer.name] for layer in ctx.layers)
+        size = ctx.plan_bytes(plan)
+        if expressible and (ctx.memory_budget_bytes is None or size <= ctx.memory_budget_bytes):
+            sized.setdefault(json.dumps(choices, sort_keys=True), (size, preset, choices))
+    largest = sorted(sized.values(), key=lambda item: item[0])[-count:] if count > 0 else []
+    return [(preset, choices) for _, preset, choices in largest]
 
 
 def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int,
@@ -140,22 +174,23 @@ def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, 
             base_ppl = base_ppl_of(study)
             plans = budget_seeds(ctx, profile, min(wanted, room), measured_front(study.get_trials(deepcopy=False)),
                                  base_ppl)
-            _enqueue(study, ctx, plans, "profile")
+            _enqueue(study, ctx, [("profile", plan) for plan in plans])
     study.set_user_attr(SEEDED_ATTR, True)
 
 
-def _enqueue(study: optuna.Study, ctx: JobContext, plans: list[dict[str, dict]], kind: str) -> int:
-    """Enqueue the per-group choices the study holds no trial of yet, in order; returns how many."""
+def _enqueue(study: optuna.Study, ctx: JobContext, seeds: list[tuple[str, dict[str, dict]]]) -> list[str]:
+    """Enqueue the seeds ((kind, per-group choices)) the study holds no trial of yet, in order; returns
+    the kinds of those enqueued. The kind is the trial's `seed` (`uniform`, `profile`, `preset:Q4_K_M`)."""
     known = {json.dumps(trial.params, sort_keys=True, default=str) for trial in study.get_trials(deepcopy=False)}
-    count = 0
-    for choices in plans:
+    enqueued = []
+    for kind, choices in seeds:
         params = ctx.space.params_for(choices)
         key = json.dumps(params, sort_keys=True, default=str)
         if key not in known:
             study.enqueue_trial(params, user_attrs={"seed": kind})
             known.add(key)
-            count += 1
-    return count
+            enqueued.append(kind)
+    return enqueued
 
 
 def budget_seeds(ctx: JobContext, profile: Profile, count: int, front: list[tuple[float, float]] = (),

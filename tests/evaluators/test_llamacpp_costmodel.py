@@ -3,7 +3,8 @@ import pytest
 
 from compsearch.evaluators.latency import LatencySettings
 from compsearch.evaluators.llamacpp import llamacpp_available
-from compsearch.evaluators.llamacpp_costmodel import LlamaCppCostModel, gguf_type
+from compsearch.compress.gguf_formats import gguf_type
+from compsearch.evaluators.llamacpp_costmodel import LlamaCppCostModel
 from compsearch.evaluators.measure import GGUFTarget
 from compsearch.search.models import load_model
 from compsearch.spaces.layers import LayerInfo, embedding_layers, linear_layers

@@ -7,7 +7,7 @@ import pytest
 
 from compsearch.search.guided import GuidedChildren
 from compsearch.search.job import JobContext
-from compsearch.search.seeding import Knapsack, group_options
+from compsearch.search.seeding import Knapsack, group_options, preset_seed_choices
 from compsearch.search.sensitivity import Profile, factor_options, option_key
 from compsearch.search.spec import JobSpec
 from compsearch.spaces.layers import LayerInfo
@@ -252,3 +252,41 @@ def test_budget_seeds_go_where_the_predicted_front_gains_most():
     assert len(pareto(points)) == len(points)  # none dominated by another seed
     bounds = (ctx.largest_plan_bytes * 1.01, 30.0)
     assert all(hypervolume_gain(pareto(measured), *p, *bounds) > 0 for p in points)
+
+
+def _gguf_context(granularity: str, budget=None, quant_methods=None) -> JobContext:
+    """16 blocks of SmolLM2-135M's shapes (576-wide rows: K-types only on down_proj) and a tied embedding."""
+    kinds = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+             "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+    layers = [LayerInfo(f"model.layers.{b}.{'mlp' if kind.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{kind}",
+                        *shape) for b in range(16) for kind, shape in kinds.items()] + [LayerInfo("model.embed_tokens", 49152, 576)]
+    space = get_space("gguf").with_choices(granularity=granularity, quant_methods=quant_methods)
+    total = sum(layer.num_params for layer in layers)
+    return JobContext(JobSpec(study="s", space="gguf"), "model", space, layers, total, None, budget, 0, 0,
+                      tied_embeddings=True)
+
+
+def test_a_gguf_study_starts_from_llama_cpps_presets_within_its_budget():
+    ctx = _gguf_context("layer")
+    presets = preset_seed_choices(ctx, 10)
+    names = [name for name, _ in presets]
+    # Q3_K_S and Q2_K give this model one mix (K-types fall back to Q4_0 on 576-wide rows): the first named is kept
+    assert names == ["Q3_K_S", "Q4_0", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"][-len(names):]
+    sizes = [ctx.plan_bytes(_plan_of(ctx, choices)) for _, choices in presets]
+    assert sizes == sorted(sizes)
+    q4_k_m = dict(presets)["Q4_K_M"]
+    assert q4_k_m["model.layers.0.mlp.down_proj"] == {"quant_method": "q6_k"}  # llama.cpp's more bits
+    assert q4_k_m["model.layers.3.mlp.down_proj"] == {"quant_method": "q4_k"}
+    assert q4_k_m["model.layers.3.self_attn.q_proj"] == {"quant_method": "q5_0"}  # Q4_K's fallback
+    assert q4_k_m["model.embed_tokens"] == {"quant_method": "q8_0"}  # the tied output, Q6_K's fallback
+
+    budget = sizes[names.index("Q4_K_M")]
+    within = preset_seed_choices(_gguf_context("layer", budget=budget), 2)
+    assert [name for name, _ in within] == ["Q4_K_S", "Q4_K_M"]  # the largest that fit
+    assert preset_seed_choices(_gguf_context("block"), 10)[-1][0] == "Q8_0"  # one type per block: uniform mixes only
+    assert "Q4_0" not in dict(preset_seed_choices(_gguf_context("layer", quant_methods=("f16", "q8_0", "q4_0")), 10))
+
+
+def _plan_of(ctx: JobContext, choices: dict) -> Plan:
+    return Plan({layer.name: ctx.space.layer_plan(layer, choices[group])
+                 for group, members in ctx.space.groups(ctx.layers).items() for layer in members})

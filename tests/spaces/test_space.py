@@ -88,7 +88,7 @@ def test_gguf_choices_set_the_bits_and_fall_back_where_rows_do_not_fit():
     assert (space.layer_plan(down, {"quant_method": "q4_k"}).bits, space.layer_plan(down, {"quant_method": "q4_k"}).quant_method) == (4, "q4_k")
     assert space.layer_plan(q_proj, {"quant_method": "q4_k"}).quant_method == "q5_0"  # llama-quantize's fallback
     assert space.layer_plan(q_proj, {"quant_method": "f16"}).is_identity
-    assert space.fallbacks([q_proj])["q_proj (576 inputs)"]["q3_k"] == "iq4_nl"
+    assert space.fallbacks([q_proj])["q_proj (576 inputs)"]["q3_k"] == "q4_0"
     with pytest.raises(SpaceError, match="leave q4_0 out"):
         Space("g", quant_methods=("f16", "q4_0")).check_layers([LayerInfo("x", 8, 20)])
 
