@@ -128,7 +128,8 @@ def llama_cpp_presets(tools: Path, f16: Path, imatrix: Path, workdir: Path) -> l
 
 
 def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, bench: BenchModel,
-                        statistics: tuple[dict, dict], workdir: Path) -> list[tuple[str, str, Path, Plan | None]]:
+                        statistics: tuple[dict, dict], workdir: Path,
+                        types: tuple[str, ...] = TYPES) -> list[tuple[str, str, Path, Plan | None]]:
     """Type by type: llama-quantize --pure with the importance matrix, and compsearch's rounding, both
     putting one type on every Linear and the token embedding (with llama.cpp's fallbacks on rows a
     K-type cannot hold), so the files hold the same tensor types and differ only in rounding.
@@ -136,7 +137,7 @@ def one_type_everywhere(tools: Path, f16: Path, imatrix: Path, model, bench: Ben
     space = get_space("gguf")
     layers = linear_layers(model) + embedding_layers(model)
     files = []
-    for kind in TYPES:
+    for kind in types:
         ours, theirs = workdir / f"uniform-{kind}.gguf", workdir / f"pure-{kind}-imatrix.gguf"
         if not theirs.exists():
             _run([tools / "llama-quantize", "--pure", "--imatrix", imatrix, f16, theirs, kind, str(THREADS)])
@@ -219,6 +220,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gguf.csv")
     parser.add_argument("--parts", default="presets,types,study",
                         help="presets (llama.cpp's), types (one type everywhere, both quantizers), study (compsearch's front)")
+    parser.add_argument("--types", default=",".join(TYPES), help="the types of the `types` part")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     args.workdir = args.workdir or ROOT / "benchmarks" / "results" / "gguf-work" / args.model
@@ -244,7 +246,8 @@ def main() -> None:
         names = [layer.name for layer in linear_layers(model)]
         statistics = input_norms(model, windows.calib_ids, names), input_hessians(model, windows.calib_ids, names)
         files += [(source, name, True, path, plan) for name, source, path, plan in
-                  one_type_everywhere(args.llama_tools, f16, imatrix, model, bench, statistics, args.workdir)]
+                  one_type_everywhere(args.llama_tools, f16, imatrix, model, bench, statistics, args.workdir,
+                                      tuple(args.types.split(",")))]
     trial_ppl = {}  # file -> the perplexity its trial measured in PyTorch
     studies = ([compsearch_front(args.trials, args.workdir, bench)] if "study" in parts else []) + [
         compsearch_front(args.budget_trials, args.workdir, bench, budget, args.budget_granularity)
