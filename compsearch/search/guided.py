@@ -16,9 +16,7 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
 5. of the first few children that pass, the one whose predicted point (its bytes; the base model's
    perplexity times e^KL, KL its corrected estimate) adds the most hypervolume to the measured
    (bytes, perplexity) front, up to the budget and the quality floor, is run: the trial goes where
-   the front has a gap or can move, not to a size the front already covers well. A child of one
-   parent has its corrected estimate scaled by the parent's measured / corrected KL: the estimate's
-   error is mostly shared by plans a switch or two apart. The KL is taken
+   the front has a gap or can move, not to a size the front already covers well. The KL is taken
    optimistically, lowered by the corrected estimate's typical error on the study's own trials
    (`Calibration.spread`): a child predicted a little worse than the front where estimates are off by
    tens of percent may well beat it, while a near-lossless child's certain but tiny gain is worth
@@ -76,14 +74,14 @@ class GuidedChildren:
         base_ppl = base_ppl_of(study)
         failures = 0
         while len(passed) < wanted and failures < REDRAWS:
-            levels, parent = self._child(parents, extra_switches=max(0, failures - LOCAL_REDRAWS + 1))
+            levels = self._child(parents, extra_switches=max(0, failures - LOCAL_REDRAWS + 1))
             child = self._params(levels, search_space)
             key = _plan_key(child, search_space)
             if key in known:
                 failures += 1
                 continue
             known.add(key)
-            predicted_kl = self._predicted_kl(levels, parent, corrected)
+            predicted_kl = corrected(self._estimate(levels))
             if max_kl is None or predicted_kl <= max_kl:
                 optimistic_kl = predicted_kl * math.exp(-corrected.spread)
                 passed.append(((self.kept_bytes + self._size(levels), predicted_ppl(base_ppl, optimistic_kl)), child))
@@ -100,9 +98,8 @@ class GuidedChildren:
         params = self.ctx.space.params_for({group: self.options[group][level].choice for group, level in levels.items()})
         return {name: value for name, value in params.items() if name in search_space}
 
-    def _child(self, parents: list[FrozenTrial], extra_switches: int = 0) -> tuple[dict[str, int], FrozenTrial | None]:
-        """The levels of a child of `parents` (see the module docstring, steps 1-3), and its one parent
-        (None for a crossed child)."""
+    def _child(self, parents: list[FrozenTrial], extra_switches: int = 0) -> dict[str, int]:
+        """The levels of a child of `parents` (see the module docstring, steps 1-3)."""
         parent = parents[int(self.rng.integers(len(parents)))]
         levels = self._levels(parent.params)
         others = [p for p in parents if p is not parent]
@@ -110,21 +107,11 @@ class GuidedChildren:
             size = self._size(levels)
             nearest = self._levels(min(others, key=lambda p: abs(self._size(self._levels(p.params)) - size)).params)
             levels = {group: levels[group] if self.rng.random() < 0.5 else nearest[group] for group in levels}
-            parent = None
         for _ in range(int(self.rng.integers(1, 3)) + extra_switches):
             levels = self._switch(levels)
         if self.layer_budget is not None:
             levels = self._repair(levels, self.layer_budget)
-        return levels, parent
-
-    def _predicted_kl(self, levels: dict[str, int], parent: FrozenTrial | None, corrected: "Calibration") -> float:
-        """The child's KL: its corrected estimate, scaled by how far its measured parent's KL was from the
-        parent's own corrected estimate (a child differs from its parent in a few groups, so most of what
-        the additive estimate gets wrong about the parent it gets wrong about the child too)."""
-        predicted = corrected(self._estimate(levels))
-        measured = parent.user_attrs.get("kl") if parent is not None else None
-        parent_estimate = corrected(self._estimate(self._levels(parent.params))) if positive(measured) else 0.0
-        return predicted * measured / parent_estimate if positive(parent_estimate) else predicted
+        return levels
 
     def _levels(self, params: dict[str, Any]) -> dict[str, int]:
         return {group: self._level(group, params) for group in self.options}

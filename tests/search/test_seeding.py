@@ -145,27 +145,6 @@ def test_calibration_learns_how_the_estimate_errs():
     assert Calibration().spread == Calibration.DEFAULT_SPREAD  # nothing measured yet
 
 
-def test_a_childs_kl_is_predicted_from_its_measured_parent():
-    from compsearch.search.guided import Calibration
-
-    ctx = _context()
-    children = GuidedChildren(ctx, _profile(ctx), seed=0)
-    parent_levels = {g: len(options) // 2 for g, options in children.options.items()}
-    child_levels = children._switch(parent_levels)
-    distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
-                     for group in children.options for knob, choices in ctx.space.knobs().items()}
-    corrected = Calibration(scale=1.5, power=1.2)
-    estimate = corrected(children._estimate(parent_levels))
-    parent = optuna.trial.create_trial(params=children._params(parent_levels, distributions), values=[1.0, 1.0],
-                                       distributions=distributions, user_attrs={"kl": 3 * estimate})
-    # the parent measured 3x its corrected estimate: its child, a switch away, is predicted 3x its own
-    assert children._predicted_kl(child_levels, parent, corrected) == pytest.approx(
-        3 * corrected(children._estimate(child_levels)))
-    unmeasured = optuna.trial.create_trial(params=parent.params, values=[1.0, 1.0], distributions=distributions)
-    for parent in (unmeasured, None):  # nothing measured, or a crossed child: the corrected estimate
-        assert children._predicted_kl(child_levels, parent, corrected) == corrected(children._estimate(child_levels))
-
-
 def test_guided_children_keep_within_the_quality_floor():
     ctx = _context()
     children = GuidedChildren(ctx, _profile(ctx), seed=5)
