@@ -67,8 +67,6 @@ class GuidedChildren:
         max_kl, corrected = self.ctx.spec.max_kl, Calibration.from_trials(trials)
         new = None  # the first child that is no repeat, should none keep within the floor
         front = measured_front(trials)
-        chosen = {parent.number for parent in parents}
-        parents = parents + [trial for trial in _front_trials(trials, front) if trial.number not in chosen]
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
         passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and perplexity, child)
         base_ppl = base_ppl_of(study)
@@ -163,13 +161,6 @@ class GuidedChildren:
 
     def _estimate(self, levels: dict[str, int]) -> float:
         return sum(self.options[group][level].estimate for group, level in levels.items())
-
-
-def _front_trials(trials: list[FrozenTrial], front: list[tuple[float, float]]) -> list[FrozenTrial]:
-    """The completed trials whose (bytes, perplexity) point is on `front`."""
-    points = set(front)
-    return [trial for trial in trials if trial.state == optuna.trial.TrialState.COMPLETE
-            and (trial.user_attrs.get("memory_bytes"), trial.user_attrs.get("ppl")) in points]
 
 
 def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:
