@@ -26,7 +26,8 @@ class PresetError(ValueError):
     """A preset name llama-quantize's mixes here do not include."""
 
 
-def preset_types(preset: str, layers: list[LayerInfo], tied_embeddings: bool, importance_matrix: bool = True) -> dict[str, str]:
+def preset_types(preset: str, layers: list[LayerInfo], tied_embeddings: bool,
+                 importance_matrix: bool = True) -> dict[str, str]:
     """The GGUF type (`q4_k`, ..., or `f16`) llama-quantize gives each of `layers` under `preset`.
 
     `tied_embeddings`: the token embedding is also the output head (it then gets the output's type);

@@ -129,9 +129,9 @@ def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> list[str]
 
 def preset_seed_choices(ctx: JobContext, count: int) -> list[tuple[str, dict[str, dict]]]:
     """(preset, per-group choices) for up to `count` of llama.cpp's presets (`gguf_presets`), the largest
-    within the memory budget, smallest first; empty unless the space searches GGUF types alone. A preset is left
-    out where the space cannot hold its mix (a type not offered; a group whose tensors it types apart,
-    e.g. one type per block) or where it repeats a larger preset's mix."""
+    within the memory budget, smallest first; empty unless the space searches GGUF types alone. A preset
+    is left out where the space cannot hold its mix (a type not offered; a group whose tensors it types
+    apart, e.g. one type per block) or where it repeats the mix of a preset named before it."""
     from compsearch.compress.gguf_formats import GGUF_TYPES, gguf_type
     from compsearch.compress.gguf_presets import PRESETS, preset_types
 

@@ -258,8 +258,9 @@ def _gguf_context(granularity: str, budget=None, quant_methods=None) -> JobConte
     """16 blocks of SmolLM2-135M's shapes (576-wide rows: K-types only on down_proj) and a tied embedding."""
     kinds = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
              "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
-    layers = [LayerInfo(f"model.layers.{b}.{'mlp' if kind.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{kind}",
-                        *shape) for b in range(16) for kind, shape in kinds.items()] + [LayerInfo("model.embed_tokens", 49152, 576)]
+    module = {kind: "mlp" if kind in ("gate_proj", "up_proj", "down_proj") else "self_attn" for kind in kinds}
+    layers = [LayerInfo(f"model.layers.{b}.{module[kind]}.{kind}", *shape) for b in range(16) for kind, shape in kinds.items()]
+    layers.append(LayerInfo("model.embed_tokens", 49152, 576))
     space = get_space("gguf").with_choices(granularity=granularity, quant_methods=quant_methods)
     total = sum(layer.num_params for layer in layers)
     return JobContext(JobSpec(study="s", space="gguf"), "model", space, layers, total, None, budget, 0, 0,
