@@ -23,7 +23,7 @@ from compsearch.search.job import JobContext, check_out, check_writable, prepare
 from compsearch.search.models import load_config, load_tokenizer, study_gguf_template
 from compsearch.search.results import (BEST_DIR, DISTILLED_ATTR, DISTILLED_COLUMNS, LAYERS_FILE, PARETO_FILE,
                                        SEARCH_SOURCE, TRIALS_FILE, storable, trials_frame, write_results)
-from compsearch.search.runner import TrialEvent, plans_to_distill, prepare_while_ray_starts, run_study, stop_ray
+from compsearch.search.runner import TrialEvent, plans_to_distill, run_study
 from compsearch.search.spec import DEFAULT_MODEL, EXPORT_FORMATS, JobSpec
 from compsearch.search.study import (BASE_METRICS_ATTR, SPEC_ATTR, create_study, default_storage_url, done_count, live_driver,
                                      load_study, open_storage, requeue_interrupted, study_exists)
@@ -64,32 +64,29 @@ def submit(spec: JobSpec, trials: int, options: RunOptions, force: bool = False)
     """Start a new study and run it to `trials` trials."""
     _check_counts(trials, options)
     check_writable(options.results_dir)
-    ctx = _prepare(spec, options)  # every input error surfaces before the storage is touched
+    ctx = prepare_job(spec, options.cache_dir)  # every input error surfaces before the storage is touched
+    storage = open_storage(options.storage_url(spec.study))
+    if study_exists(storage, spec.study):
+        existing, old_spec = load_study(spec.study, storage)
+        driver = live_driver(existing)
+        if driver:  # checked first: --force never replaces a study under a live driver
+            raise UserError(f"study {spec.study!r} is already running ({driver}); a second submit is refused, "
+                            f"with or without --force. Follow it with `compsearch status --study {spec.study}`, "
+                            "or stop that driver first")
+        if not force:
+            raise UserError(_exists_message(spec, old_spec))
+        optuna.delete_study(study_name=spec.study, storage=storage)
+        _remove_tables(options.results_dir / spec.study)
+    study = create_study(spec, storage, ctx.study_attrs())
+    write_job_file(spec, trials, options)
     try:
-        storage = open_storage(options.storage_url(spec.study))
-        if study_exists(storage, spec.study):
-            existing, old_spec = load_study(spec.study, storage)
-            driver = live_driver(existing)
-            if driver:  # checked first: --force never replaces a study under a live driver
-                raise UserError(f"study {spec.study!r} is already running ({driver}); a second submit is refused, "
-                                f"with or without --force. Follow it with `compsearch status --study {spec.study}`, "
-                                "or stop that driver first")
-            if not force:
-                raise UserError(_exists_message(spec, old_spec))
+        return _run(ctx, study, trials, options, requeued=[])
+    except Exception:
+        if not any(trial.state != optuna.trial.TrialState.WAITING for trial in study.get_trials(deepcopy=False)):
+            # failed before any trial started (workers, profile): leave no empty study that blocks a new submit
             optuna.delete_study(study_name=spec.study, storage=storage)
             _remove_tables(options.results_dir / spec.study)
-        study = create_study(spec, storage, ctx.study_attrs())
-        write_job_file(spec, trials, options)
-        try:
-            return _run(ctx, study, trials, options, requeued=[])
-        except Exception:
-            if not any(trial.state != optuna.trial.TrialState.WAITING for trial in study.get_trials(deepcopy=False)):
-                # failed before any trial started (workers, profile): leave no empty study that blocks a new submit
-                optuna.delete_study(study_name=spec.study, storage=storage)
-                _remove_tables(options.results_dir / spec.study)
-            raise
-    finally:
-        stop_ray()  # where the study never reached its workers (`run_study` stops the instance it used)
+        raise
 
 
 def resume(study_name: str, trials: int, options: RunOptions, distill_top: int | None = None,
@@ -110,21 +107,18 @@ def resume(study_name: str, trials: int, options: RunOptions, distill_top: int |
     if changed:
         spec = dataclasses.replace(spec, **changed)  # validated again
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
-    ctx = _prepare(spec, options)
-    try:
-        recorded = study.user_attrs.get("protocol", {})
-        if recorded.get("data_sha256", ctx.windows.protocol.data_sha256) != ctx.windows.protocol.data_sha256:
-            raise UserError(f"the data of study {study_name!r} changed since it was submitted (sha256 "
-                            f"{recorded['data_sha256'][:12]}... now {ctx.windows.protocol.data_sha256[:12]}...); "
-                            "restore it or submit a new study")
-        if recorded.get("compress_version", COMPRESS_VERSION) != COMPRESS_VERSION:
-            raise UserError(f"study {study_name!r} was measured with compression version {recorded['compress_version']}, "
-                            f"this compsearch has version {COMPRESS_VERSION}: new trials would not be comparable with "
-                            "its old ones; submit a new study")
-        write_job_file(spec, trials, options)
-        return _run(ctx, study, trials, options, requeued=requeue_interrupted(study))
-    finally:
-        stop_ray()  # where the study never reached its workers (`run_study` stops the instance it used)
+    ctx = prepare_job(spec, options.cache_dir)
+    recorded = study.user_attrs.get("protocol", {})
+    if recorded.get("data_sha256", ctx.windows.protocol.data_sha256) != ctx.windows.protocol.data_sha256:
+        raise UserError(f"the data of study {study_name!r} changed since it was submitted (sha256 "
+                        f"{recorded['data_sha256'][:12]}... now {ctx.windows.protocol.data_sha256[:12]}...); "
+                        "restore it or submit a new study")
+    if recorded.get("compress_version", COMPRESS_VERSION) != COMPRESS_VERSION:
+        raise UserError(f"study {study_name!r} was measured with compression version {recorded['compress_version']}, "
+                        f"this compsearch has version {COMPRESS_VERSION}: new trials would not be comparable with "
+                        "its old ones; submit a new study")
+    write_job_file(spec, trials, options)
+    return _run(ctx, study, trials, options, requeued=requeue_interrupted(study))
 
 
 def write_job_file(spec: JobSpec, trials: int, options: RunOptions) -> Path:
@@ -138,12 +132,6 @@ def write_job_file(spec: JobSpec, trials: int, options: RunOptions) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
-
-
-def _prepare(spec: JobSpec, options: RunOptions) -> JobContext:
-    """`prepare_job`, with the study's Ray instance starting meanwhile (`prepare_while_ray_starts`)."""
-    return prepare_while_ray_starts(lambda: prepare_job(spec, options.cache_dir), options.address,
-                                    options.workers * options.cpus_per_worker)
 
 
 def _run(ctx: JobContext, study: optuna.Study, trials: int, options: RunOptions, requeued: list[int]) -> pd.DataFrame:

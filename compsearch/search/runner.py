@@ -6,10 +6,9 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable
 
 import optuna
 import pandas as pd
@@ -45,8 +44,6 @@ REWRITE_SHARE = 0.02  # the most of the driver's time that rebuilding the Parque
 SHARED_HESSIAN_COPIES = 4
 _LAST_REWRITE: dict[str, tuple[float, float]] = {}  # results/<study> -> (end of the last rebuild, its seconds)
 _UNWRITABLE: set[str] = set()  # results/<study> folders whose last rebuild failed (said once)
-_RAY_STARTED_HERE = False  # the running local Ray instance was started by this process (`start_ray`)
-T = TypeVar("T")
 
 
 @dataclass
@@ -98,12 +95,9 @@ class _RayTrialEvaluator(TrialEvaluator):
 
 
 def start_ray(address: str | None, num_cpus: int) -> bool:
-    """Connect to `address`, or start a local instance on loopback. True when the running instance is one
-    this process started (by this call or an earlier one: `prepare_while_ray_starts`): the caller stops it
-    (`stop_ray`) when done."""
-    global _RAY_STARTED_HERE
+    """Connect to `address`, or start a local instance on loopback; True when this call started Ray."""
     if ray.is_initialized():
-        return _RAY_STARTED_HERE
+        return False
     if address:
         check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -111,31 +105,7 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, log_to_driver=False)
     protect_token_file()
-    _RAY_STARTED_HERE = True
     return True
-
-
-def stop_ray() -> None:
-    """Stop the local instance this process started (nothing if it started none)."""
-    global _RAY_STARTED_HERE
-    if _RAY_STARTED_HERE:
-        ray.shutdown()
-        _RAY_STARTED_HERE = False
-
-
-def prepare_while_ray_starts(prepare: Callable[[], T], address: str | None, num_cpus: int) -> T:
-    """`prepare()` in a thread while Ray starts here: a local instance takes seconds to start, and a model
-    not in the cache yet about as long to convert. Returns what `prepare` returns; where it fails, the
-    instance this call started is stopped again."""
-    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
-        preparing = executor.submit(prepare)
-        started = not ray.is_initialized() and start_ray(address, num_cpus)
-        try:
-            return preparing.result()
-        except BaseException:
-            if started:
-                stop_ray()
-            raise
 
 
 def check_resources(asked: WorkerResources, local: bool) -> None:
@@ -280,7 +250,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         beat(study, [], running=False)
         trials = _write_tables(study, results_dir)
         if started_ray:
-            stop_ray()
+            ray.shutdown()
     return trials
 
 
