@@ -29,7 +29,7 @@ from compsearch.search.results import (
 )
 from compsearch.search.spec import OBJECTIVES, STUDENT_STEPS, JobSpec, objective_sign
 from compsearch.search.guided import GuidedChildren
-from compsearch.search.seeding import seed_profile, seed_uniform
+from compsearch.search.seeding import PRESET_SEED, seed_profile, seed_uniform
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
 from compsearch.search.worker_lost import WORKER_LOST
 from compsearch.search.study import (BASE_METRICS_ATTR, ERROR_ATTR, HEARTBEAT_S, ask, beat, done_count, make_sampler,
@@ -237,7 +237,7 @@ def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, r
         on_trial = on_trial or (lambda event: None)
         seeds = seed_uniform(ctx, study, target)
         if seeds and ctx.spec.guided:  # the first answers, while nothing depends on the profile yet
-            presets = [kind.split(":", 1)[1] for kind in seeds if kind.startswith("preset:")]
+            presets = [kind.removeprefix(PRESET_SEED) for kind in seeds if kind.startswith(PRESET_SEED)]
             say((f"llama.cpp's {', '.join(presets)} mixes" if presets else f"{len(seeds)} uniform seed")
                 + " trials first; the sensitivity profile after them")
             _drive(ctx, study, target, pool, spawn, results_dir, on_trial, until=done_count(study) + len(seeds))

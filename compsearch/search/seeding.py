@@ -20,6 +20,7 @@ from compsearch.spaces.plan import LayerPlan, Plan
 log = logging.getLogger(__name__)
 SEEDED_ATTR = "seeded"  # the profile's seeds are enqueued (and, in studies from before them, the uniform ones)
 UNIFORM_SEEDED_ATTR = "seeded_uniform"
+PRESET_SEED = "preset:"  # a seed that is llama.cpp's mix for a preset: its `seed` is e.g. preset:Q4_K_M
 # Uniform seeds of a guided study: the first answers, while the profile is measured. More cost trials the
 # profile's seeds use better: in a 32-trial quant study the third and fourth added 0.00 and 0.04 to the
 # hypervolume, each profile seed 0.03-0.8 (benchmarks/search.py, seed 0).
@@ -115,7 +116,7 @@ def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> list[str]
     users already run, each measured with the study's rounding at the preset's own size."""
     if not ctx.spec.uniform_seeds or any(study.user_attrs.get(a) for a in (UNIFORM_SEEDED_ATTR, SEEDED_ATTR)):
         return []
-    seeds = [(f"preset:{name}", choices) for name, choices in
+    seeds = [(PRESET_SEED + name, choices) for name, choices in
              preset_seed_choices(ctx, max(GUIDED_UNIFORM_SEEDS, trials // 4))]
     if not seeds:
         groups = list(ctx.space.groups(ctx.layers))
@@ -143,8 +144,7 @@ def preset_seed_choices(ctx: JobContext, count: int) -> list[tuple[str, dict[str
     for preset in PRESETS:
         types = preset_types(preset, ctx.layers, ctx.tied_embeddings)
         choices = {group: {"quant_method": types[members[0].name]} for group, members in groups.items()}
-        plan = Plan({layer.name: ctx.space.layer_plan(layer, choices[group]) for group, members in groups.items()
-                     for layer in members})
+        plan = ctx.space.plan_for(choices, ctx.layers)
         expressible = all(choice["quant_method"] in offered["quant_method"] for choice in choices.values()) and all(
             gguf_type(layer, plan[layer.name]) == types[layer.name] for layer in ctx.layers)
         size = ctx.plan_bytes(plan)

@@ -92,11 +92,13 @@ class Space:
     def suggest_plan(self, trial: SuggestsCategorical, layers: list[LayerInfo]) -> Plan:
         """Ask the trial for every searched knob of every group and build the plan."""
         knobs = self.knobs()
-        plans: dict[str, LayerPlan] = {}
-        for group, members in self.groups(layers).items():
-            choice = {knob: trial.suggest_categorical(f"{group}:{knob}", list(choices)) for knob, choices in knobs.items()}
-            plans.update(self.plan(members, choice).layers)
-        return Plan(plans)
+        return self.plan_for({group: {knob: trial.suggest_categorical(f"{group}:{knob}", list(choices))
+                                      for knob, choices in knobs.items()} for group in self.groups(layers)}, layers)
+
+    def plan_for(self, choices: dict[str, dict[str, Any]], layers: list[LayerInfo]) -> Plan:
+        """The plan of per-group choices (`{group: choice}`, every group of `layers`)."""
+        return Plan({layer.name: self.layer_plan(layer, choices[group])
+                     for group, members in self.groups(layers).items() for layer in members})
 
     def plan(self, layers: list[LayerInfo], choice: dict[str, Any]) -> Plan:
         """The plan that gives every one of `layers` the same `choice` (see `layer_plan`)."""

@@ -273,7 +273,7 @@ def test_a_gguf_study_starts_from_llama_cpps_presets_within_its_budget():
     names = [name for name, _ in presets]
     # Q3_K_S and Q2_K give this model one mix (K-types fall back to Q4_0 on 576-wide rows): the first named is kept
     assert names == ["Q3_K_S", "Q4_0", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"][-len(names):]
-    sizes = [ctx.plan_bytes(_plan_of(ctx, choices)) for _, choices in presets]
+    sizes = [ctx.plan_bytes(ctx.space.plan_for(choices, ctx.layers)) for _, choices in presets]
     assert sizes == sorted(sizes)
     q4_k_m = dict(presets)["Q4_K_M"]
     assert q4_k_m["model.layers.0.mlp.down_proj"] == {"quant_method": "q6_k"}  # llama.cpp's more bits
@@ -286,8 +286,3 @@ def test_a_gguf_study_starts_from_llama_cpps_presets_within_its_budget():
     assert [name for name, _ in within] == ["Q4_K_S", "Q4_K_M"]  # the largest that fit
     assert preset_seed_choices(_gguf_context("block"), 10)[-1][0] == "Q8_0"  # one type per block: uniform mixes only
     assert "Q4_0" not in dict(preset_seed_choices(_gguf_context("layer", quant_methods=("f16", "q8_0", "q4_0")), 10))
-
-
-def _plan_of(ctx: JobContext, choices: dict) -> Plan:
-    return Plan({layer.name: ctx.space.layer_plan(layer, choices[group])
-                 for group, members in ctx.space.groups(ctx.layers).items() for layer in members})
