@@ -1,6 +1,7 @@
 """llama.cpp's presets as per-tensor types: the types llama-quantize itself writes, tensor by tensor."""
 import ctypes
 
+import gguf
 import pytest
 from gguf import GGUFReader
 
@@ -37,14 +38,12 @@ def test_every_tensor_gets_the_type_llama_quantize_gives_it(f16_file, preset, tm
     params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}"), 2
     assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) == 0
     written = {tensor.name: tensor.tensor_type.name.lower() for tensor in GGUFReader(str(out)).tensors}
-    layers = linear_layers(model) + embedding_layers(model)
-    predicted = preset_types(preset, layers, tied_embeddings=True, importance_matrix=False)
-    names = {"model.embed_tokens": "token_embd"} | {
-        layer.name: f"blk.{layer.name.split('.')[2]}.{kind}" for layer in layers for role, kind in (
-            ("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output"),
-            ("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")) if layer.kind == role}
-    assert {names[name]: kind for name, kind in predicted.items()} == {names[name]: written[f"{names[name]}.weight"]
-                                                                        for name in predicted}
+    predicted = preset_types(preset, linear_layers(model) + embedding_layers(model), tied_embeddings=True,
+                             importance_matrix=False)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    gguf_names = {name: names.get_name(f"{name}.weight", try_suffixes=(".weight",)) for name in predicted}
+    assert {gguf_names[name]: kind for name, kind in predicted.items()} == {
+        gguf_names[name]: written[gguf_names[name]] for name in predicted}
 
 
 def test_an_unknown_preset_is_refused_by_name():
