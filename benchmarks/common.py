@@ -29,6 +29,16 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
     print(f"\nwrote {path}")
 
 
+def merged_rows(path: Path, new: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """The table in the CSV at `path` (if there is one) with the rows of `new` replacing those with the same
+    `key` values; the other rows kept, first."""
+    if not path.exists():
+        return new
+    old = pd.read_csv(path)
+    kept = old[~old.set_index(key).index.isin(new.set_index(key).index)]
+    return pd.concat([kept, new], ignore_index=True) if len(kept) else new
+
+
 def reset_peak_rss() -> None:
     """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
     with open("/proc/self/clear_refs", "w") as refs:

@@ -45,7 +45,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from common import write_table  # noqa: E402
+from common import merged_rows, write_table  # noqa: E402
 from compsearch.compress import apply_plan_, input_hessians, input_norms  # noqa: E402
 from compsearch.compress.gguf_export import export_gguf, gguf_linear_bits_per_weight  # noqa: E402
 from compsearch.evaluators.latency import LatencySettings  # noqa: E402
@@ -189,16 +189,6 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     return files
 
 
-def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
-    """The table at `path` with the rows of `new` replacing those of the same source and name."""
-    if not path.exists():
-        return new
-    old = pd.read_csv(path)
-    key = ["model", "source", "name", "imatrix"]
-    keep = ~old.set_index(key).index.isin(new.set_index(key).index)
-    return pd.concat([old[keep], new], ignore_index=True)
-
-
 def _run(command: list) -> None:
     started = time.perf_counter()
     subprocess.run([str(part) for part in command], check=True, capture_output=True)
@@ -279,7 +269,7 @@ def main() -> None:
         gap = 100 * (measured["ppl"] / measured["trial_ppl"] - 1)
         print(f"llama.cpp's perplexity of the study files against their trials': {gap.min():+.2f}% to "
               f"{gap.max():+.2f}% over {len(measured)} files")
-    table = _merged(args.out, pd.DataFrame(rows))
+    table = merged_rows(args.out, pd.DataFrame(rows), ["model", "source", "name", "imatrix"])
     write_table(table.round(4), args.out)
     print("\nat each preset's size (with importance matrix), compsearch's study files no larger with lower perplexity "
           "and KL (the one of least KL), else the one of least perplexity:")

@@ -39,6 +39,7 @@ import optuna
 import pandas as pd
 import ray
 
+from common import merged_rows
 from compsearch.search.commands import RunOptions, submit
 from compsearch.search.guided import Calibration
 from compsearch.search.optuna_internals import hypervolume as front_hypervolume
@@ -194,10 +195,7 @@ def main() -> None:
 def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     """`new` written over the rows of the same (space, method, seed) in the CSV at `path`; the others kept."""
     key = ["space", "method", "seed"]
-    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=key)
-    replaced = set(new[key].itertuples(index=False, name=None))
-    kept = old[[row not in replaced for row in old[key].itertuples(index=False, name=None)]]
-    table = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+    table = merged_rows(path, new, key)
     order = {name: index for index, name in enumerate([*METHODS, *KEPT_METHODS, "uniform-all"])}
     table = table.sort_values(key, key=lambda col: col.map(order) if col.name == "method" else col)
     table.to_csv(path, index=False)

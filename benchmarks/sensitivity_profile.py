@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from common import write_table  # noqa: E402
+from common import merged_rows, write_table  # noqa: E402
 from compsearch.search.job import prepare_job  # noqa: E402
 from compsearch.search.runner import start_ray, start_workers  # noqa: E402
 from compsearch.search.sensitivity import (  # noqa: E402
@@ -73,11 +73,7 @@ def main() -> None:
     rows[1].update(spearman=round(float(spearmanr(full, guess).statistic), 4),
                    median_log_error=round(float(np.median(log_error)), 3),
                    p90_log_error=round(float(np.quantile(log_error, 0.9)), 3))
-    table = pd.DataFrame(rows)
-    if args.out.exists():  # the other spaces' rows stay
-        old = pd.read_csv(args.out)
-        table = pd.concat([old[old["space"] != args.space], table], ignore_index=True)
-    write_table(table, args.out)
+    write_table(merged_rows(args.out, pd.DataFrame(rows), ["space"]), args.out)  # the other spaces' rows stay
 
 
 if __name__ == "__main__":
