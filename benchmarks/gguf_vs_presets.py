@@ -34,7 +34,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,8 @@ from compsearch.spaces.plan import Plan  # noqa: E402
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "Q5_0", "Q4_0")  # one type everywhere
 # SmolLM2-135M's weights come from a Q4_1 GGUF: Q4_1 and Q5_1 (and Q5_K, which falls back to Q5_1 on its
-# 576-wide rows) hold that grid exactly and would look lossless; its studies are not allowed to exploit it.
+# 576-wide rows) hold that grid exactly and would look lossless; its studies are not allowed to exploit it
+# unless asked (--add-study-types q5_k,q5_1: the types llama.cpp's Q5_K_M/Q5_K_S presets are made of there).
 SMOLLM2_STUDY_TYPES = ("f16", "q8_0", "q6_k", "q4_k", "q3_k", "q2_k", "iq4_nl", "q5_0", "q4_0")
 TOP_K = 1024
 THREADS = 2
@@ -80,6 +81,7 @@ class BenchModel:
     ref: str  # the float checkpoint
     template: Path  # the GGUF whose metadata exports copy
     study_types: tuple[str, ...] | None = None  # the GGUF types its studies choose from (None: the gguf space's)
+    extra_types: tuple[str, ...] = ()  # types added to its default study_types by --add-study-types
 
 
 def bench_model(name: str, workdir: Path) -> BenchModel:
@@ -163,7 +165,8 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     options = RunOptions(results_dir=workdir / "results", workers=2, cache_dir=None,
                          on_status=lambda line: print(line, flush=True),
                          on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
-    suffix = (f"-{memory_budget}" if memory_budget else "") + (f"-{granularity}" if granularity != "block" else "")
+    extra = "".join(f"+{kind}" for kind in bench.extra_types)
+    suffix = (f"-{memory_budget}" if memory_budget else "") + (f"-{granularity}" if granularity != "block" else "") + extra
     study = "gguf-bench" + suffix
     spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf", granularity=granularity,
                    tie_fused=granularity != "layer",
@@ -175,7 +178,8 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     names = [folder / f"rank{int(rank):02d}-trial{int(trial):03d}.gguf" for rank, trial in zip(front["rank"], front["trial"])]
     if not all(path.exists() for path in names):
         export_front(study, folder, options, overwrite=True)
-    label = f" ({memory_budget}{'' if granularity == 'block' else ', per ' + granularity} study)" if memory_budget else ""
+    label = (f" ({memory_budget}{'' if granularity == 'block' else ', per ' + granularity}"
+             f"{', ' + extra if extra else ''} study)" if memory_budget else "")
     files = [(f"trial {int(trial)}{label}", path, Plan.from_json(plan), ppl)
              for trial, path, plan, ppl in zip(front["trial"], names, front["plan_json"], front["ppl"])]
     if memory_budget:  # the front is by perplexity, which is noisy: also the feasible trial of least KL
@@ -211,12 +215,20 @@ def main() -> None:
     parser.add_argument("--parts", default="presets,types,study",
                         help="presets (llama.cpp's), types (one type everywhere, both quantizers), study (compsearch's front)")
     parser.add_argument("--types", default=",".join(TYPES), help="the types of the `types` part")
+    parser.add_argument("--add-study-types", default="",
+                        help="GGUF types the studies may choose besides the model's own set (e.g. q5_k,q5_1 on "
+                             "SmolLM2-135M, the types its Q5_K_M/Q5_K_S presets are made of)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     args.workdir = args.workdir or ROOT / "benchmarks" / "results" / "gguf-work" / args.model
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"load: {os.getloadavg()}", flush=True)
     bench = bench_model(args.model, args.workdir)
+    if args.add_study_types:
+        if bench.study_types is None:
+            parser.error(f"--add-study-types: {bench.label}'s studies already choose from every GGUF type")
+        extra = tuple(kind for kind in args.add_study_types.split(",") if kind not in bench.study_types)
+        bench = replace(bench, study_types=bench.study_types + extra, extra_types=extra)
     model, tokenizer = load_model(bench.ref), load_tokenizer(bench.ref)
     text, source = load_text(None)
     windows = make_windows(tokenizer, text, source, 256, 16, 16)
