@@ -165,7 +165,7 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     options = RunOptions(results_dir=workdir / "results", workers=2, cache_dir=None,
                          on_status=lambda line: print(line, flush=True),
                          on_trial=lambda event: print(f"trial {event.trial}: {event.state} {event.metrics}", flush=True))
-    extra = "".join(f"+{kind}" for kind in bench.extra_types)
+    extra = "".join(f"-{kind}" for kind in bench.extra_types)
     suffix = (f"-{memory_budget}" if memory_budget else "") + (f"-{granularity}" if granularity != "block" else "") + extra
     study = "gguf-bench" + suffix
     spec = JobSpec(study=study, model=bench.model, gguf_template=str(bench.template), space="gguf", granularity=granularity,
@@ -179,7 +179,7 @@ def compsearch_front(trials: int, workdir: Path, bench: BenchModel, memory_budge
     if not all(path.exists() for path in names):
         export_front(study, folder, options, overwrite=True)
     label = (f" ({memory_budget}{'' if granularity == 'block' else ', per ' + granularity}"
-             f"{', ' + extra if extra else ''} study)" if memory_budget else "")
+             f"{', with ' + ', '.join(bench.extra_types) if extra else ''} study)" if memory_budget else "")
     files = [(f"trial {int(trial)}{label}", path, Plan.from_json(plan), ppl)
              for trial, path, plan, ppl in zip(front["trial"], names, front["plan_json"], front["ppl"])]
     if memory_budget:  # the front is by perplexity, which is noisy: also the feasible trial of least KL
