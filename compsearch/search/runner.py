@@ -29,6 +29,7 @@ from compsearch.search.results import (
 )
 from compsearch.search.spec import OBJECTIVES, STUDENT_STEPS, JobSpec, objective_sign
 from compsearch.search.guided import GuidedChildren
+from compsearch.search.interrupts import interrupts_remembered, raise_if_interrupted
 from compsearch.search.seeding import PRESET_SEED, seed_profile, seed_uniform
 from compsearch.search.sensitivity import PROFILE_ATTR, measure_profile
 from compsearch.search.worker_lost import WORKER_LOST
@@ -191,6 +192,7 @@ def share_calibration(ctx: JobContext, pool: list) -> list:
     return [reference]
 
 
+@interrupts_remembered()
 def run_study(ctx: JobContext, study: optuna.Study, target: int, workers: int, results_dir: Path,
               cpus_per_worker: int = 1, address: str | None = None,
               on_trial: Callable[[TrialEvent], None] | None = None,
@@ -320,6 +322,7 @@ def _drive(ctx: JobContext, study: optuna.Study, target: int, pool: list, spawn:
             if not in_flight:
                 return
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_S)
+            raise_if_interrupted()
             if time.monotonic() - last_beat >= HEARTBEAT_S or ready:
                 beat(study, [trial for trial, _ in in_flight.values()])
                 last_beat = time.monotonic()

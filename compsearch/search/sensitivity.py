@@ -37,6 +37,7 @@ from typing import Any, Callable
 import ray
 
 from compsearch.compress import COMPRESS_VERSION
+from compsearch.search.interrupts import POLL_S, raise_if_interrupted
 from compsearch.search.worker_lost import WORKER_LOST
 from compsearch.search.job import JobContext
 from compsearch.paths import default_cache_dir
@@ -238,7 +239,10 @@ def _measure_(cache: SensitivityCache, plans: list[str], what: str, pool: list, 
             worker, batch = idle.pop(), batches.pop(0)
             method = worker.profile_kl if what == KL else worker.profile_error
             pending[method.remote(batch, *window_shape)] = (worker, batch)
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+        raise_if_interrupted()
+        if not ready:
+            continue
         worker, batch = pending.pop(ready[0])
         try:
             measured = ray.get(ready[0])
