@@ -286,3 +286,37 @@ def test_a_gguf_study_starts_from_llama_cpps_presets_within_its_budget():
     assert [name for name, _ in within] == ["Q4_K_S", "Q4_K_M"]  # the largest that fit
     assert preset_seed_choices(_gguf_context("block"), 10)[-1][0] == "Q8_0"  # one type per block: uniform mixes only
     assert "Q4_0" not in dict(preset_seed_choices(_gguf_context("layer", quant_methods=("f16", "q8_0", "q4_0")), 10))
+
+
+def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkeypatch):
+    """A front's smallest plan, already tried at its size many times, draws fewer children there than
+    the predicted gain alone would send."""
+    import compsearch.search.guided as guided
+    from compsearch.search.study import BASE_METRICS_ATTR
+
+    ctx = _context()
+    base_ppl, window = 10.0, 0.03 * ctx.base_bytes  # the toy's options are a few percent of its size apart
+    monkeypatch.setattr(guided, "CROWD_WINDOW", 0.03)
+
+    def children_near_the_smallest(seed: int) -> int:
+        children = GuidedChildren(ctx, _profile(ctx), seed=seed)
+        distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
+                         for group in children.options for knob, choices in ctx.space.knobs().items()}
+        study = optuna.create_study(directions=["minimize", "minimize"])
+        study.set_user_attr(BASE_METRICS_ATTR, {"ppl": base_ppl})
+        smallest = children.kept_bytes + children._size({g: 2 for g in children.options})  # within the ppl bound
+        for level in (2, 2, 2, 2, 2, 2, 6, 10):
+            levels = {g: min(level, len(options) - 1) for g, options in children.options.items()}
+            study.add_trial(optuna.trial.create_trial(
+                params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
+                user_attrs={"memory_bytes": children.kept_bytes + children._size(levels),
+                            "ppl": base_ppl * np.exp(children._estimate(levels))}))
+        parents = study.get_trials()
+        sizes = [children.kept_bytes + children._size(children._levels(children(study, distributions, parents)))
+                 for _ in range(20)]
+        return sum(abs(size - smallest) <= window for size in sizes)
+
+    shared = sum(children_near_the_smallest(seed) for seed in range(3))
+    monkeypatch.setattr(guided, "CROWD_WINDOW", 0.0)
+    alone = sum(children_near_the_smallest(seed) for seed in range(3))
+    assert shared < alone / 2  # measured: 12 against 49 of 60
