@@ -94,18 +94,22 @@ def bench_model(name: str, workdir: Path) -> BenchModel:
     return BenchModel("Gemma-3-270M", ref, ref, source)
 
 
-def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs]) -> dict:
+def measure(path: Path, windows: torch.Tensor, base: list[TopKLogProbs], speed_again: bool = False) -> dict:
     """ppl, KL to the F16 file, speed, bytes and bits per weight of the decoder Linears, in llama.cpp;
-    kept beside the file (FILE.json) so a rerun measures only new files."""
+    kept beside the file (FILE.json) so a rerun measures only new files (`speed_again`: and the speed
+    of the others, e.g. when they were timed on a busy machine)."""
     saved = path.with_suffix(".json")
     if saved.exists() and saved.stat().st_mtime >= path.stat().st_mtime:
-        return json.loads(saved.read_text())
-    quality = llamacpp_perplexity_and_kl(path, windows, THREADS, base)
-    speed = llamacpp_latency(path, SPEED, THREADS)
-    result = {"file_bytes": path.stat().st_size, "bpw_linear": gguf_linear_bits_per_weight(path), "ppl": quality["ppl"],
-              "kl": quality["kl"], "pp_tok_s": speed["prefill_tok_s"], "tg_ms": speed["decode_ms"],
-              "load": os.getloadavg()[0]}
-    saved.write_text(json.dumps(result))
+        result = json.loads(saved.read_text())
+    else:
+        quality = llamacpp_perplexity_and_kl(path, windows, THREADS, base)
+        result = {"file_bytes": path.stat().st_size, "bpw_linear": gguf_linear_bits_per_weight(path),
+                  "ppl": quality["ppl"], "kl": quality["kl"]}
+        speed_again = True
+    if speed_again:
+        speed = llamacpp_latency(path, SPEED, THREADS)
+        result.update(pp_tok_s=speed["prefill_tok_s"], tg_ms=speed["decode_ms"], load=os.getloadavg()[0])
+        saved.write_text(json.dumps(result))
     return result
 
 
@@ -215,6 +219,8 @@ def main() -> None:
     parser.add_argument("--parts", default="presets,types,study",
                         help="presets (llama.cpp's), types (one type everywhere, both quantizers), study (compsearch's front)")
     parser.add_argument("--types", default=",".join(TYPES), help="the types of the `types` part")
+    parser.add_argument("--speed-again", action="store_true",
+                        help="time every file again, also those measured before (run on a quiet machine)")
     parser.add_argument("--add-study-types", default="",
                         help="GGUF types the studies may choose besides the model's own set (e.g. q5_k,q5_1 on "
                              "SmolLM2-135M, the types its Q5_K_M/Q5_K_S presets are made of)")
@@ -262,7 +268,7 @@ def main() -> None:
     rows = []
     for source, name, with_matrix, path, plan in files:
         rows.append({"model": bench.label, "source": source, "name": name, "imatrix": with_matrix,
-                     **measure(path, windows.eval_ids, base)})
+                     **measure(path, windows.eval_ids, base, args.speed_again)})
         if path in trial_ppl:
             rows[-1]["trial_ppl"] = trial_ppl[path]
         if plan is not None:  # the cost model's prediction, from its own timing files
