@@ -29,11 +29,12 @@ def predicted_ppl(base_ppl: float, kl: float) -> float:
     return base_ppl * math.exp(kl)
 
 
-def measured_front(trials: list[FrozenTrial]) -> list[tuple[float, float]]:
-    """(memory bytes, perplexity) of the completed trials that no other beats in both, by ascending bytes."""
-    return pareto([(t.user_attrs["memory_bytes"], t.user_attrs["ppl"]) for t in trials
+def measured_front(trials: list[FrozenTrial], quality: str = "ppl") -> list[tuple[float, float]]:
+    """(memory bytes, `quality`: perplexity or KL) of the completed trials that no other beats in both, by
+    ascending bytes."""
+    return pareto([(t.user_attrs["memory_bytes"], t.user_attrs[quality]) for t in trials
                    if t.state == optuna.trial.TrialState.COMPLETE and "memory_bytes" in t.user_attrs
-                   and positive(t.user_attrs.get("ppl"))])
+                   and positive(t.user_attrs.get(quality))])
 
 
 def hypervolume_gain(front: list[tuple[float, float]], memory: float, ppl: float,

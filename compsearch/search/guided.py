@@ -13,9 +13,9 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    drawn again, a few times at most: such a trial costs as much as any and teaches nothing. The first
    redraws stay local (other parents, other random switches); later ones take one more switch each,
    for when a parent's near neighbourhood is used up;
-5. of the first few children that pass, the one whose predicted point (its bytes; the base model's
-   perplexity times e^KL, KL its corrected estimate) adds the most hypervolume to the measured
-   (bytes, perplexity) front, up to the budget and the quality floor, is run: the trial goes where
+5. of the first few children that pass, the one whose predicted point (its bytes, its corrected KL
+   estimate) adds the most hypervolume to the measured (bytes, KL) front, up to the budget and the
+   quality floor, is run: the trial goes where
    the front has a gap or can move, not to a size the front already covers well. The KL is taken
    optimistically, lowered by the corrected estimate's typical error on the study's own trials
    (`Calibration.spread`): a child predicted a little worse than the front where estimates are off by
@@ -36,7 +36,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
-from compsearch.search.front import base_ppl_of, hypervolume_gain, measured_front, positive, ppl_limit, predicted_ppl
+from compsearch.search.front import FLOORLESS_PPL_RATIO, hypervolume_gain, measured_front, positive
 from compsearch.search.job import JobContext
 from compsearch.search.seeding import group_nbytes, group_options
 from compsearch.search.sensitivity import Profile
@@ -71,10 +71,9 @@ class GuidedChildren:
         known = {_plan_key(trial.params, search_space) for trial in trials}
         max_kl, corrected = self.ctx.spec.max_kl, Calibration.from_trials(trials)
         new = None  # the first child that is no repeat, should none keep within the floor
-        front = measured_front(trials)
+        front = measured_front(trials, "kl")
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
-        passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and perplexity, child)
-        base_ppl = base_ppl_of(study)
+        passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and KL, child)
         failures = 0
         while len(passed) < wanted and failures < REDRAWS:
             levels = self._child(parents, extra_switches=max(0, failures - LOCAL_REDRAWS + 1))
@@ -87,13 +86,13 @@ class GuidedChildren:
             predicted_kl = corrected(self._estimate(levels))
             if max_kl is None or predicted_kl <= max_kl:
                 optimistic_kl = predicted_kl * math.exp(-corrected.spread)
-                passed.append(((self.kept_bytes + self._size(levels), predicted_ppl(base_ppl, optimistic_kl)), child))
+                passed.append(((self.kept_bytes + self._size(levels), optimistic_kl), child))
             else:
                 failures += 1
             new = new or child
         if passed:
-            limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01,
-                     ppl_limit(base_ppl, self.ctx.spec.max_ppl_ratio))
+            kl_limit = math.log(self.ctx.spec.max_ppl_ratio or FLOORLESS_PPL_RATIO)  # log perplexity grows by about the KL
+            limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01, min(kl_limit, max_kl or math.inf))
             sizes = np.array([t.user_attrs["memory_bytes"] for t in trials if "memory_bytes" in t.user_attrs
                               and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)])
             window = CROWD_WINDOW * self.ctx.base_bytes

@@ -198,7 +198,7 @@ def test_guided_children_go_where_the_front_can_gain_most(monkeypatch):
     from compsearch.search.study import BASE_METRICS_ATTR
 
     ctx = _context()
-    base_ppl, limit = 10.0, (ctx.base_bytes * 1.01, 30.0)
+    base_ppl, limit = 10.0, (ctx.base_bytes * 1.01, np.log(3.0))  # in (bytes, KL)
 
     def predicted_gains(seed: int) -> list[float]:
         children = GuidedChildren(ctx, _profile(ctx), seed=seed)
@@ -211,13 +211,13 @@ def test_guided_children_go_where_the_front_can_gain_most(monkeypatch):
             study.add_trial(optuna.trial.create_trial(
                 params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
                 user_attrs={"memory_bytes": children.kept_bytes + children._size(levels),
-                            "ppl": base_ppl * np.exp(children._estimate(levels))}))
+                            "ppl": base_ppl * np.exp(children._estimate(levels)), "kl": children._estimate(levels)}))
         parents = study.get_trials()
-        front = measured_front(parents)
+        front = measured_front(parents, "kl")
         gains = []
         for _ in range(10):
             levels = children._levels(children(study, distributions, parents))
-            predicted = (children.kept_bytes + children._size(levels), base_ppl * np.exp(children._estimate(levels)))
+            predicted = (children.kept_bytes + children._size(levels), children._estimate(levels))
             gains.append(hypervolume_gain(front, *predicted, *limit))
         return gains
 
@@ -310,7 +310,7 @@ def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkey
             study.add_trial(optuna.trial.create_trial(
                 params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
                 user_attrs={"memory_bytes": children.kept_bytes + children._size(levels),
-                            "ppl": base_ppl * np.exp(children._estimate(levels))}))
+                            "ppl": base_ppl * np.exp(children._estimate(levels)), "kl": children._estimate(levels)}))
         parents = study.get_trials()
         sizes = [children.kept_bytes + children._size(children._levels(children(study, distributions, parents)))
                  for _ in range(20)]
