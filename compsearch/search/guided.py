@@ -50,6 +50,7 @@ LOCAL_REDRAWS = 2  # of which the first ones keep the usual step size
 # the ranking needs children of other parents to choose from (benchmarks/search.py; README).
 CANDIDATES = 8
 CROWD_WINDOW = 0.005  # trials closer in bytes than this share of the 16-bit size share a candidate's gain
+FRONT_HEADROOM = 1.5  # gains count up to this times the measured front's largest KL (or the floor, if lower)
 
 
 class GuidedChildren:
@@ -92,6 +93,8 @@ class GuidedChildren:
             new = new or child
         if passed:
             kl_limit = math.log(self.ctx.spec.max_ppl_ratio or FLOORLESS_PPL_RATIO)  # log perplexity grows by about the KL
+            if front:
+                kl_limit = min(kl_limit, FRONT_HEADROOM * max(kl for _, kl in front))
             limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01, min(kl_limit, max_kl or math.inf))
             sizes = np.array([t.user_attrs["memory_bytes"] for t in trials if "memory_bytes" in t.user_attrs
                               and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)])
