@@ -15,16 +15,18 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    for when a parent's near neighbourhood is used up;
 5. of the first few children that pass, the one whose predicted point (its bytes, its corrected KL
    estimate) adds the most hypervolume to the measured (bytes, KL) front, up to the budget and the
-   quality floor, is run: the trial goes where
-   the front has a gap or can move, not to a size the front already covers well. The KL is taken
+   quality floor, is run: the trial goes where the front has a gap or can move, not to a size the
+   front already covers well. KL, not perplexity: a measured point's perplexity carries its own luck,
+   which no predicted point can match (children near measured points then looked worthless). The KL is taken
    optimistically, lowered by the corrected estimate's typical error on the study's own trials
    (`Calibration.spread`): a child predicted a little worse than the front where estimates are off by
    tens of percent may well beat it, while a near-lossless child's certain but tiny gain is worth
    little (without this a quant study spent 10 of 32 trials on children of its 8-bit plan). A gain is
    shared with the trials already run or running at about the same size (within `CROWD_WINDOW` of the
-   16-bit size): the front's smallest plan otherwise draws child after child a few kilobytes smaller,
-   each adding a sliver of width times the whole height below the perplexity bound (a per-tensor GGUF
-   study spent 18 of 32 trials within 0.2 MB of its smallest plan).
+   16-bit size), and gains count only up to `FRONT_HEADROOM` times the front's largest KL: a child a
+   few kilobytes below the smallest plan adds a sliver of width times the whole height up to the bound
+   (a per-tensor GGUF study spent 18 of 32 trials within 0.2 MB of its smallest plan). Both temper that;
+   neither stopped it where the one calibration curve under-predicts the smallest plans' KL.
 """
 from __future__ import annotations
 
@@ -101,9 +103,9 @@ class GuidedChildren:
             window = CROWD_WINDOW * self.ctx.base_bytes
 
             def shared_gain(candidate: tuple[tuple[int, float], dict[str, Any]]) -> float:
-                (memory, ppl), _ = candidate
+                (memory, kl), _ = candidate
                 neighbours = int((np.abs(sizes - memory) <= window).sum())
-                return hypervolume_gain(front, memory, ppl, *limit) / (1 + neighbours)
+                return hypervolume_gain(front, memory, kl, *limit) / (1 + neighbours)
             return max(passed, key=shared_gain)[1]
         return new or child
 

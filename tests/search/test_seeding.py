@@ -195,23 +195,13 @@ def test_guided_children_go_where_the_front_can_gain_most(monkeypatch):
     same draws, more predicted gain than running the first child that passes."""
     import compsearch.search.guided as guided
     from compsearch.search.front import hypervolume_gain, measured_front
-    from compsearch.search.study import BASE_METRICS_ATTR
 
     ctx = _context()
     base_ppl, limit = 10.0, (ctx.base_bytes * 1.01, np.log(3.0))  # in (bytes, KL)
 
     def predicted_gains(seed: int) -> list[float]:
         children = GuidedChildren(ctx, _profile(ctx), seed=seed)
-        distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
-                         for group in children.options for knob, choices in ctx.space.knobs().items()}
-        study = optuna.create_study(directions=["minimize", "minimize"])
-        study.set_user_attr(BASE_METRICS_ATTR, {"ppl": base_ppl})
-        for level in (1, 3, 5):  # measured: the estimate exactly
-            levels = {g: min(level, len(options) - 1) for g, options in children.options.items()}
-            study.add_trial(optuna.trial.create_trial(
-                params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
-                user_attrs={"memory_bytes": children.kept_bytes + children._size(levels),
-                            "ppl": base_ppl * np.exp(children._estimate(levels)), "kl": children._estimate(levels)}))
+        study, distributions = _measured_study(ctx, children, (1, 3, 5), base_ppl)
         parents = study.get_trials()
         front = measured_front(parents, "kl")
         gains = []
@@ -292,7 +282,6 @@ def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkey
     """A front's smallest plan, already tried at its size many times, draws fewer children there than
     the predicted gain alone would send."""
     import compsearch.search.guided as guided
-    from compsearch.search.study import BASE_METRICS_ATTR
 
     ctx = _context()
     base_ppl, window = 10.0, 0.03 * ctx.base_bytes  # the toy's options are a few percent of its size apart
@@ -300,17 +289,8 @@ def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkey
 
     def children_near_the_smallest(seed: int) -> int:
         children = GuidedChildren(ctx, _profile(ctx), seed=seed)
-        distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
-                         for group in children.options for knob, choices in ctx.space.knobs().items()}
-        study = optuna.create_study(directions=["minimize", "minimize"])
-        study.set_user_attr(BASE_METRICS_ATTR, {"ppl": base_ppl})
-        smallest = children.kept_bytes + children._size({g: 2 for g in children.options})  # within the ppl bound
-        for level in (2, 2, 2, 2, 2, 2, 6, 10):
-            levels = {g: min(level, len(options) - 1) for g, options in children.options.items()}
-            study.add_trial(optuna.trial.create_trial(
-                params=children._params(levels, distributions), values=[1.0, 1.0], distributions=distributions,
-                user_attrs={"memory_bytes": children.kept_bytes + children._size(levels),
-                            "ppl": base_ppl * np.exp(children._estimate(levels)), "kl": children._estimate(levels)}))
+        study, distributions = _measured_study(ctx, children, (2, 2, 2, 2, 2, 2, 6, 10), base_ppl)
+        smallest = children.kept_bytes + children._size({g: 2 for g in children.options})  # KL within log 3
         parents = study.get_trials()
         sizes = [children.kept_bytes + children._size(children._levels(children(study, distributions, parents)))
                  for _ in range(20)]
@@ -319,4 +299,23 @@ def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkey
     shared = sum(children_near_the_smallest(seed) for seed in range(3))
     monkeypatch.setattr(guided, "CROWD_WINDOW", 0.0)
     alone = sum(children_near_the_smallest(seed) for seed in range(3))
-    assert shared < alone / 2  # measured: 12 against 49 of 60
+    assert shared < alone / 2  # measured: 12 against 45 of 60
+
+
+def _measured_study(ctx: JobContext, children: GuidedChildren, levels: tuple[int, ...], base_ppl: float):
+    """A study holding one measured trial per entry of `levels` (every group at that level, or its last),
+    its KL the profile's estimate exactly; and the search space's distributions."""
+    from compsearch.search.study import BASE_METRICS_ATTR
+
+    distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
+                     for group in children.options for knob, choices in ctx.space.knobs().items()}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.set_user_attr(BASE_METRICS_ATTR, {"ppl": base_ppl})
+    for level in levels:
+        chosen = {g: min(level, len(options) - 1) for g, options in children.options.items()}
+        kl = children._estimate(chosen)
+        study.add_trial(optuna.trial.create_trial(
+            params=children._params(chosen, distributions), values=[1.0, 1.0], distributions=distributions,
+            user_attrs={"memory_bytes": children.kept_bytes + children._size(chosen), "ppl": base_ppl * np.exp(kl),
+                        "kl": kl}))
+    return study, distributions
