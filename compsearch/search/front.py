@@ -1,5 +1,5 @@
-"""The (bytes, perplexity) front of a study and what a new point would add to it: seeds and guided
-children both go where the front can gain the most hypervolume."""
+"""The (bytes, quality) front of a study and what a new point would add to it: seeds (in perplexity)
+and guided children (in KL) both go where the front can gain the most hypervolume."""
 from __future__ import annotations
 
 import math
@@ -24,6 +24,11 @@ def ppl_limit(base_ppl: float, max_ppl_ratio: float | None) -> float:
     return base_ppl * (max_ppl_ratio or FLOORLESS_PPL_RATIO)
 
 
+def kl_limit(max_ppl_ratio: float | None) -> float:
+    """`ppl_limit` as a KL (log perplexity grows by about the KL to the base model)."""
+    return math.log(ppl_limit(1.0, max_ppl_ratio))
+
+
 def predicted_ppl(base_ppl: float, kl: float) -> float:
     """Perplexity from a KL estimate: log perplexity grows by about the KL to the base model."""
     return base_ppl * math.exp(kl)
@@ -37,22 +42,22 @@ def measured_front(trials: list[FrozenTrial], quality: str = "ppl") -> list[tupl
                    and positive(t.user_attrs.get(quality))])
 
 
-def hypervolume_gain(front: list[tuple[float, float]], memory: float, ppl: float,
-                     memory_bound: float, ppl_bound: float) -> float:
-    """The area that the point (memory, ppl) adds to what `front` (`pareto`) dominates, up to
-    (`memory_bound`, `ppl_bound`)."""
-    if memory >= memory_bound or ppl >= ppl_bound:
+def hypervolume_gain(front: list[tuple[float, float]], memory: float, quality: float,
+                     memory_bound: float, quality_bound: float) -> float:
+    """The area that the point (memory, quality) adds to what `front` (`pareto`, in the same quality:
+    perplexity or KL) dominates, up to (`memory_bound`, `quality_bound`)."""
+    if memory >= memory_bound or quality >= quality_bound:
         return 0.0
-    height = ppl_bound  # where the front's dominated area starts, left of the current step
-    for step_memory, step_ppl in front:
+    height = quality_bound  # where the front's dominated area starts, left of the current step
+    for step_memory, step_quality in front:
         if step_memory <= memory:
-            height = min(height, step_ppl)
+            height = min(height, step_quality)
     gained, left = 0.0, memory
-    for step_memory, step_ppl in front:
+    for step_memory, step_quality in front:
         if memory < step_memory < memory_bound:
-            gained += max(0.0, height - ppl) * (step_memory - left)
-            left, height = step_memory, min(height, step_ppl)
-    return gained + max(0.0, height - ppl) * (memory_bound - left)
+            gained += max(0.0, height - quality) * (step_memory - left)
+            left, height = step_memory, min(height, step_quality)
+    return gained + max(0.0, height - quality) * (memory_bound - left)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -38,7 +38,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
-from compsearch.search.front import FLOORLESS_PPL_RATIO, hypervolume_gain, measured_front, positive
+from compsearch.search.front import hypervolume_gain, kl_limit, measured_front, positive
 from compsearch.search.job import JobContext
 from compsearch.search.seeding import group_nbytes, group_options
 from compsearch.search.sensitivity import Profile
@@ -94,10 +94,10 @@ class GuidedChildren:
                 failures += 1
             new = new or child
         if passed:
-            kl_limit = math.log(self.ctx.spec.max_ppl_ratio or FLOORLESS_PPL_RATIO)  # log perplexity grows by about the KL
+            kl_bound = min(kl_limit(self.ctx.spec.max_ppl_ratio), max_kl or math.inf)
             if front:
-                kl_limit = min(kl_limit, FRONT_HEADROOM * max(kl for _, kl in front))
-            limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01, min(kl_limit, max_kl or math.inf))
+                kl_bound = min(kl_bound, FRONT_HEADROOM * max(kl for _, kl in front))
+            limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01, kl_bound)
             sizes = np.array([t.user_attrs["memory_bytes"] for t in trials if "memory_bytes" in t.user_attrs
                               and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)])
             window = CROWD_WINDOW * self.ctx.base_bytes
