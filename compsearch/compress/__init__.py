@@ -17,8 +17,9 @@ from compsearch.compress.checkpoint import load_compressed, save_compressed
 # corrects the kept columns; 3: GGUF types round with GPTQ's error compensation; 4: GGUF-typed matrices
 # multiply inputs rounded as llama.cpp rounds them; 5: SparseGPT chooses an unstructured mask over each
 # block of columns, not row by row; 6: GPTQ fits its group scales to the inputs' activity, SparseGPT refits
-# the kept weights): measurements made by another version are neither reused nor mixed.
-COMPRESS_VERSION = 6
+# the kept weights; 7: K-types search and refit their block scales): measurements made by another version are
+# neither reused nor mixed.
+COMPRESS_VERSION = 7
 
 __all__ = [
     "COMPRESS_VERSION", "AppliedPlan", "InputStatistics", "MatrixLayout", "StoredMatrix", "apply_plan_", "input_hessians", "input_norms", "input_statistics", "layer_layout", "layer_nbytes",

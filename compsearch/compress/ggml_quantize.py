@@ -6,8 +6,10 @@ calibration), sigma2_i twice the row's mean square, as llama.cpp weighs its own 
 sub-block, a scale (and for types with a minimum, an offset) is chosen among a few candidate grids
 by the least weighted squared error after a least-squares refit, as llama.cpp's make_qx_quants and
 make_qkx2_quants do; K-types then round those per sub-block scales to their integer sub-scales under
-one fp16 scale per block, and every code is rounded again against the scales as stored. The result
-is exactly representable in the type (`ggml_blocks.pack`).
+one fp16 scale per block, chosen among a few candidates (the largest sub-scale to the largest integer,
+give or take a few) and refitted by least squares to the codes, as llama.cpp's make_qp_quants does; every
+code is rounded again against the scales as stored. The result is exactly representable in the type
+(`ggml_blocks.pack`).
 
 `quantize_blocks_gptq` adds error-compensating fill: GPTQ's column-by-column rounding (Frantar et al.
 2022) on the type's own grid. The scales are fitted as above; then the columns are rounded one by one,
@@ -27,6 +29,11 @@ from compsearch.compress.gptq import compensated_rounding
 
 SCALE_STEPS = torch.arange(-9, 10, dtype=torch.float32) * 0.1  # symmetric grids: nmax + step
 AFFINE_STEPS = torch.arange(0, 21, dtype=torch.float32) * 0.1 - 1.0  # make_qkx2_quants: rmin -1, rdelta 0.1
+# K-types: the block scale maps the largest sub-scale to the largest integer + each of these; the best per
+# block by weighted error is kept, then refitted (REFIT_ROUNDS least-squares fits). On SmolLM2-135M's
+# down_proj (weights on a Q4_1 grid) this halves Q4_K's and Q5_K's output error against max / top alone.
+SUB_SCALE_STEPS = (*(float(step) for step in range(-8, 9)), -0.5, -0.25, 0.25, 0.5)
+REFIT_ROUNDS = 2
 
 
 def quantize_blocks(weight: torch.Tensor, block_type: BlockType, importance: torch.Tensor | None = None) -> BlockQuantized:
@@ -45,7 +52,16 @@ def quantize_blocks(weight: torch.Tensor, block_type: BlockType, importance: tor
     else:
         scale, offset = _symmetric_fit(sub, sub_w, block_type), None
     if block_type.sub_scale_bits:
-        return _two_level(x, block_type, scale, offset)
+        best, best_error = None, None
+        for step in SUB_SCALE_STEPS:
+            q = _two_level(x, block_type, scale, offset, step)
+            error = _block_error(x, w, q)
+            if best is None:
+                best, best_error = q, error
+            else:
+                better = error < best_error
+                best, best_error = _per_block(better, q, best), torch.where(better, error, best_error)
+        return _refit_block_scales(x, w, best)
     d = scale.squeeze(2).half()
     dmin = offset.squeeze(2).half() if offset is not None else None
     q = BlockQuantized(block_type, torch.zeros(rows, cols, dtype=torch.uint8), d, dmin)
@@ -139,29 +155,83 @@ def _affine_fit(x: torch.Tensor, w: torch.Tensor, top: int, min_subtracted: bool
     return best_scale, best_offset
 
 
-def _two_level(x: torch.Tensor, t: BlockType, scale: torch.Tensor, offset: torch.Tensor | None) -> BlockQuantized:
-    """K-types: sub-block scales (and minimums) as integers under one fp16 scale (and min) per block."""
+def _two_level(x: torch.Tensor, t: BlockType, scale: torch.Tensor, offset: torch.Tensor | None,
+               step: float = 0.0) -> BlockQuantized:
+    """K-types: sub-block scales (and minimums) as integers under one fp16 scale (and min) per block,
+    the largest mapped to the largest integer + `step` (clamped)."""
     rows, cols = x.shape
     per_block = scale.reshape(rows, -1, t.subs_per_block)
     if t.sub_scale_signed:  # the largest magnitude maps to the most negative integer, as llama.cpp does
         limit = float(1 << (t.sub_scale_bits - 1))
         signed_max = per_block.gather(2, per_block.abs().argmax(dim=2, keepdim=True))
-        d = (signed_max / -limit).half()
+        d = (signed_max / -(limit + step)).half()
         sub_scales = _integers(per_block, d, -limit, limit - 1)
     else:
         top = float((1 << t.sub_scale_bits) - 1)
-        d = (per_block.amax(dim=2, keepdim=True).clamp(min=0) / top).half()
+        d = (per_block.amax(dim=2, keepdim=True).clamp(min=0) / (top + step)).half()
         sub_scales = _integers(per_block, d, 0, top)
     q = BlockQuantized(t, torch.zeros(rows, cols, dtype=torch.uint8), d.squeeze(2), None,
                        sub_scales.reshape(rows, -1).to(torch.int16))
     if offset is not None:
         minimum = (-offset).reshape(rows, -1, t.subs_per_block).clamp(min=0)
         top = float((1 << t.sub_min_bits) - 1)
-        dmin = (minimum.amax(dim=2, keepdim=True) / top).half()
+        dmin = (minimum.amax(dim=2, keepdim=True) / (top + step)).half()
         q.dmin = dmin.squeeze(2)
         q.sub_mins = _integers(minimum, dmin, 0, top).reshape(rows, -1).to(torch.int16)
     q.codes = _codes(x, q)
     return q
+
+
+def _refit_block_scales(x: torch.Tensor, w: torch.Tensor, q: BlockQuantized) -> BlockQuantized:
+    """K-types: each block's fp16 scale (and min) refitted by weighted least squares to the codes and
+    integer sub-scales chosen, the codes rounded again under it; kept per block where the weighted
+    error falls. Rounding the sub-scales to integers under max/top leaves the block scale off its best
+    value, which llama.cpp's make_qp_quants also corrects by a least-squares fit."""
+    t = q.type
+    rows = x.shape[0]
+    shape = (rows, -1, t.block_size)
+    xb, wb = x.reshape(shape), w.expand_as(x).reshape(shape)
+    best = _block_error(x, w, q)
+    for _ in range(REFIT_ROUNDS):
+        levels = q.codes.float() - t.code_offset
+        if t.grid is not None:
+            levels = torch.tensor(t.grid, dtype=torch.float32)[q.codes.long()]
+        a = (levels.reshape(rows, -1, t.sub_block) * q.sub_scales.float().unsqueeze(2)).reshape(shape)
+        saa, sax = (wb * a * a).sum(2), (wb * a * xb).sum(2)
+        if q.sub_mins is None:
+            d, dmin = sax / saa.clamp(min=1e-30), None
+        else:  # x = d * a - dmin * b
+            b = q.sub_mins.float().repeat_interleave(t.sub_block, dim=1).reshape(shape)
+            sbb, sab, sbx = (wb * b * b).sum(2), (wb * a * b).sum(2), (wb * b * xb).sum(2)
+            det = saa * sbb - sab * sab
+            safe = det.where(det.abs() > 1e-30, torch.ones_like(det))
+            d, dmin = (sax * sbb - sab * sbx) / safe, (sax * sab - saa * sbx) / safe
+            d = d.where(det.abs() > 1e-30, q.d.float())
+            dmin = dmin.where(det.abs() > 1e-30, q.dmin.float())
+        candidate = BlockQuantized(t, q.codes, d.half(), dmin.half() if dmin is not None else None, q.sub_scales, q.sub_mins)
+        candidate.codes = _codes(x, candidate)
+        candidate_error = _block_error(x, w, candidate)
+        better = candidate_error < best
+        if not better.any():
+            break
+        q, best = _per_block(better, candidate, q), torch.where(better, candidate_error, best)
+    return q
+
+
+def _block_error(x: torch.Tensor, w: torch.Tensor, q: BlockQuantized) -> torch.Tensor:
+    """Weighted squared error of every block (rows, blocks)."""
+    shape = (x.shape[0], -1, q.type.block_size)
+    return (w.expand_as(x).reshape(shape) * (x.reshape(shape) - q.dequantize().reshape(shape)).square()).sum(2)
+
+
+def _per_block(chosen: torch.Tensor, a: BlockQuantized, b: BlockQuantized) -> BlockQuantized:
+    """`a`'s blocks where `chosen` (rows, blocks), `b`'s elsewhere."""
+    t = a.type
+
+    def pick(first: torch.Tensor | None, second: torch.Tensor | None, per_block: int) -> torch.Tensor | None:
+        return None if first is None else torch.where(chosen.repeat_interleave(per_block, dim=1), first, second)
+    return BlockQuantized(t, pick(a.codes, b.codes, t.block_size), pick(a.d, b.d, 1), pick(a.dmin, b.dmin, 1),
+                          pick(a.sub_scales, b.sub_scales, t.subs_per_block), pick(a.sub_mins, b.sub_mins, t.subs_per_block))
 
 
 def _integers(values: torch.Tensor, unit: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 
+from compsearch.compress import ggml_quantize
 from compsearch.compress.ggml_blocks import BLOCK_TYPES, BlockQuantized, pack, unpack
 from compsearch.compress.ggml_quantize import quantize_blocks, quantize_blocks_gptq
 from compsearch.compress.matrix import MatrixStats
@@ -71,6 +72,24 @@ def test_rounding_beats_ggml_reference_rounding(weights, name):
     reference = torch.from_numpy(dequantize(quantize(weight.numpy(), qtype), qtype))
     ours = quantize_blocks(weight, BLOCK_TYPES[name]).dequantize()
     assert (weight - ours).norm() < (weight - reference).norm()
+
+
+@pytest.mark.parametrize("name", sorted(name for name, t in BLOCK_TYPES.items() if t.sub_scale_bits))
+def test_k_types_search_and_refit_their_block_scales(weights, name, monkeypatch):
+    """Never worse than the block scale max / top alone; much better where the weights lie on a 32-block
+    grid (a model converted from a Q4_1 file), whose sub-scales max / top rounds badly."""
+    weight, importance = weights
+    on_grid = torch.from_numpy(dequantize(quantize(weight.numpy(), GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1))
+    t = BLOCK_TYPES[name]
+
+    def weighted_error(w, q):
+        return float(((w - q.dequantize()).square() * importance).sum())
+    searched = [quantize_blocks(w, t, importance) for w in (weight, on_grid)]
+    monkeypatch.setattr(ggml_quantize, "SUB_SCALE_STEPS", (0.0,))
+    monkeypatch.setattr(ggml_quantize, "REFIT_ROUNDS", 0)
+    plain = [quantize_blocks(w, t, importance) for w in (weight, on_grid)]
+    assert weighted_error(weight, searched[0]) <= weighted_error(weight, plain[0])
+    assert weighted_error(on_grid, searched[1]) <= weighted_error(on_grid, plain[1]) * (0.8 if name in ("q4_k", "q5_k") else 1.0)
 
 
 @pytest.fixture(scope="module")
