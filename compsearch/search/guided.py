@@ -13,7 +13,11 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    drawn again, a few times at most: such a trial costs as much as any and teaches nothing. The first
    redraws stay local (other parents, other random switches); later ones take one more switch each,
    for when a parent's near neighbourhood is used up;
-5. of the first few children that pass, the one whose predicted point (its bytes, its corrected KL
+5. besides these children, the profile's best plan (the seeds' knapsack) at the middle of every gap
+   between the sizes on the measured front is a candidate: children keep about their parents' size,
+   so a gap between two seeds would otherwise stay open (a quant study spent 6 of its first 6 children
+   on sizes its seeds already covered while the knee of the front had one point in 7% of the size);
+6. of the candidates that pass, the one whose predicted point (its bytes, its corrected KL
    estimate) adds the most hypervolume to the measured (bytes, KL) front, up to the budget and the
    quality floor, is run: the trial goes where the front has a gap or can move, not to a size the
    front already covers well. KL, not perplexity: a measured point's perplexity carries its own luck,
@@ -40,7 +44,7 @@ from optuna.trial import FrozenTrial
 
 from compsearch.search.front import hypervolume_gain, kl_limit, measured_front, positive
 from compsearch.search.job import JobContext
-from compsearch.search.seeding import group_nbytes, group_options
+from compsearch.search.seeding import Knapsack, group_nbytes, group_options
 from compsearch.search.sensitivity import Profile
 
 SWITCH_CANDIDATES = 12  # random level switches proposed per child; the profile picks among them
@@ -61,6 +65,7 @@ class GuidedChildren:
     def __init__(self, ctx: JobContext, profile: Profile, seed: int | None = None):
         self.ctx, self.members = ctx, ctx.space.groups(ctx.layers)
         self.options = group_options(ctx, profile)
+        self.knapsack = Knapsack(self.options)
         self.kept_bytes = ctx.base_bytes - sum(layer.num_params for layer in ctx.layers) * 2  # not searched
         self.layer_budget = None
         if ctx.memory_budget_bytes is not None:
@@ -77,6 +82,15 @@ class GuidedChildren:
         front = measured_front(trials, "kl")
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
         passed: list[tuple[tuple[int, float], dict[str, Any]]] = []  # (predicted bytes and KL, child)
+
+        def admit(levels: dict[str, int], child: dict[str, Any]) -> bool:
+            """Whether the child's corrected estimate keeps within the floor; if so it joins `passed`."""
+            predicted_kl = corrected(self._estimate(levels))
+            if max_kl is not None and predicted_kl > max_kl:
+                return False
+            passed.append(((self.kept_bytes + self._size(levels), predicted_kl * math.exp(-corrected.spread)), child))
+            return True
+
         failures = 0
         while len(passed) < wanted and failures < REDRAWS:
             levels = self._child(parents, extra_switches=max(0, failures - LOCAL_REDRAWS + 1))
@@ -86,13 +100,14 @@ class GuidedChildren:
                 failures += 1
                 continue
             known.add(key)
-            predicted_kl = corrected(self._estimate(levels))
-            if max_kl is None or predicted_kl <= max_kl:
-                optimistic_kl = predicted_kl * math.exp(-corrected.spread)
-                passed.append(((self.kept_bytes + self._size(levels), optimistic_kl), child))
-            else:
-                failures += 1
+            failures += not admit(levels, child)
             new = new or child
+        for levels in self._gap_fillers(front):
+            child = self._params(levels, search_space)
+            key = _plan_key(child, search_space)
+            if key not in known:
+                known.add(key)
+                admit(levels, child)
         if passed:
             kl_bound = min(kl_limit(self.ctx.spec.max_ppl_ratio), max_kl or math.inf)
             if front:
@@ -108,6 +123,15 @@ class GuidedChildren:
                 return hypervolume_gain(front, memory, kl, *limit) / (1 + neighbours)
             return max(passed, key=shared_gain)[1]
         return new or child
+
+    def _gap_fillers(self, front: list[tuple[float, float]]) -> list[dict[str, int]]:
+        """The profile's best plan (the knapsack's) at the middle of every gap between the sizes of the
+        measured front wider than two `CROWD_WINDOW`s."""
+        window = CROWD_WINDOW * self.ctx.base_bytes
+        sizes = [memory for memory, _ in front]
+        middles = [(low + high) / 2 for low, high in zip(sizes, sizes[1:]) if high - low > 2 * window]
+        return [levels for levels in (self.knapsack.levels(middle - self.kept_bytes) for middle in middles)
+                if levels is not None]
 
     def _params(self, levels: dict[str, int], search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         params = self.ctx.space.params_for({group: self.options[group][level].choice for group, level in levels.items()})

@@ -79,13 +79,18 @@ class Knapsack:
 
     def plan(self, budget_bytes: int) -> dict[str, dict] | None:
         """The best choices within `budget_bytes` (checked in exact bytes), or None if nothing fits."""
+        levels = self.levels(budget_bytes)
+        return None if levels is None else {group: self.options[group][level].choice for group, level in levels.items()}
+
+    def levels(self, budget_bytes: float) -> dict[str, int] | None:
+        """The best option (its index in `options`) of every group within `budget_bytes`, or None."""
         # rounding moves a plan's table size by up to half a unit per group: search the rooms around
         # the budget, from the top, for the first plan whose exact size fits
         for room in range(min(DP_UNITS, int(round(budget_bytes / self.unit)) + len(self.groups)), -1, -1):
             if np.isfinite(self.best[room]):
-                choices, size = self._backtrack(room)
+                levels, size = self._backtrack(room)
                 if size <= budget_bytes:
-                    return choices
+                    return levels
         return None
 
     def steps(self, low_bytes: float, high_bytes: float, max_estimate: float | None = None) -> list[tuple[int, float]]:
@@ -98,14 +103,14 @@ class Knapsack:
                 steps.append((int(room * self.unit), float(estimate)))
         return steps
 
-    def _backtrack(self, room: int) -> tuple[dict[str, dict], int]:
-        choices, size = {}, 0
+    def _backtrack(self, room: int) -> tuple[dict[str, int], int]:
+        levels, size = {}, 0
         for group, pick in zip(reversed(self.groups), reversed(self.picks)):
             option = self.options[group][pick[room]]
-            choices[group] = option.choice
+            levels[group] = int(pick[room])
             size += option.nbytes
             room -= int(round(option.nbytes / self.unit))
-        return choices, size
+        return levels, size
 
 
 def seed_uniform(ctx: JobContext, study: optuna.Study, trials: int) -> list[str]:
