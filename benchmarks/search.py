@@ -57,9 +57,11 @@ METHODS = {
     "guided": dict(guided=True, uniform_seeds=True),
 }
 # Rows of methods that no longer run, kept for comparison: the guided search as it was before the quality
-# floor, uniform-first seeds and calibrated children (its numbers from its own run, 2026-12-01), and as it
-# was at ee036b0 (4 ranked children, 4 uniform seeds, no optimism; its run of 2026-12-02).
-KEPT_METHODS = ("guided-before", "guided-ee036b0")
+# floor, uniform-first seeds and calibrated children (its numbers from its own run, 2026-12-01), as it
+# was at ee036b0 (4 ranked children, 4 uniform seeds, no optimism; its run of 2026-12-02), at d581bc9
+# (children ranked in perplexity, no crowding) and at 6b7f789 (no gap-filling candidates; its run of
+# 2026-12-07, on the machine of the current rows).
+KEPT_METHODS = ("guided-before", "guided-ee036b0", "guided-d581bc9", "guided-6b7f789")
 BPW_TARGETS = (3.0, 2.5)
 UNIFORM_ALL_MAX = 64  # spaces with more uniform plans than this (sota: 480) get no exhaustive uniform reference
 

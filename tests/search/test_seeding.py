@@ -302,6 +302,28 @@ def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkey
     assert shared < alone / 2  # measured: 12 against 45 of 60
 
 
+def test_guided_children_fill_the_gaps_between_the_fronts_sizes(monkeypatch):
+    """With the front measured only at two sizes far apart, the child run is the profile's best plan
+    between them; children of the larger parent alone stay near its size."""
+    ctx = _context()
+
+    def child_sizes() -> tuple[list[int], int, int]:
+        children = GuidedChildren(ctx, _profile(ctx), seed=0)
+        study, distributions = _measured_study(ctx, children, (2, 10), 10.0)
+        low, high = sorted(trial.user_attrs["memory_bytes"] for trial in study.get_trials())
+        largest = [max(study.get_trials(), key=lambda trial: trial.user_attrs["memory_bytes"])]
+        sizes = [children.kept_bytes + children._size(children._levels(children(study, distributions, largest)))
+                 for _ in range(5)]
+        return sizes, low, high
+
+    filled, low, high = child_sizes()
+    monkeypatch.setattr(GuidedChildren, "_gap_fillers", lambda self, front: [])
+    unfilled, _, _ = child_sizes()
+    middle, quarter = (low + high) / 2, (high - low) / 4
+    assert all(abs(size - middle) < quarter for size in filled)  # measured: 5 of 5 at 37.5 of 22.3 - 53.5 kB
+    assert not any(abs(size - middle) < quarter for size in unfilled)  # 50.1 - 50.8 kB
+
+
 def _measured_study(ctx: JobContext, children: GuidedChildren, levels: tuple[int, ...], base_ppl: float):
     """A study holding one measured trial per entry of `levels` (every group at that level, or its last),
     its KL the profile's estimate exactly; and the search space's distributions."""
