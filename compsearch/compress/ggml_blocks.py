@@ -99,6 +99,13 @@ class BlockQuantized:
     def __post_init__(self) -> None:
         self.bits = self.type.bits
 
+    def levels(self) -> torch.Tensor:
+        """Every code's level before scaling (rows, cols): the type's grid entry, or code - offset."""
+        t = self.type
+        if t.grid is not None:
+            return torch.tensor(t.grid, dtype=torch.float32)[self.codes.long()]
+        return self.codes.float() - t.code_offset
+
     def dequantize(self) -> torch.Tensor:
         t = self.type
         rows, cols = self.codes.shape
@@ -107,11 +114,7 @@ class BlockQuantized:
             scale = d.repeat_interleave(t.subs_per_block, dim=1) * self.sub_scales.float()
         else:
             scale = d
-        if t.grid is not None:
-            levels = torch.tensor(t.grid, dtype=torch.float32)[self.codes.long()]
-        else:
-            levels = self.codes.float() - t.code_offset
-        values = scale.repeat_interleave(t.sub_block, dim=1) * levels
+        values = scale.repeat_interleave(t.sub_block, dim=1) * self.levels()
         if self.dmin is not None:
             bias = self.dmin.float()
             if self.sub_mins is not None:

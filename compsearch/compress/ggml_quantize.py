@@ -52,15 +52,14 @@ def quantize_blocks(weight: torch.Tensor, block_type: BlockType, importance: tor
     else:
         scale, offset = _symmetric_fit(sub, sub_w, block_type), None
     if block_type.sub_scale_bits:
-        best, best_error = None, None
-        for step in SUB_SCALE_STEPS:
+        first, *others = SUB_SCALE_STEPS
+        best = _two_level(x, block_type, scale, offset, first)
+        best_error = _block_error(x, w, best)
+        for step in others:
             q = _two_level(x, block_type, scale, offset, step)
             error = _block_error(x, w, q)
-            if best is None:
-                best, best_error = q, error
-            else:
-                better = error < best_error
-                best, best_error = _per_block(better, q, best), torch.where(better, error, best_error)
+            better = error < best_error
+            best, best_error = _per_block(better, q, best), torch.where(better, error, best_error)
         return _refit_block_scales(x, w, best)
     d = scale.squeeze(2).half()
     dmin = offset.squeeze(2).half() if offset is not None else None
@@ -193,10 +192,7 @@ def _refit_block_scales(x: torch.Tensor, w: torch.Tensor, q: BlockQuantized) -> 
     xb, wb = x.reshape(shape), w.expand_as(x).reshape(shape)
     best = _block_error(x, w, q)
     for _ in range(REFIT_ROUNDS):
-        levels = q.codes.float() - t.code_offset
-        if t.grid is not None:
-            levels = torch.tensor(t.grid, dtype=torch.float32)[q.codes.long()]
-        a = (levels.reshape(rows, -1, t.sub_block) * q.sub_scales.float().unsqueeze(2)).reshape(shape)
+        a = (q.levels().reshape(rows, -1, t.sub_block) * q.sub_scales.float().unsqueeze(2)).reshape(shape)
         saa, sax = (wb * a * a).sum(2), (wb * a * xb).sum(2)
         if q.sub_mins is None:
             d, dmin = sax / saa.clamp(min=1e-30), None

@@ -66,6 +66,7 @@ class GuidedChildren:
         self.ctx, self.members = ctx, ctx.space.groups(ctx.layers)
         self.options = group_options(ctx, profile)
         self.knapsack = Knapsack(self.options)
+        self.crowd_window_bytes = CROWD_WINDOW * ctx.base_bytes
         self.kept_bytes = ctx.base_bytes - sum(layer.num_params for layer in ctx.layers) * 2  # not searched
         self.layer_budget = None
         if ctx.memory_budget_bytes is not None:
@@ -109,17 +110,16 @@ class GuidedChildren:
                 known.add(key)
                 admit(levels, child)
         if passed:
-            kl_bound = min(kl_limit(self.ctx.spec.max_ppl_ratio), max_kl or math.inf)
+            kl_bound = kl_limit(self.ctx.spec.max_ppl_ratio)  # the floor's KL, where there is one
             if front:
                 kl_bound = min(kl_bound, FRONT_HEADROOM * max(kl for _, kl in front))
             limit = ((self.ctx.memory_budget_bytes or self.ctx.base_bytes) * 1.01, kl_bound)
             sizes = np.array([t.user_attrs["memory_bytes"] for t in trials if "memory_bytes" in t.user_attrs
                               and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)])
-            window = CROWD_WINDOW * self.ctx.base_bytes
 
             def shared_gain(candidate: tuple[tuple[int, float], dict[str, Any]]) -> float:
                 (memory, kl), _ = candidate
-                neighbours = int((np.abs(sizes - memory) <= window).sum())
+                neighbours = int((np.abs(sizes - memory) <= self.crowd_window_bytes).sum())
                 return hypervolume_gain(front, memory, kl, *limit) / (1 + neighbours)
             return max(passed, key=shared_gain)[1]
         return new or child
@@ -127,9 +127,8 @@ class GuidedChildren:
     def _gap_fillers(self, front: list[tuple[float, float]]) -> list[dict[str, int]]:
         """The profile's best plan (the knapsack's) at the middle of every gap between the sizes of the
         measured front wider than two `CROWD_WINDOW`s."""
-        window = CROWD_WINDOW * self.ctx.base_bytes
         sizes = [memory for memory, _ in front]
-        middles = [(low + high) / 2 for low, high in zip(sizes, sizes[1:]) if high - low > 2 * window]
+        middles = [(low + high) / 2 for low, high in zip(sizes, sizes[1:]) if high - low > 2 * self.crowd_window_bytes]
         return [levels for levels in (self.knapsack.levels(middle - self.kept_bytes) for middle in middles)
                 if levels is not None]
 

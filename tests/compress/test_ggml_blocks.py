@@ -59,10 +59,11 @@ def test_rounding_is_representable_and_uses_the_importance(weights, name):
     plain, weighted = quantize_blocks(weight, t), quantize_blocks(weight, t, importance)
     for q in (plain, weighted):
         assert np.array_equal(dequantize(pack(q), GGMLQuantizationType[name.upper()]), q.dequantize().numpy())
+    assert _weighted_error(weight, weighted, importance) <= _weighted_error(weight, plain, importance) * 1.001
 
-    def weighted_error(q):
-        return float(((weight - q.dequantize()).square() * importance).sum())
-    assert weighted_error(weighted) <= weighted_error(plain) * 1.001
+
+def _weighted_error(weight: torch.Tensor, q: BlockQuantized, importance: torch.Tensor) -> float:
+    return float(((weight - q.dequantize()).square() * importance).sum())
 
 
 @pytest.mark.parametrize("name", REFERENCE_QUANTIZERS)
@@ -81,15 +82,13 @@ def test_k_types_search_and_refit_their_block_scales(weights, name, monkeypatch)
     weight, importance = weights
     on_grid = torch.from_numpy(dequantize(quantize(weight.numpy(), GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1))
     t = BLOCK_TYPES[name]
-
-    def weighted_error(w, q):
-        return float(((w - q.dequantize()).square() * importance).sum())
     searched = [quantize_blocks(w, t, importance) for w in (weight, on_grid)]
     monkeypatch.setattr(ggml_quantize, "SUB_SCALE_STEPS", (0.0,))
     monkeypatch.setattr(ggml_quantize, "REFIT_ROUNDS", 0)
     plain = [quantize_blocks(w, t, importance) for w in (weight, on_grid)]
-    assert weighted_error(weight, searched[0]) <= weighted_error(weight, plain[0])
-    assert weighted_error(on_grid, searched[1]) <= weighted_error(on_grid, plain[1]) * (0.8 if name in ("q4_k", "q5_k") else 1.0)
+    assert _weighted_error(weight, searched[0], importance) <= _weighted_error(weight, plain[0], importance)
+    assert (_weighted_error(on_grid, searched[1], importance)
+            <= _weighted_error(on_grid, plain[1], importance) * (0.8 if name in ("q4_k", "q5_k") else 1.0))
 
 
 @pytest.fixture(scope="module")
