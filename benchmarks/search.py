@@ -41,7 +41,7 @@ import ray
 
 from common import merged_rows
 from compsearch.search.commands import RunOptions, submit
-from compsearch.search.guided import Calibration
+from compsearch.search.calibration import Calibration
 from compsearch.search.optuna_internals import hypervolume as front_hypervolume
 from compsearch.search.runner import start_ray
 from compsearch.search.spec import JobSpec
@@ -59,9 +59,10 @@ METHODS = {
 # Rows of methods that no longer run, kept for comparison: the guided search as it was before the quality
 # floor, uniform-first seeds and calibrated children (its numbers from its own run, 2026-12-01), as it
 # was at ee036b0 (4 ranked children, 4 uniform seeds, no optimism; its run of 2026-12-02), at d581bc9
-# (children ranked in perplexity, no crowding) and at 6b7f789 (no gap-filling candidates; its run of
-# 2026-12-07, on the machine of the current rows).
-KEPT_METHODS = ("guided-before", "guided-ee036b0", "guided-d581bc9", "guided-6b7f789")
+# (children ranked in perplexity, no crowding), at 6b7f789 (no gap-filling candidates; its run of
+# 2026-12-07) and at d553d56 (a quarter of the trials seeds, placed by the uncorrected estimate; run
+# 2026-12-07 on the machine of the current rows, `quant` and `sota`).
+KEPT_METHODS = ("guided-before", "guided-ee036b0", "guided-d581bc9", "guided-6b7f789", "guided-d553d56")
 BPW_TARGETS = (3.0, 2.5)
 UNIFORM_ALL_MAX = 64  # spaces with more uniform plans than this (sota: 480) get no exhaustive uniform reference
 

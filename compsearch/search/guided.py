@@ -42,7 +42,8 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
-from compsearch.search.front import hypervolume_gain, kl_limit, measured_front, positive
+from compsearch.search.calibration import Calibration
+from compsearch.search.front import hypervolume_gain, kl_limit, measured_front
 from compsearch.search.job import JobContext
 from compsearch.search.seeding import Knapsack, group_nbytes, group_options
 from compsearch.search.sensitivity import Profile
@@ -206,35 +207,3 @@ class GuidedChildren:
 def _plan_key(params: dict[str, Any], search_space: dict[str, BaseDistribution]) -> tuple:
     """The searched parameters of a trial, comparable across trials."""
     return tuple(sorted((name, value) for name, value in params.items() if name in search_space))
-
-
-class Calibration:
-    """The profile's additive estimate corrected by the study's measurements: measured KL fitted as
-    a * estimate^b (least squares in log-log, b kept within [0.5, 2]) over the completed trials that
-    have both; the estimate itself until four do. `spread`: the fit's median |log(measured / corrected)|
-    over those trials (`DEFAULT_SPREAD` until four do)."""
-
-    MIN_TRIALS = 4
-    DEFAULT_SPREAD = 0.2  # the raw estimate's median error on SmolLM2's quant studies (benchmarks/results/search.csv)
-
-    def __init__(self, scale: float = 1.0, power: float = 1.0, spread: float = DEFAULT_SPREAD):
-        self.scale, self.power, self.spread = scale, power, spread
-
-    def __call__(self, estimate: float) -> float:
-        return self.scale * max(estimate, 0.0) ** self.power
-
-    @classmethod
-    def from_trials(cls, trials: list[FrozenTrial]) -> "Calibration":
-        return cls.fit([(t.user_attrs.get("estimated_kl"), t.user_attrs.get("kl")) for t in trials
-                        if t.state == optuna.trial.TrialState.COMPLETE])
-
-    @classmethod
-    def fit(cls, pairs: list[tuple[float | None, float | None]]) -> "Calibration":
-        """From (estimated, measured) KL pairs; pairs missing either, or not positive, are skipped."""
-        pairs = np.array([(e, m) for e, m in pairs if positive(e) and positive(m)])
-        if len(pairs) < cls.MIN_TRIALS:
-            return cls()
-        x, y = np.log(pairs[:, 0]), np.log(pairs[:, 1])
-        power = float(np.clip(np.polyfit(x, y, 1)[0], 0.5, 2.0)) if np.ptp(x) > 0 else 1.0
-        offset = float(np.mean(y - power * x))
-        return cls(float(np.exp(offset)), power, float(np.median(np.abs(y - power * x - offset))))

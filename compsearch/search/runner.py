@@ -342,10 +342,7 @@ def _propose(ctx: JobContext, trial: optuna.Trial) -> str:
     plan = ctx.space.suggest_plan(trial, ctx.layers)
     memory = ctx.plan_bytes(plan)
     if ctx.profile is not None:
-        knobs = ctx.space.knobs()
-        choices = {group: {knob: trial.params[f"{group}:{knob}"] for knob in knobs}
-                   for group in ctx.space.groups(ctx.layers)}
-        trial.set_user_attr("estimated_kl", ctx.profile.estimate(choices))
+        trial.set_user_attr("estimated_kl", ctx.profile.estimate(ctx.space.choices_of(trial.params, ctx.layers)))
     trial.set_user_attr("plan_json", plan.to_json())
     trial.set_user_attr("memory_bytes", memory)
     trial.set_user_attr("bits_per_weight", plan_bits_per_weight(ctx.layers, plan))

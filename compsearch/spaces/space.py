@@ -148,6 +148,11 @@ class Space:
         """Optuna parameters for per-group choices: the names `suggest_plan` asks for (to enqueue a plan)."""
         return {f"{group}:{knob}": value for group, choice in choices.items() for knob, value in choice.items()}
 
+    def choices_of(self, params: dict[str, Any], layers: list[LayerInfo]) -> dict[str, dict[str, Any]]:
+        """Per-group choices from a trial's Optuna parameters (the inverse of `params_for`)."""
+        knobs = self.knobs()
+        return {group: {knob: params[f"{group}:{knob}"] for knob in knobs} for group in self.groups(layers)}
+
     def uniform_choices(self) -> Iterator[dict[str, Any]]:
         """Every combination of knob values: the plans where all groups choose alike."""
         knobs = self.knobs()

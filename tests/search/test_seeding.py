@@ -133,12 +133,14 @@ def _trial_with_estimate(estimated: float, measured: float) -> optuna.trial.Froz
 
 
 def test_calibration_learns_how_the_estimate_errs():
-    from compsearch.search.guided import Calibration
+    from compsearch.search.calibration import Calibration
 
     truth = [(e, 2.0 * e ** 1.5) for e in (0.05, 0.2, 0.7, 1.5, 4.0)]
     corrected = Calibration.from_trials([_trial_with_estimate(e, m) for e, m in truth])
     assert corrected(1.0) == pytest.approx(2.0) and corrected(3.0) == pytest.approx(2.0 * 3.0 ** 1.5)
-    assert Calibration.from_trials([_trial_with_estimate(e, m) for e, m in truth[:3]])(1.7) == 1.7  # too few: as estimated
+    few = Calibration.from_trials([_trial_with_estimate(e, m) for e, m in truth[:3]])  # too few for a power: a scale
+    assert few.power == 1.0 and few(1.7) == pytest.approx(1.7 * np.exp(np.mean([np.log(m / e) for e, m in truth[:3]])))
+    assert Calibration.from_trials([])(1.7) == 1.7  # nothing measured: as estimated
     assert corrected.spread == pytest.approx(0.0, abs=1e-9)  # the fit is exact: no error left
     noisy = [(e, m * np.exp(0.3 if index % 2 else -0.3)) for index, (e, m) in enumerate(truth + [(9.0, 54.0)])]
     assert Calibration.from_trials([_trial_with_estimate(e, m) for e, m in noisy]).spread == pytest.approx(0.3, abs=0.05)
@@ -242,6 +244,41 @@ def test_budget_seeds_go_where_the_predicted_front_gains_most():
     assert len(pareto(points)) == len(points)  # none dominated by another seed
     bounds = (ctx.largest_plan_bytes * 1.01, 30.0)
     assert all(hypervolume_gain(pareto(measured), *p, *bounds) > 0 for p in points)
+
+
+def test_profile_seeds_are_placed_with_the_estimate_corrected_by_the_first_trials():
+    """A uniform seed that measured 3x its estimate moves where the profile's seeds may go: none whose
+    estimate, so corrected, is past the quality floor; one that measured a third of it moves none (a
+    seed past the floor is a wasted trial); half the study's trials are seeds."""
+    from compsearch.search.seeding import seed_profile
+
+    ctx = _context()
+    ctx.spec = JobSpec(study="s", space="quant", max_ppl_ratio=3.0)
+    sizes = [ctx.plan_bytes(ctx.space.plan(ctx.layers, choice)) for choice in ctx.space.uniform_choices()]
+    ctx.smallest_plan_bytes, ctx.largest_plan_bytes = min(sizes), max(sizes)
+    profile = _profile(ctx)
+    uniform = {group: dict(next(iter(ctx.space.uniform_choices()))) for group in ctx.space.groups(ctx.layers)}
+    params = ctx.space.params_for(uniform)
+    assert ctx.space.choices_of(params, ctx.layers) == uniform
+    distributions = {name: optuna.distributions.CategoricalDistribution(list(ctx.space.knobs()[name.split(":")[1]]))
+                     for name in params}
+
+    def seeds(measured_over_estimated: float) -> list[float]:
+        study = optuna.create_study(directions=["minimize", "minimize"])
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, values=[1.0, 1.0],
+            user_attrs={"seed": "uniform", "kl": measured_over_estimated * profile.estimate(uniform),
+                        "memory_bytes": ctx.plan_bytes(ctx.space.plan_for(uniform, ctx.layers))}))
+        seed_profile(ctx, study, profile, trials=12, workers=1)
+        waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+        assert len(waiting) <= max(12 // 2, ctx.spec.population_size) - 1  # with the uniform one
+        return [profile.estimate(ctx.space.choices_of(trial.system_attrs["fixed_params"], ctx.layers))  # enqueued
+                for trial in waiting]
+
+    as_estimated, corrected = seeds(1.0), seeds(3.0)
+    assert max(as_estimated) <= ctx.spec.max_kl < 3 * max(as_estimated)  # some would pass the floor corrected
+    assert corrected and 3 * max(corrected) <= ctx.spec.max_kl
+    assert seeds(1 / 3) == as_estimated
 
 
 def _gguf_context(granularity: str, budget=None, quant_methods=None) -> JobContext:

@@ -1,0 +1,47 @@
+"""The profile's additive KL estimate corrected by a study's own measurements."""
+from __future__ import annotations
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial
+
+from compsearch.search.front import positive
+
+
+class Calibration:
+    """The profile's additive estimate corrected by the study's measurements: measured KL fitted as
+    a * estimate^b (least squares in log-log, b kept within [0.5, 2]) over the completed trials that
+    have both; with fewer than four, the scale a alone (b = 1); the estimate itself before any. `spread`:
+    the fit's median |log(measured / corrected)| over those trials (`DEFAULT_SPREAD` until four do).
+
+    The scale alone is what a study knows when its profile is ready: its first trials (the uniform
+    seeds) measured plans the profile can estimate. On SmolLM2 they were off by the factor its later
+    trials were (`sota`: measured 2.0-2.5x the estimate, the profile seeds 2.3-3.7x; `quant`: 0.76-0.79x
+    and 0.8-1.2x), so the profile's seeds are placed with it (`seeding.seed_profile`)."""
+
+    MIN_TRIALS = 4
+    DEFAULT_SPREAD = 0.2  # the raw estimate's median error on SmolLM2's quant studies (benchmarks/results/search.csv)
+
+    def __init__(self, scale: float = 1.0, power: float = 1.0, spread: float = DEFAULT_SPREAD):
+        self.scale, self.power, self.spread = scale, power, spread
+
+    def __call__(self, estimate: float) -> float:
+        return self.scale * max(estimate, 0.0) ** self.power
+
+    @classmethod
+    def from_trials(cls, trials: list[FrozenTrial]) -> "Calibration":
+        return cls.fit([(t.user_attrs.get("estimated_kl"), t.user_attrs.get("kl")) for t in trials
+                        if t.state == optuna.trial.TrialState.COMPLETE])
+
+    @classmethod
+    def fit(cls, pairs: list[tuple[float | None, float | None]]) -> "Calibration":
+        """From (estimated, measured) KL pairs; pairs missing either, or not positive, are skipped."""
+        pairs = np.array([(e, m) for e, m in pairs if positive(e) and positive(m)])
+        if len(pairs) == 0:
+            return cls()
+        x, y = np.log(pairs[:, 0]), np.log(pairs[:, 1])
+        if len(pairs) < cls.MIN_TRIALS:
+            return cls(float(np.exp(np.mean(y - x))))
+        power = float(np.clip(np.polyfit(x, y, 1)[0], 0.5, 2.0)) if np.ptp(x) > 0 else 1.0
+        offset = float(np.mean(y - power * x))
+        return cls(float(np.exp(offset)), power, float(np.median(np.abs(y - power * x - offset))))
