@@ -15,9 +15,9 @@ class Calibration:
     the fit's median |log(measured / corrected)| over those trials (`DEFAULT_SPREAD` until four do).
 
     The scale alone is what a study knows when its profile is ready: its first trials (the uniform
-    seeds) measured plans the profile can estimate. On SmolLM2 they were off by the factor its later
-    trials were (`sota`: measured 2.0-2.5x the estimate, the profile seeds 2.3-3.7x; `quant`: 0.76-0.79x
-    and 0.8-1.2x), so the profile's seeds are placed with it (`seeding.seed_profile`)."""
+    seeds) measured plans the profile can estimate; the profile's seeds are placed with it
+    (`seeding.budget_seeds`). On SmolLM2's `sota` space the uniform seeds measured 2.0-2.5x their
+    estimate and the profile's seeds then 2.3-3.7x theirs."""
 
     MIN_TRIALS = 4
     DEFAULT_SPREAD = 0.2  # the raw estimate's median error on SmolLM2's quant studies (benchmarks/results/search.csv)

@@ -162,14 +162,14 @@ def preset_seed_choices(ctx: JobContext, count: int) -> list[tuple[str, dict[str
 
 def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, trials: int,
                  workers: int) -> None:
-    """Enqueue the profile-optimal plans across the budget range once per study, each estimated within
-    the quality floor: with the uniform seeds, half the study's trials, and at least enough that every
-    trial asked before the sampler's first generation is complete is a seed (where the floor leaves that
-    many distinct plans): no random plan. Half, not a quarter: on the quant space (benchmarks/search.py,
-    3 seeds) the profile's plans added more hypervolume per trial than children of them, and a front
-    seeded more densely also ends higher after 32 trials. The estimate is first corrected by how far
-    off it was on the trials already measured (the uniform seeds; `Calibration`): on `sota` it is 2-3x
-    low, and uncorrected, 5 of 14 seeds landed past the quality floor (3 of them collapsed).
+    """Enqueue the profile-optimal plans across the budget range once per study, each predicted within
+    the quality floor (`budget_seeds`): with the uniform seeds, half the study's trials, and at least
+    enough that every trial asked before the sampler's first generation is complete is a seed (where the
+    floor leaves that many distinct plans): no random plan. Half, not a quarter: on the quant space
+    (benchmarks/search.py, 3 seeds) the profile's plans added more hypervolume per trial than children of
+    them, and a front seeded more densely also ends higher after 32 trials. The estimate is corrected by
+    how far off it was on the trials already measured (the uniform seeds; `Calibration`): on `sota` it is
+    2-3x low, and uncorrected, 5 of 14 seeds landed past the quality floor (3 of them collapsed).
 
     The first generation (NSGA-II's population, TPE's start-up trials) counts *completed* trials, so
     with `workers` trials in flight the sampler's own random draws would begin at trial
