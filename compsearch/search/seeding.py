@@ -177,11 +177,12 @@ def seed_profile(ctx: JobContext, study: optuna.Study, profile: Profile | None, 
     if study.user_attrs.get(SEEDED_ATTR):
         return
     if profile is not None:
-        seeded = sum(1 for trial in study.get_trials(deepcopy=False) if "seed" in trial.user_attrs)
+        held = study.get_trials(deepcopy=False)
+        seeded = sum(1 for trial in held if "seed" in trial.user_attrs)
         first_generation = ctx.spec.population_size + workers - 1
         count = max(trials // 2, min(first_generation, trials)) - seeded
         if count > 0:
-            measured = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            measured = [trial for trial in held if trial.state == optuna.trial.TrialState.COMPLETE]
             corrected = Calibration.fit([(profile.estimate(ctx.space.choices_of(trial.params, ctx.layers)),
                                           trial.user_attrs.get("kl")) for trial in measured])
             plans = budget_seeds(ctx, profile, count, measured_front(measured), base_ppl_of(study), corrected)
