@@ -61,9 +61,12 @@ METHODS = {
 # was at ee036b0 (4 ranked children, 4 uniform seeds, no optimism; its run of 2026-12-02), at d581bc9
 # (children ranked in perplexity, no crowding), at 6b7f789 (no gap-filling candidates; its run of
 # 2026-12-07) and at d553d56 (a quarter of the trials seeds, placed by the uncorrected estimate; run
-# 2026-12-07 on the machine of the current rows, `quant` and `sota`). The `sota` rows of guided-before were
-# run 2026-12-08 from a worktree at 4865b2a (its benchmark's run_method; no exhaustive uniform reference).
-KEPT_METHODS = ("guided-before", "guided-ee036b0", "guided-d581bc9", "guided-6b7f789", "guided-d553d56")
+# 2026-12-07 on the machine of the current rows, `quant` and `sota`) and at 8d0de3e (children predicted by
+# the one calibration curve, no correction by size; run 2026-12-07/08, same machine). The `sota` rows of
+# guided-before were run 2026-12-08 from a worktree at 4865b2a (its benchmark's run_method; no exhaustive
+# uniform reference).
+KEPT_METHODS = ("guided-before", "guided-ee036b0", "guided-d581bc9", "guided-6b7f789", "guided-d553d56",
+                "guided-8d0de3e")
 BPW_TARGETS = (3.0, 2.5)
 UNIFORM_ALL_MAX = 64  # spaces with more uniform plans than this (sota: 480) get no exhaustive uniform reference
 

@@ -18,7 +18,8 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    so a gap between two seeds would otherwise stay open (a quant study spent 6 of its first 6 children
    on sizes its seeds already covered while the knee of the front had one point in 7% of the size);
 6. of the candidates that pass, the one whose predicted point (its bytes, its corrected KL
-   estimate) adds the most hypervolume to the measured (bytes, KL) front, up to the budget and the
+   estimate, corrected again by what the estimate missed on the trials nearest in size:
+   `SizeCorrection`) adds the most hypervolume to the measured (bytes, KL) front, up to the budget and the
    quality floor, is run: the trial goes where the front has a gap or can move, not to a size the
    front already covers well. KL, not perplexity: a measured point's perplexity carries its own luck,
    which no predicted point can match (children near measured points then looked worthless). The KL is taken
@@ -29,8 +30,10 @@ NSGA-II keeps selecting parents on measured objectives; this only changes how a 
    shared with the trials already run or running at about the same size (within `CROWD_WINDOW` of the
    16-bit size), and gains count only up to `FRONT_HEADROOM` times the front's largest KL: a child a
    few kilobytes below the smallest plan adds a sliver of width times the whole height up to the bound
-   (a per-tensor GGUF study spent 18 of 32 trials within 0.2 MB of its smallest plan). Both temper that;
-   neither stopped it where the one calibration curve under-predicts the smallest plans' KL.
+   (a per-tensor GGUF study spent 18 of 32 trials within 0.2 MB of its smallest plan). Both temper that.
+   A plan's bytes are what it deploys as (`JobContext.unsearched_bytes`): in a GGUF study the file's
+   header, vocabulary and 32-bit norms, 1.5 MB on SmolLM2-135M that children were once predicted
+   without, so that every child looked like a new smallest plan.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
-from compsearch.search.calibration import Calibration
+from compsearch.search.calibration import Calibration, SizeCorrection
 from compsearch.search.front import hypervolume_gain, kl_limit, measured_front
 from compsearch.search.job import JobContext
 from compsearch.search.seeding import Knapsack, group_nbytes, group_options
@@ -68,7 +71,7 @@ class GuidedChildren:
         self.options = group_options(ctx, profile)
         self.knapsack = Knapsack(self.options)
         self.crowd_window_bytes = CROWD_WINDOW * ctx.base_bytes
-        self.kept_bytes = ctx.base_bytes - sum(layer.num_params for layer in ctx.layers) * 2  # not searched
+        self.kept_bytes = ctx.unsearched_bytes()
         self.layer_budget = None
         if ctx.memory_budget_bytes is not None:
             self.layer_budget = ctx.memory_budget_bytes - self.kept_bytes
@@ -80,6 +83,7 @@ class GuidedChildren:
         trials = study.get_trials(deepcopy=False)
         known = {_plan_key(trial.params, search_space) for trial in trials}
         max_kl, corrected = self.ctx.spec.max_kl, Calibration.from_trials(trials)
+        at_size = SizeCorrection(trials, corrected)
         new = None  # the first child that is no repeat, should none keep within the floor
         front = measured_front(trials, "kl")
         wanted = CANDIDATES if front else 1  # with nothing measured to compare with: the first that passes
@@ -87,10 +91,11 @@ class GuidedChildren:
 
         def admit(levels: dict[str, int], child: dict[str, Any]) -> bool:
             """Whether the child's corrected estimate keeps within the floor; if so it joins `passed`."""
-            predicted_kl = corrected(self._estimate(levels))
+            memory = self.kept_bytes + self._size(levels)
+            predicted_kl = corrected(self._estimate(levels)) * at_size(memory)
             if max_kl is not None and predicted_kl > max_kl:
                 return False
-            passed.append(((self.kept_bytes + self._size(levels), predicted_kl * math.exp(-corrected.spread)), child))
+            passed.append(((memory, predicted_kl * math.exp(-corrected.spread)), child))
             return True
 
         failures = 0

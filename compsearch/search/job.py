@@ -50,6 +50,11 @@ class JobContext:
         """The bytes of what the plan deploys as: its GGUF file (llama.cpp studies), else its checkpoint."""
         return plan_bytes(self.layers, plan, self.total_params, self.gguf_layout)
 
+    def unsearched_bytes(self) -> int:
+        """A plan's bytes outside its searched layers: what stays 16-bit in a checkpoint; in a GGUF file
+        also its header, vocabulary and 32-bit norms (about 1.5 MB more on SmolLM2-135M)."""
+        return self.plan_bytes(Plan()) - sum(layer.num_params for layer in self.layers) * 2
+
     def protocol(self) -> dict:
         """What a trial's numbers depend on besides its plan: the data protocol and the compression version."""
         return {**self.windows.protocol.to_dict(), "compress_version": COMPRESS_VERSION}

@@ -16,7 +16,7 @@ from compsearch.search.job import JobContext
 from compsearch.search.sensitivity import Profile
 from compsearch.spaces.knobs import FLOAT_METHOD, KNOBS
 from compsearch.spaces.layers import LayerInfo
-from compsearch.spaces.plan import LayerPlan, Plan
+from compsearch.spaces.plan import LayerPlan
 
 log = logging.getLogger(__name__)
 SEEDED_ATTR = "seeded"  # the profile's seeds are enqueued (and, in studies from before them, the uniform ones)
@@ -218,7 +218,7 @@ def budget_seeds(ctx: JobContext, profile: Profile, count: int, front: list[tupl
     `quant` the uniform seeds measured 0.78x their estimate while the smallest plans measured 1.0-1.15x:
     seeds placed by 0.78x went past the floor, and the hypervolume after 16 trials fell from 14.524 to
     14.462.)"""
-    kept_bytes = ctx.plan_bytes(Plan()) - sum(layer.num_params for layer in ctx.layers) * 2  # outside the layers
+    kept_bytes = ctx.unsearched_bytes()
     top = min(ctx.memory_budget_bytes or ctx.largest_plan_bytes, ctx.largest_plan_bytes)
     knapsack = Knapsack(group_options(ctx, profile))
     predicted = [(kept_bytes + table_bytes, max(estimate, corrected(estimate)))

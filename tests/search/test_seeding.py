@@ -128,8 +128,8 @@ def test_guided_children_do_not_repeat_known_plans():
         study.add_trial(optuna.trial.create_trial(params=params, values=[1.0, 1.0], distributions=distributions))
 
 
-def _trial_with_estimate(estimated: float, measured: float) -> optuna.trial.FrozenTrial:
-    return optuna.trial.create_trial(values=[1.0], user_attrs={"estimated_kl": estimated, "kl": measured})
+def _trial_with_estimate(estimated: float, measured: float, **attrs) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(values=[1.0], user_attrs={"estimated_kl": estimated, "kl": measured, **attrs})
 
 
 def test_calibration_learns_how_the_estimate_errs():
@@ -315,6 +315,23 @@ def test_a_gguf_study_starts_from_llama_cpps_presets_within_its_budget():
     assert "Q4_0" not in dict(preset_seed_choices(_gguf_context("layer", quant_methods=("f16", "q8_0", "q4_0")), 10))
 
 
+def test_guided_children_are_placed_at_the_bytes_their_gguf_file_takes():
+    """A GGUF study's plan bytes are its file's (header and vocabulary, 32-bit norms besides the
+    tensors): children are predicted at those bytes, not 1.5 MB left of where they land (where each one
+    looked like a new smallest plan)."""
+    from compsearch.compress.gguf_export import GGUFFileLayout
+
+    ctx = _gguf_context("block")
+    norms = {f"model.layers.{b}.input_layernorm.weight": (576,) for b in range(16)}
+    ctx.gguf_layout = GGUFFileLayout(1_500_000, 32, {f"{layer.name}.weight": (layer.out_features, layer.in_features)
+                                                      for layer in ctx.layers} | norms)
+    children = GuidedChildren(ctx, _profile(ctx))
+    for level in range(3):
+        levels = {group: min(level, len(options) - 1) for group, options in children.options.items()}
+        plan = ctx.space.plan_for({g: children.options[g][lv].choice for g, lv in levels.items()}, ctx.layers)
+        assert abs(children.kept_bytes + children._size(levels) - ctx.plan_bytes(plan)) <= 32 * len(ctx.layers)
+
+
 def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkeypatch):
     """A front's smallest plan, already tried at its size many times, draws fewer children there than
     the predicted gain alone would send."""
@@ -339,6 +356,39 @@ def test_guided_children_share_their_gain_with_trials_of_about_their_size(monkey
     assert shared < alone / 2  # measured: 12 against 45 of 60
 
 
+def test_guided_children_correct_the_estimate_by_the_trials_of_about_their_size(monkeypatch):
+    """Where the smallest plans measured more damage than the one calibration curve predicts, children
+    are predicted with that error and go there less often."""
+    from compsearch.search.calibration import SizeCorrection
+
+    ctx = _context()
+
+    def children_near_the_smallest(seed: int) -> int:
+        children = GuidedChildren(ctx, _profile(ctx), seed=seed)
+        study, distributions = _measured_study(ctx, children, (2, 2, 2, 4, 6, 8, 10), 10.0, {2: 2.0})
+        smallest = children.kept_bytes + children._size({g: 2 for g in children.options})
+        parents = study.get_trials()
+        sizes = [children.kept_bytes + children._size(children._levels(children(study, distributions, parents)))
+                 for _ in range(20)]
+        return sum(abs(size - smallest) <= 0.03 * ctx.base_bytes for size in sizes)
+
+    corrected = sum(children_near_the_smallest(seed) for seed in range(3))
+    monkeypatch.setattr(SizeCorrection, "__call__", lambda self, memory_bytes: 1.0)
+    uncorrected = sum(children_near_the_smallest(seed) for seed in range(3))
+    assert corrected < uncorrected / 2  # measured: 24 against 60 of 60
+
+
+def test_size_correction_is_the_error_of_the_trials_nearest_in_size():
+    from compsearch.search.calibration import Calibration, SizeCorrection
+
+    trials = [_trial_with_estimate(0.5, 0.5 * error, memory_bytes=size)
+              for size, error in ((100, 2.0), (110, 2.0), (120, 2.0), (400, 1.0), (410, 1.0), (420, 1.0))]
+    at_size = SizeCorrection(trials, Calibration())
+    assert at_size(90) == pytest.approx(2.0) and at_size(500) == pytest.approx(1.0)
+    assert at_size(258) == pytest.approx(np.exp(2 * np.log(2.0) / 3))  # 120, 110 (2x) and 400 (1x)
+    assert SizeCorrection([], Calibration())(100) == 1.0
+
+
 def test_guided_children_fill_the_gaps_between_the_fronts_sizes(monkeypatch):
     """With the front measured only at two sizes far apart, the child run is the profile's best plan
     between them; children of the larger parent alone stay near its size."""
@@ -361,9 +411,11 @@ def test_guided_children_fill_the_gaps_between_the_fronts_sizes(monkeypatch):
     assert not any(abs(size - middle) < quarter for size in unfilled)  # 50.1 - 50.8 kB
 
 
-def _measured_study(ctx: JobContext, children: GuidedChildren, levels: tuple[int, ...], base_ppl: float):
+def _measured_study(ctx: JobContext, children: GuidedChildren, levels: tuple[int, ...], base_ppl: float,
+                    error_at_level: dict[int, float] | None = None):
     """A study holding one measured trial per entry of `levels` (every group at that level, or its last),
-    its KL the profile's estimate exactly; and the search space's distributions."""
+    its KL the profile's estimate exactly; and the search space's distributions. With `error_at_level`
+    (level: measured / estimated KL, 1 where absent), the KL is off by that and the estimate is recorded."""
     from compsearch.search.study import BASE_METRICS_ATTR
 
     distributions = {f"{group}:{knob}": optuna.distributions.CategoricalDistribution(list(choices))
@@ -372,9 +424,11 @@ def _measured_study(ctx: JobContext, children: GuidedChildren, levels: tuple[int
     study.set_user_attr(BASE_METRICS_ATTR, {"ppl": base_ppl})
     for level in levels:
         chosen = {g: min(level, len(options) - 1) for g, options in children.options.items()}
-        kl = children._estimate(chosen)
+        estimate = children._estimate(chosen)
+        kl = estimate * (error_at_level or {}).get(level, 1.0)
+        recorded = {"estimated_kl": estimate} if error_at_level else {}
         study.add_trial(optuna.trial.create_trial(
             params=children._params(chosen, distributions), values=[1.0, 1.0], distributions=distributions,
             user_attrs={"memory_bytes": children.kept_bytes + children._size(chosen), "ppl": base_ppl * np.exp(kl),
-                        "kl": kl}))
+                        "kl": kl, **recorded}))
     return study, distributions
